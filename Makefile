@@ -1,0 +1,38 @@
+# Keyframe Worlds: set-up, tests, demo and the Blender extension.
+# Every target that needs Python first makes .venv and installs the project into it;
+# the install re-runs only when pyproject.toml changes (a second run installs nothing).
+
+PYTHON ?= python3
+VENV := .venv
+VPY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+BLENDER_EXT = $(VPY) $(VENV)/lib/python3.11/site-packages/bpy/5.0/scripts/addons_core/bl_pkg/cli/blender_ext.py
+PYTEST_ARGS ?=
+
+.PHONY: setup test demo extension bench clean
+
+setup: $(STAMP)
+
+$(VPY):
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): pyproject.toml | $(VPY)
+	$(VPY) -m pip install --disable-pip-version-check -q -e ".[engine,blender,test]"
+	touch $(STAMP)
+
+test: setup
+	$(VPY) -m pytest $(PYTEST_ARGS)
+
+demo: setup
+	$(VPY) scripts/demo.py --out demo_out
+
+extension: setup
+	mkdir -p dist
+	$(BLENDER_EXT) build --source-dir . --output-dir dist
+	$(BLENDER_EXT) validate dist/keyframe_worlds-*.zip
+
+bench: setup
+	@for b in bench/*.py; do echo "== $$b"; $(VPY) $$b || exit 1; done
+
+clean:
+	rm -rf dist build demo_out .pytest_cache .hypothesis

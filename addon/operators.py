@@ -1,0 +1,97 @@
+"""Operators: read properties, call a plain function, report the project's error type."""
+
+from __future__ import annotations
+
+import bpy
+from bpy.props import EnumProperty, IntProperty, StringProperty
+from bpy_extras.io_utils import ExportHelper, ImportHelper
+
+from ..bridge.errors import KeyframeWorldsError
+
+FORMAT_ITEMS = [
+    ("keyframe-worlds", "Keyframe Worlds (.json)", "Lossless: every camera, frame number, fps and intrinsics"),
+    ("worldstereo", "WorldStereo camera.json", "Upstream WorldStereo: world-to-camera OpenCV extrinsics and pixel intrinsics"),
+    ("nerfstudio", "nerfstudio transforms.json", "Camera-to-world in the OpenGL camera frame, per-frame intrinsics"),
+    ("colmap", "COLMAP text (folder)", "cameras.txt + images.txt (PINHOLE) in the chosen folder"),
+]
+
+CAMERA_SOURCE_ITEMS = [
+    ("SCENE", "Scene Camera", "The scene's active camera"),
+    ("SELECTED", "Selected Cameras", "Every selected camera object"),
+    ("ALL", "All Cameras", "Every camera in the scene"),
+]
+
+
+def _chosen_cameras(context, source: str):
+    from .scene_cameras import cameras_in
+
+    scene = context.scene
+    if source == "SCENE":
+        cams = [scene.camera] if scene.camera is not None else []
+    elif source == "SELECTED":
+        cams = cameras_in(context.selected_objects)
+    else:
+        cams = cameras_in(scene.objects)
+    if not cams:
+        raise KeyframeWorldsError({"SCENE": "the scene has no active camera", "SELECTED": "no camera is selected",
+                                   "ALL": "the scene has no camera"}[source])
+    return sorted(cams, key=lambda o: o.name)
+
+
+class KFW_OT_export_trajectory(bpy.types.Operator, ExportHelper):
+    """Write the evaluated animation of cameras as a trajectory file"""
+
+    bl_idname = "keyframe_worlds.export_trajectory"
+    bl_label = "Export Camera Trajectory"
+    bl_options = {"REGISTER"}
+
+    filename_ext = ".json"
+    filter_glob: StringProperty(default="*.json", options={"HIDDEN"})
+    format: EnumProperty(name="Format", items=FORMAT_ITEMS, default="keyframe-worlds")
+    cameras: EnumProperty(name="Cameras", items=CAMERA_SOURCE_ITEMS, default="SCENE")
+    frame_step: IntProperty(name="Frame Step", default=1, min=1)
+
+    def execute(self, context):
+        from ..bridge.formats import write_trajectories
+        from .scene_cameras import extract_trajectory, frame_range
+
+        try:
+            scene = context.scene
+            frames = frame_range(scene, step=self.frame_step)
+            trajectories = [extract_trajectory(scene, cam, frames) for cam in _chosen_cameras(context, self.cameras)]
+            path = self.filepath
+            if self.format == "colmap" and path.endswith(".json"):
+                path = path[: -len(".json")]
+            written = write_trajectories(trajectories, path, self.format)
+        except KeyframeWorldsError as exc:
+            self.report({"ERROR"}, str(exc))
+            return {"CANCELLED"}
+        self.report({"INFO"}, f"Wrote {len(trajectories)} camera(s), {len(frames)} frame(s) to {written[0]}")
+        return {"FINISHED"}
+
+
+class KFW_OT_import_trajectory(bpy.types.Operator, ImportHelper):
+    """Create keyframed cameras from a trajectory file"""
+
+    bl_idname = "keyframe_worlds.import_trajectory"
+    bl_label = "Import Camera Trajectory"
+    bl_options = {"REGISTER", "UNDO"}
+
+    filter_glob: StringProperty(default="*.json;*.txt", options={"HIDDEN"})
+    format: EnumProperty(name="Format", items=[("AUTO", "Detect", "Detect the format from the file")] + FORMAT_ITEMS, default="AUTO")
+
+    def execute(self, context):
+        from ..bridge.formats import read_trajectories
+        from .scene_cameras import create_camera_from_trajectory
+
+        try:
+            trajectories = read_trajectories(self.filepath, None if self.format == "AUTO" else self.format)
+            objects = [create_camera_from_trajectory(context.scene, t) for t in trajectories]
+        except KeyframeWorldsError as exc:
+            self.report({"ERROR"}, str(exc))
+            return {"CANCELLED"}
+        self.report({"INFO"}, f"Created {len(objects)} camera(s): {', '.join(o.name for o in objects)}")
+        return {"FINISHED"}
+
+
+classes = (KFW_OT_export_trajectory, KFW_OT_import_trajectory)

@@ -1,0 +1,487 @@
+"""Job spec v1 and result manifest v1: the documents the add-on and the engine exchange.
+
+One source of truth for both: the dataclasses, their JSON form (on disk and on
+the wire), and the validators. ``validate_job`` and ``validate_manifest``
+never raise on any input; they return every problem, each naming the exact
+field path and the reason. ``JobSpec.from_json`` / ``ResultManifest.from_json``
+raise ``ValidationError`` carrying that list.
+
+Job spec v1::
+
+    {"version": 1,
+     "name": "shot010",                      # job name; the add-on's collection is named after it
+     "generator": "preview",                 # one of GENERATORS
+     "prompt": "", "seed": 0,
+     "reference": {"image": "ref.png",       # RGB reference image (path; relative to the spec file)
+                   "depth": "ref_depth.npy",  # optional z-depth in metres (.npy float32 HxW or .exr)
+                   "trajectory": "Camera", "frame": 1},  # which camera/frame it shows (default: first)
+     "trajectories": [<trajectory JSON, see trajectory.py>, ...],
+     "output": {"keyframe_every": 8, "mesh_stride": 4, "point_budget": 2000000},
+     "options": {...}}                       # generator-specific settings, checked by the generator
+
+Result manifest v1: see ``ResultManifest``; every path in it is relative to
+the bundle folder and must stay inside it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from .errors import KeyframeWorldsError, Problem, ValidationError
+from .trajectory import (
+    Trajectory,
+    check_integer,
+    check_number,
+    check_object,
+    check_string,
+    check_unknown_keys,
+    is_integer,
+    type_name,
+    validate_trajectory_json,
+)
+
+JOB_VERSION = 1
+MANIFEST_VERSION = 1
+GENERATORS = ("preview", "worldstereo")
+MAX_TRAJECTORIES = 256
+MAX_TOTAL_FRAMES = 200_000
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".exr", ".tif", ".tiff", ".webp")
+DEPTH_SUFFIXES = (".npy", ".exr")
+
+
+# --- job spec ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Reference:
+    """The reference view: an image, optionally its z-depth in metres, and which camera frame shows it."""
+
+    image: str
+    depth: str | None = None
+    trajectory: str | None = None  # None: the first trajectory
+    frame: int | None = None  # None: that trajectory's first frame
+
+    def to_json(self) -> dict:
+        doc: dict[str, Any] = {"image": self.image}
+        for key in ("depth", "trajectory", "frame"):
+            if getattr(self, key) is not None:
+                doc[key] = getattr(self, key)
+        return doc
+
+
+@dataclass(frozen=True)
+class OutputOptions:
+    """What the result bundle holds besides frames, depth and cameras."""
+
+    keyframe_every: int = 8  # a depth-textured mesh every N generated frames
+    mesh_stride: int = 4  # mesh vertex every N pixels
+    point_budget: int = 2_000_000  # fused point cloud size cap (voxel-downsampled beyond it)
+
+    def to_json(self) -> dict:
+        return {"keyframe_every": self.keyframe_every, "mesh_stride": self.mesh_stride, "point_budget": self.point_budget}
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """A validated job. Paths are kept as written; ``resolve`` makes them absolute against a folder."""
+
+    name: str
+    generator: str
+    trajectories: tuple[Trajectory, ...]
+    reference: Reference
+    prompt: str = ""
+    seed: int = 0
+    output: OutputOptions = field(default_factory=OutputOptions)
+    options: dict = field(default_factory=dict)
+    version: int = JOB_VERSION
+
+    def to_json(self) -> dict:
+        return {
+            "version": self.version,
+            "name": self.name,
+            "generator": self.generator,
+            "prompt": self.prompt,
+            "seed": self.seed,
+            "reference": self.reference.to_json(),
+            "trajectories": [t.to_json() for t in self.trajectories],
+            "output": self.output.to_json(),
+            "options": dict(self.options),
+        }
+
+    @classmethod
+    def from_json(cls, doc: Any, base_dir: str | os.PathLike | None = None, check_files: bool = True) -> "JobSpec":
+        """Validate and build. With ``base_dir`` and ``check_files``, referenced files must exist."""
+        problems = validate_job(doc, base_dir=base_dir, check_files=check_files)
+        if problems:
+            raise ValidationError("job spec", problems)
+        ref = doc["reference"]
+        out = doc.get("output", {})
+        return cls(
+            name=doc["name"],
+            generator=doc["generator"],
+            trajectories=tuple(Trajectory.from_json(t, f"trajectories[{i}]") for i, t in enumerate(doc["trajectories"])),
+            reference=Reference(ref["image"], ref.get("depth"), ref.get("trajectory"), ref.get("frame")),
+            prompt=doc.get("prompt", ""),
+            seed=doc.get("seed", 0),
+            output=OutputOptions(**out),
+            options=dict(doc.get("options", {})),
+            version=doc["version"],
+        )
+
+    def resolve(self, base_dir: str | os.PathLike) -> "JobSpec":
+        """The same job with the reference paths made absolute against ``base_dir``."""
+        base = Path(base_dir)
+        ref = self.reference
+        image = str((base / ref.image).resolve())
+        depth = str((base / ref.depth).resolve()) if ref.depth else None
+        return JobSpec(**{**self.__dict__, "reference": Reference(image, depth, ref.trajectory, ref.frame)})
+
+    def reference_view(self) -> tuple[Trajectory, int]:
+        """The trajectory and frame index the reference image shows."""
+        traj = self.trajectories[0]
+        if self.reference.trajectory is not None:
+            traj = next(t for t in self.trajectories if t.name == self.reference.trajectory)
+        index = 0
+        if self.reference.frame is not None:
+            index = int(list(traj.frames).index(self.reference.frame))
+        return traj, index
+
+
+def validate_job(doc: Any, base_dir: str | os.PathLike | None = None, check_files: bool = True) -> list[Problem]:
+    """Every problem of a job spec document; never raises.
+
+    ``base_dir`` is the folder relative paths are resolved against (the spec
+    file's folder); with ``check_files`` the reference files must exist there.
+    """
+    try:
+        return _validate_job(doc, base_dir, check_files)
+    except Exception as exc:  # a validator bug must not take a server down; report it as a problem
+        return [Problem("", f"could not be validated: {type(exc).__name__}: {exc}")]
+
+
+def _validate_job(doc: Any, base_dir, check_files: bool) -> list[Problem]:
+    problems: list[Problem] = []
+    if not check_object(problems, "", doc):
+        return [Problem("(document)", problems[0].reason)]
+    check_unknown_keys(problems, "", doc, {"version", "name", "generator", "prompt", "seed", "reference", "trajectories", "output", "options"})
+    problems = [Problem(p.path.lstrip("."), p.reason) for p in problems]
+    version = doc.get("version")
+    if "version" not in doc:
+        problems.append(Problem("version", f"is required (this engine reads job spec version {JOB_VERSION})"))
+    elif not is_integer(version) or version != JOB_VERSION:
+        problems.append(Problem("version", f"unsupported job spec version {version!r}; this engine reads version {JOB_VERSION}"))
+    check_string(problems, "name", doc.get("name"))
+    if isinstance(doc.get("name"), str) and len(doc["name"]) > 200:
+        problems.append(Problem("name", "must be at most 200 characters"))
+    generator = doc.get("generator")
+    if check_string(problems, "generator", generator) and generator not in GENERATORS:
+        problems.append(Problem("generator", f"unknown generator {generator!r}; available: {', '.join(GENERATORS)}"))
+    if "prompt" in doc:
+        check_string(problems, "prompt", doc["prompt"], non_empty=False)
+    if "seed" in doc:
+        check_integer(problems, "seed", doc["seed"], minimum=0, maximum=2**63 - 1)
+
+    names: list[str] = []
+    trajectories = doc.get("trajectories")
+    if not isinstance(trajectories, list):
+        problems.append(Problem("trajectories", f"must be a list of trajectories, got {type_name(trajectories)}"))
+    elif not trajectories:
+        problems.append(Problem("trajectories", "is empty: a job needs at least one camera trajectory"))
+    elif len(trajectories) > MAX_TRAJECTORIES:
+        problems.append(Problem("trajectories", f"has {len(trajectories)} trajectories, more than the limit of {MAX_TRAJECTORIES}"))
+    else:
+        total = 0
+        for i, traj in enumerate(trajectories):
+            problems.extend(validate_trajectory_json(traj, f"trajectories[{i}]"))
+            if isinstance(traj, dict):
+                if isinstance(traj.get("name"), str):
+                    if traj["name"] in names:
+                        problems.append(Problem(f"trajectories[{i}].name", f"duplicate camera name {traj['name']!r}"))
+                    names.append(traj["name"])
+                if isinstance(traj.get("frames"), list):
+                    total += len(traj["frames"])
+        if total > MAX_TOTAL_FRAMES:
+            problems.append(Problem("trajectories", f"{total} frames in all, more than the limit of {MAX_TOTAL_FRAMES}"))
+
+    problems.extend(_validate_reference(doc.get("reference"), doc, names, base_dir, check_files))
+
+    if "output" in doc:
+        out = doc["output"]
+        if check_object(problems, "output", out):
+            check_unknown_keys(problems, "output", out, {"keyframe_every", "mesh_stride", "point_budget"})
+            if "keyframe_every" in out:
+                check_integer(problems, "output.keyframe_every", out["keyframe_every"], minimum=1, maximum=100_000)
+            if "mesh_stride" in out:
+                check_integer(problems, "output.mesh_stride", out["mesh_stride"], minimum=1, maximum=256)
+            if "point_budget" in out:
+                check_integer(problems, "output.point_budget", out["point_budget"], minimum=1000, maximum=200_000_000)
+    if "options" in doc:
+        check_object(problems, "options", doc["options"])
+    return problems
+
+
+def _validate_reference(ref: Any, doc: dict, names: list[str], base_dir, check_files: bool) -> list[Problem]:
+    problems: list[Problem] = []
+    if ref is None:
+        return [Problem("reference", "is required: a reference image (and optionally its depth)")]
+    if not check_object(problems, "reference", ref):
+        return problems
+    check_unknown_keys(problems, "reference", ref, {"image", "depth", "trajectory", "frame"})
+    for key, suffixes, required in (("image", IMAGE_SUFFIXES, True), ("depth", DEPTH_SUFFIXES, False)):
+        value = ref.get(key)
+        if value is None:
+            if required:
+                problems.append(Problem(f"reference.{key}", "is required: the path of the reference image"))
+            continue
+        if not check_string(problems, f"reference.{key}", value):
+            continue
+        if not value.lower().endswith(suffixes):
+            problems.append(Problem(f"reference.{key}", f"must be one of {', '.join(suffixes)} files, got {value!r}"))
+        elif check_files and base_dir is not None:
+            full = Path(base_dir) / value
+            if not full.is_file():
+                problems.append(Problem(f"reference.{key}", f"file not found: {full}"))
+    traj_name = ref.get("trajectory")
+    target = None
+    if traj_name is not None:
+        if check_string(problems, "reference.trajectory", traj_name):
+            if names and traj_name not in names:
+                problems.append(Problem("reference.trajectory", f"no trajectory named {traj_name!r} (have: {', '.join(names)})"))
+            elif names:
+                target = doc["trajectories"][names.index(traj_name)]
+    elif isinstance(doc.get("trajectories"), list) and doc["trajectories"]:
+        target = doc["trajectories"][0]
+    if "frame" in ref:
+        if check_integer(problems, "reference.frame", ref["frame"]) and isinstance(target, dict) and isinstance(target.get("frames"), list):
+            numbers = [f.get("frame") for f in target["frames"] if isinstance(f, dict)]
+            if ref["frame"] not in numbers:
+                problems.append(Problem("reference.frame", f"frame {ref['frame']} is not in trajectory {target.get('name')!r}"))
+    return problems
+
+
+def load_job(path: str | os.PathLike, check_files: bool = True) -> JobSpec:
+    """Read a job spec file; relative paths in it are resolved against its folder."""
+    path = Path(path)
+    doc = read_json(path, "job spec")
+    return JobSpec.from_json(doc, base_dir=path.parent, check_files=check_files).resolve(path.parent)
+
+
+def read_json(path: Path, what: str) -> Any:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise KeyframeWorldsError(f"{what} not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise KeyframeWorldsError(f"cannot read {what} {path}: {exc}") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise KeyframeWorldsError(f"{what} {path} is not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}") from None
+
+
+# --- result manifest -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ResultFrame:
+    """One generated frame: its files (bundle-relative POSIX paths) and camera."""
+
+    frame: int
+    image: str
+    depth_npy: str
+    depth_exr: str | None = None
+
+
+@dataclass(frozen=True)
+class ResultTrajectory:
+    """The generated video of one camera: frames, per-frame files and the cameras they were made for."""
+
+    trajectory: Trajectory
+    frames: tuple[ResultFrame, ...]
+    video: str | None = None  # MP4 (H.264), one frame per trajectory frame
+
+
+@dataclass(frozen=True)
+class ResultMesh:
+    """A depth-textured mesh of one keyframe: PLY with UVs in world space, plus its texture image."""
+
+    trajectory: str
+    frame: int
+    path: str
+    texture: str
+
+
+@dataclass(frozen=True)
+class ResultManifest:
+    """What a finished job produced. Every path is relative to the bundle folder."""
+
+    job_name: str
+    generator: str
+    generator_label: str  # what a person should know about it, e.g. "geometric preview, not a learned model"
+    trajectories: tuple[ResultTrajectory, ...]
+    point_cloud: str | None = None  # binary PLY, world space, with colours
+    point_count: int = 0
+    meshes: tuple[ResultMesh, ...] = ()
+    seed: int = 0
+    version: int = MANIFEST_VERSION
+
+    def to_json(self) -> dict:
+        return {
+            "version": self.version,
+            "job": {"name": self.job_name, "generator": self.generator, "seed": self.seed},
+            "generator_label": self.generator_label,
+            "trajectories": [
+                {
+                    **rt.trajectory.to_json(),
+                    "video": rt.video,
+                    "files": [
+                        {"frame": f.frame, "image": f.image, "depth_npy": f.depth_npy, "depth_exr": f.depth_exr} for f in rt.frames
+                    ],
+                }
+                for rt in self.trajectories
+            ],
+            "point_cloud": None if self.point_cloud is None else {"path": self.point_cloud, "points": self.point_count},
+            "meshes": [{"trajectory": m.trajectory, "frame": m.frame, "path": m.path, "texture": m.texture} for m in self.meshes],
+        }
+
+    @classmethod
+    def from_json(cls, doc: Any, bundle_dir: str | os.PathLike | None = None) -> "ResultManifest":
+        problems = validate_manifest(doc, bundle_dir)
+        if problems:
+            raise ValidationError("result manifest", problems)
+        trajs = []
+        for i, t in enumerate(doc["trajectories"]):
+            traj_doc = {k: v for k, v in t.items() if k not in ("video", "files")}
+            files = tuple(ResultFrame(f["frame"], f["image"], f["depth_npy"], f.get("depth_exr")) for f in t["files"])
+            trajs.append(ResultTrajectory(Trajectory.from_json(traj_doc, f"trajectories[{i}]"), files, t.get("video")))
+        pc = doc.get("point_cloud")
+        return cls(
+            job_name=doc["job"]["name"],
+            generator=doc["job"]["generator"],
+            generator_label=doc["generator_label"],
+            trajectories=tuple(trajs),
+            point_cloud=None if pc is None else pc["path"],
+            point_count=0 if pc is None else pc["points"],
+            meshes=tuple(ResultMesh(m["trajectory"], m["frame"], m["path"], m["texture"]) for m in doc.get("meshes", [])),
+            seed=doc["job"].get("seed", 0),
+            version=doc["version"],
+        )
+
+
+MANIFEST_FILENAME = "manifest.json"
+
+
+def load_manifest(bundle_dir: str | os.PathLike, check_files: bool = True) -> ResultManifest:
+    """Read ``manifest.json`` of a result bundle folder; with ``check_files`` every listed file must exist."""
+    bundle = Path(bundle_dir)
+    doc = read_json(bundle / MANIFEST_FILENAME, "result manifest")
+    return ResultManifest.from_json(doc, bundle if check_files else None)
+
+
+def check_bundle_path(problems: list[Problem], path: str, value: Any, bundle_dir, optional: bool = False) -> None:
+    """A bundle-relative POSIX path that cannot leave the bundle; with ``bundle_dir``, the file must exist."""
+    if value is None and optional:
+        return
+    if not check_string(problems, path, value):
+        return
+    pure = PurePosixPath(value)
+    if pure.is_absolute() or "\\" in value or ".." in pure.parts or (len(value) > 1 and value[1] == ":"):
+        problems.append(Problem(path, f"must be a relative path inside the bundle, got {value!r}"))
+        return
+    if bundle_dir is not None and not (Path(bundle_dir) / value).is_file():
+        problems.append(Problem(path, f"file not found in bundle: {value}"))
+
+
+def validate_manifest(doc: Any, bundle_dir: str | os.PathLike | None = None) -> list[Problem]:
+    """Every problem of a result manifest; with ``bundle_dir`` also every missing file. Never raises."""
+    try:
+        return _validate_manifest(doc, bundle_dir)
+    except Exception as exc:
+        return [Problem("", f"could not be validated: {type(exc).__name__}: {exc}")]
+
+
+def _validate_manifest(doc: Any, bundle_dir) -> list[Problem]:
+    problems: list[Problem] = []
+    if not isinstance(doc, dict):
+        return [Problem("(document)", f"must be an object, got {type_name(doc)}")]
+    for key in doc:
+        if key not in {"version", "job", "generator_label", "trajectories", "point_cloud", "meshes"}:
+            problems.append(Problem(key, "unknown field"))
+    if doc.get("version") != MANIFEST_VERSION or not is_integer(doc.get("version")):
+        problems.append(Problem("version", f"unsupported result manifest version {doc.get('version')!r}; this reads version {MANIFEST_VERSION}"))
+    job = doc.get("job")
+    if check_object(problems, "job", job):
+        check_string(problems, "job.name", job.get("name"))
+        if check_string(problems, "job.generator", job.get("generator")) and job["generator"] not in GENERATORS:
+            problems.append(Problem("job.generator", f"unknown generator {job['generator']!r}"))
+        if "seed" in job:
+            check_integer(problems, "job.seed", job["seed"], minimum=0)
+    check_string(problems, "generator_label", doc.get("generator_label"))
+    trajs = doc.get("trajectories")
+    names: dict[str, set] = {}
+    if not isinstance(trajs, list) or not trajs:
+        problems.append(Problem("trajectories", "must be a non-empty list"))
+    else:
+        for i, t in enumerate(trajs):
+            tpath = f"trajectories[{i}]"
+            if not check_object(problems, tpath, t):
+                continue
+            traj_doc = {k: v for k, v in t.items() if k not in ("video", "files")}
+            problems.extend(validate_trajectory_json(traj_doc, tpath))
+            check_bundle_path(problems, f"{tpath}.video", t.get("video"), bundle_dir, optional=True)
+            files = t.get("files")
+            frames = t.get("frames") if isinstance(t.get("frames"), list) else []
+            numbers = [f.get("frame") for f in frames if isinstance(f, dict)]
+            if isinstance(t.get("name"), str):
+                names[t["name"]] = set(n for n in numbers if is_integer(n))
+            if not isinstance(files, list):
+                problems.append(Problem(f"{tpath}.files", f"must be a list, got {type_name(files)}"))
+                continue
+            if len(files) != len(frames):
+                problems.append(Problem(f"{tpath}.files", f"has {len(files)} entries for {len(frames)} frames"))
+            for j, f in enumerate(files):
+                fp = f"{tpath}.files[{j}]"
+                if not check_object(problems, fp, f):
+                    continue
+                if check_integer(problems, f"{fp}.frame", f.get("frame")) and j < len(numbers) and f["frame"] != numbers[j]:
+                    problems.append(Problem(f"{fp}.frame", f"is {f['frame']} but the camera at this index is frame {numbers[j]}"))
+                check_bundle_path(problems, f"{fp}.image", f.get("image"), bundle_dir)
+                check_bundle_path(problems, f"{fp}.depth_npy", f.get("depth_npy"), bundle_dir)
+                check_bundle_path(problems, f"{fp}.depth_exr", f.get("depth_exr"), bundle_dir, optional=True)
+                if len(problems) > 500:
+                    return problems
+    pc = doc.get("point_cloud")
+    if pc is not None and check_object(problems, "point_cloud", pc):
+        check_bundle_path(problems, "point_cloud.path", pc.get("path"), bundle_dir)
+        check_integer(problems, "point_cloud.points", pc.get("points"), minimum=0)
+    meshes = doc.get("meshes", [])
+    if not isinstance(meshes, list):
+        problems.append(Problem("meshes", f"must be a list, got {type_name(meshes)}"))
+    else:
+        for i, m in enumerate(meshes):
+            mp = f"meshes[{i}]"
+            if not check_object(problems, mp, m):
+                continue
+            if check_string(problems, f"{mp}.trajectory", m.get("trajectory")) and names and m["trajectory"] not in names:
+                problems.append(Problem(f"{mp}.trajectory", f"no trajectory named {m['trajectory']!r}"))
+            if check_integer(problems, f"{mp}.frame", m.get("frame")) and m.get("trajectory") in names and m["frame"] not in names[m["trajectory"]]:
+                problems.append(Problem(f"{mp}.frame", f"frame {m['frame']} is not in trajectory {m['trajectory']!r}"))
+            check_bundle_path(problems, f"{mp}.path", m.get("path"), bundle_dir)
+            check_bundle_path(problems, f"{mp}.texture", m.get("texture"), bundle_dir)
+    return problems
+
+
+def write_json_atomic(path: str | os.PathLike, doc: Any) -> None:
+    """Write JSON through a temporary file and a rename, so a reader never sees half a file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(doc, fh, indent=1)
+        fh.write("\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)

@@ -1,0 +1,61 @@
+"""The ``keyframe-worlds`` console command.
+
+Each area of the project owns its subcommands in a ``commands`` module with an
+``add_commands(subparsers)`` function; this file only gathers them. Those
+modules import heavy dependencies (torch, bpy) inside their handlers, so
+``keyframe-worlds validate`` stays fast and works without the engine's
+dependencies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from . import __version__
+from .bridge.errors import KeyframeWorldsError
+
+# Modules (relative to this package) that contribute subcommands, in help order.
+COMMAND_MODULES = (
+    ".bridge.commands",
+    ".engine.commands",
+    ".engine.models.commands",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="keyframe-worlds",
+        description="Generate worlds along keyframed cameras (WorldStereo engine, bridge tools).",
+    )
+    parser.add_argument("--version", action="version", version=f"keyframe-worlds {__version__}")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name, __package__)
+        except ModuleNotFoundError as exc:
+            # An area that has not been written yet contributes nothing; a missing
+            # third-party dependency inside an existing module is a real error.
+            if exc.name and exc.name.startswith(__package__ + "."):
+                continue
+            raise
+        module.add_commands(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.handler(args) or 0)
+    except KeyframeWorldsError as exc:
+        print(f"keyframe-worlds: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("keyframe-worlds: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

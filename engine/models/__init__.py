@@ -1,0 +1,1 @@
+"""The WorldStereo networks, one file per network."""
