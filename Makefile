@@ -8,6 +8,7 @@ VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 BLENDER_EXT = $(VPY) $(VENV)/lib/python3.11/site-packages/bpy/5.0/scripts/addons_core/bl_pkg/cli/blender_ext.py
 PYTEST_ARGS ?=
+DIST ?= dist
 
 .PHONY: setup test demo extension bench clean
 
@@ -27,9 +28,9 @@ demo: setup
 	$(VPY) scripts/demo.py --out demo_out
 
 extension: setup
-	mkdir -p dist
-	$(BLENDER_EXT) build --source-dir . --output-dir dist
-	$(BLENDER_EXT) validate dist/keyframe_worlds-*.zip
+	mkdir -p $(DIST)
+	$(BLENDER_EXT) build --source-dir . --output-dir $(DIST)
+	$(BLENDER_EXT) validate $(DIST)/keyframe_worlds-*.zip
 
 bench: setup
 	@for b in bench/*.py; do echo "== $$b"; $(VPY) $$b || exit 1; done

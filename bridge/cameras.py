@@ -64,13 +64,18 @@ def invert_rigid(m: np.ndarray) -> np.ndarray:
 
 
 def c2w_to_w2c(c2w: np.ndarray) -> np.ndarray:
-    """Camera-to-world -> world-to-camera (same camera frame). ``(..., 4, 4)``."""
-    return invert_rigid(c2w)
+    """Camera-to-world -> world-to-camera (same camera frame). ``(..., 4, 4)``.
+
+    A full matrix inverse rather than the rigid transpose: matrices read from
+    files (float32 upstream) are orthonormal only to ~1e-7, and the general
+    inverse keeps the round trip file -> c2w -> file exact to rounding.
+    """
+    return np.linalg.inv(np.asarray(c2w, dtype=np.float64))
 
 
 def w2c_to_c2w(w2c: np.ndarray) -> np.ndarray:
-    """World-to-camera -> camera-to-world (same camera frame). ``(..., 4, 4)``."""
-    return invert_rigid(w2c)
+    """World-to-camera -> camera-to-world (same camera frame). ``(..., 4, 4)``. See ``c2w_to_w2c``."""
+    return np.linalg.inv(np.asarray(w2c, dtype=np.float64))
 
 
 def split_scale(matrix_world: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -181,7 +186,7 @@ def render_resolution(resolution_x: int, resolution_y: int, resolution_percentag
 def resolve_sensor_fit(sensor_fit: str, width: int, height: int, pixel_aspect_x: float = 1.0, pixel_aspect_y: float = 1.0) -> str:
     """``AUTO`` resolves to HORIZONTAL when the frame is at least as wide as tall (in aspect-corrected pixels)."""
     if sensor_fit not in SENSOR_FITS:
-        raise KeyframeWorldsError(f"sensor fit must be one of {', '.join(SENSOR_FITS)}, got {sensor_fit!r}")
+        raise KeyframeWorldsError(f"sensor_fit must be one of {', '.join(SENSOR_FITS)}, got {sensor_fit!r}")
     if sensor_fit != "AUTO":
         return sensor_fit
     return "HORIZONTAL" if pixel_aspect_x * width >= pixel_aspect_y * height else "VERTICAL"
@@ -209,6 +214,11 @@ def intrinsics_from_blender(
     in aspect-corrected units (``ycor = pixel_aspect_y / pixel_aspect_x``).
     Shift is a fraction of that spanned dimension; positive ``shift_y`` moves
     the view up, so the principal point moves down in the image.
+
+    The size is the integer render size after ``resolution_percentage``, as
+    the renderer uses it. (``bpy_extras.object_utils.world_to_camera_view``
+    works on the 100% frame instead; the two agree exactly whenever the
+    percentage scales both sides to whole pixels.)
     """
     for name, value in (("lens_mm", lens_mm), ("sensor_width_mm", sensor_width_mm), ("sensor_height_mm", sensor_height_mm),
                         ("pixel_aspect_x", pixel_aspect_x), ("pixel_aspect_y", pixel_aspect_y)):

@@ -8,7 +8,7 @@ Formats (``FORMATS``):
 - ``worldstereo``: the upstream ``camera.json``: ``extrinsic`` = list of world-to-camera
   4x4 (OpenCV camera frame), ``intrinsic`` = list of 3x3 pixel K. One camera per file.
   Upstream files may lack the size; it is then taken from ``width``/``height`` keys,
-  an ``image.png`` beside the file, or ``2 * (cx, cy)``. We also write ``width``,
+  an ``image.png`` beside the file (any of PNG/JPEG/WebP, whatever its name says), or ``2 * (cx, cy)``. We also write ``width``,
   ``height``, ``frames``, ``fps`` and ``name`` (upstream readers ignore them).
 - ``nerfstudio``: ``transforms.json`` with per-frame ``transform_matrix``
   (camera-to-world, OpenGL camera frame) and per-frame ``fl_x fl_y cx cy w h``.
@@ -25,7 +25,6 @@ import json
 import math
 import os
 import re
-import struct
 from collections import defaultdict
 from pathlib import Path, PurePosixPath
 from typing import Any, Sequence
@@ -34,6 +33,7 @@ import numpy as np
 
 from . import cameras
 from .errors import KeyframeWorldsError, ValidationError
+from .imageinfo import image_info
 from .trajectory import Trajectory
 
 FORMATS = ("keyframe-worlds", "worldstereo", "nerfstudio", "colmap")
@@ -54,7 +54,7 @@ def detect_format(path: str | os.PathLike) -> str:
             return "colmap"
         if (p / "transforms.json").is_file():
             return "nerfstudio"
-        if (p / "camera.json").is_file():
+        if (p / "camera.json").is_file() or any(p.glob("*/camera.json")):
             return "worldstereo"
         raise KeyframeWorldsError(f"{p} is a folder with no trajectory file (cameras.txt + images.txt, transforms.json or camera.json)")
     if not p.exists():
@@ -94,7 +94,8 @@ def write_trajectories(trajectories: Sequence[Trajectory], path: str | os.PathLi
     """Write trajectories in format ``fmt``; returns the files written.
 
     ``worldstereo`` holds one camera per file: with several cameras, ``path`` is
-    a folder that gets ``<camera>/camera.json`` each. ``colmap`` writes into the
+    a folder that gets ``<camera>/camera.json`` each (a folder ``path`` with one
+    camera gets ``path/camera.json``). ``colmap`` writes into the
     folder ``path``. The others write the single file ``path``.
     """
     trajectories = list(trajectories)
@@ -209,21 +210,16 @@ def write_keyframe_worlds(trajectories: list[Trajectory], path: Path) -> list[Pa
 # --- worldstereo camera.json ------------------------------------------------------
 
 
-def png_size(path: Path) -> tuple[int, int] | None:
-    """Width and height from a PNG header, or None if ``path`` is not a readable PNG."""
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(24)
-    except OSError:
-        return None
-    if len(head) < 24 or head[:8] != b"\x89PNG\r\n\x1a\n" or head[12:16] != b"IHDR":
-        return None
-    return struct.unpack(">II", head[16:24])
-
-
 def read_worldstereo(path: Path) -> list[Trajectory]:
+    """One ``camera.json``, or a folder holding one or one per camera sub-folder (``<camera>/camera.json``)."""
     if path.is_dir():
-        path = path / "camera.json"
+        if (path / "camera.json").is_file():
+            path = path / "camera.json"
+        else:
+            files = sorted(path.glob("*/camera.json"))
+            if not files:
+                raise KeyframeWorldsError(f"{path}: no camera.json in the folder or its sub-folders")
+            return [t for f in files for t in read_worldstereo(f)]
     doc = _read_json(path)
     if not isinstance(doc, dict) or "extrinsic" not in doc or "intrinsic" not in doc:
         raise KeyframeWorldsError(f"{path}: a WorldStereo camera.json needs 'extrinsic' and 'intrinsic' lists")
@@ -236,8 +232,8 @@ def read_worldstereo(path: Path) -> list[Trajectory]:
     k = np.stack([_matrix(m, (3, 3), f"{path.name}: intrinsic[{i}]") for i, m in enumerate(intr)])
     if "width" in doc and "height" in doc:
         width, height = int(doc["width"]), int(doc["height"])
-    elif (size := png_size(path.parent / "image.png")) is not None:
-        width, height = size
+    elif (info := image_info(path.parent / "image.png")) is not None:
+        width, height = info[1], info[2]
     else:
         width, height = int(round(2 * k[0, 0, 2])), int(round(2 * k[0, 1, 2]))
     frames = doc.get("frames", list(range(len(ext))))
@@ -260,8 +256,8 @@ def read_worldstereo(path: Path) -> list[Trajectory]:
 
 
 def write_worldstereo(trajectories: list[Trajectory], path: Path) -> list[Path]:
-    if len(trajectories) == 1 and path.suffix == ".json":
-        targets = [(trajectories[0], path)]
+    if len(trajectories) == 1:
+        targets = [(trajectories[0], path if path.suffix == ".json" else path / "camera.json")]
     else:
         targets = [(t, path / t.name / "camera.json") for t in trajectories]
     written = []

@@ -32,6 +32,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from .errors import KeyframeWorldsError, Problem, ValidationError
+from .imageinfo import image_info
 from .trajectory import (
     Trajectory,
     check_integer,
@@ -245,6 +246,8 @@ def _validate_reference(ref: Any, doc: dict, names: list[str], base_dir, check_f
             full = Path(base_dir) / value
             if not full.is_file():
                 problems.append(Problem(f"reference.{key}", f"file not found: {full}"))
+            elif key == "image" and full.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp") and image_info(full) is None:
+                problems.append(Problem("reference.image", f"{full} is not a readable PNG, JPEG or WebP image"))
     traj_name = ref.get("trajectory")
     target = None
     if traj_name is not None:

@@ -1,0 +1,131 @@
+"""Trajectories from real Blender scenes (the bpy module): exact against Blender's own projection."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from keyframe_worlds.bridge import cameras as conv
+from keyframe_worlds.bridge import formats
+
+from conftest import make_trajectory
+
+CASES = {
+    "auto-landscape": dict(fit="AUTO", res=(640, 360), pct=100, shift=(0, 0), aspect=(1, 1)),
+    "auto-portrait": dict(fit="AUTO", res=(360, 640), pct=100, shift=(0.1, -0.2), aspect=(1, 1)),
+    "horizontal-portrait": dict(fit="HORIZONTAL", res=(300, 500), pct=50, shift=(-0.05, 0.1), aspect=(1, 1)),
+    "vertical-landscape": dict(fit="VERTICAL", res=(800, 450), pct=40, shift=(0.2, 0.15), aspect=(1, 1)),
+    "pixel-aspect-wide": dict(fit="AUTO", res=(720, 576), pct=100, shift=(0.1, 0.05), aspect=(2, 1)),
+    "pixel-aspect-tall": dict(fit="VERTICAL", res=(500, 400), pct=80, shift=(-0.1, 0.2), aspect=(1, 1.5)),
+}
+
+
+def build_scene(bpy, case):
+    scene = bpy.context.scene
+    scene.render.resolution_x, scene.render.resolution_y = case["res"]
+    scene.render.resolution_percentage = case["pct"]
+    scene.render.pixel_aspect_x, scene.render.pixel_aspect_y = case["aspect"]
+    data = bpy.data.cameras.new("Cam")
+    data.sensor_fit = case["fit"]
+    data.sensor_width, data.sensor_height = 36.0, 20.25
+    data.shift_x, data.shift_y = case["shift"]
+    cam = bpy.data.objects.new("Cam", data)
+    scene.collection.objects.link(cam)
+    # An animated empty that the camera is parented to, and a Track To target: the evaluated matrix must include both.
+    rig = bpy.data.objects.new("Rig", None)
+    scene.collection.objects.link(rig)
+    cam.parent = rig
+    cam.location = (0, -8, 2)
+    target = bpy.data.objects.new("Target", None)
+    scene.collection.objects.link(target)
+    target.location = (1, 2, 0.5)
+    track = cam.constraints.new("TRACK_TO")
+    track.target = target
+    for frame, (loc, rot, lens) in enumerate([((0, 0, 0), 0.0, 35.0), ((3, 1, 0.5), 0.6, 70.0), ((-2, 4, 1), 1.3, 24.0)], start=1):
+        rig.location = loc
+        rig.rotation_euler = (0, 0, rot)
+        rig.keyframe_insert("location", frame=frame * 5)
+        rig.keyframe_insert("rotation_euler", frame=frame * 5)
+        data.lens = lens
+        data.keyframe_insert("lens", frame=frame * 5)
+    scene.frame_start, scene.frame_end = 1, 15
+    scene.frame_set(3)
+    return scene, cam
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_projection_matches_blender(blank_blend, name):
+    bpy = blank_blend
+    from bpy_extras.object_utils import world_to_camera_view
+    from mathutils import Vector
+
+    from keyframe_worlds.addon.scene_cameras import extract_trajectory, frame_range
+
+    scene, cam = build_scene(bpy, CASES[name])
+    frames = frame_range(scene, step=2)
+    traj = extract_trajectory(scene, cam, frames)
+    assert scene.frame_current == 3, "the current frame must be restored"
+    assert traj.problems() == []
+    rng = np.random.default_rng(0)
+    for i, frame in enumerate(frames):
+        scene.frame_set(frame)
+        c2w = traj.c2w_opencv[i]
+        # Points in front of the camera, spread across (and beyond) the frame.
+        cam_pts = np.column_stack([rng.uniform(-3, 3, 50), rng.uniform(-3, 3, 50), rng.uniform(2, 20, 50)])
+        world = cam_pts @ c2w[:3, :3].T + c2w[:3, 3]
+        uv, z = conv.project_points_opencv(world, c2w, traj.k[i])
+        for p, (u, v), depth in zip(world, uv, z):
+            ndc = world_to_camera_view(scene, cam, Vector(p.tolist()))
+            # Blender: x from the left, y from the bottom, both 0..1 over the frame; z is the depth.
+            assert abs(ndc.x * traj.width - u) < 1e-5 * traj.width
+            assert abs((1 - ndc.y) * traj.height - v) < 1e-5 * traj.height
+            assert abs(ndc.z - depth) < 1e-4
+
+
+def test_inexact_percentage_follows_the_render_not_world_to_camera_view(blank_blend):
+    """At 37% of 800x450 the render is 296x166 (integer sizes, aspect changed by 0.3%).
+
+    Blender renders with the integer size, so square pixels stay square:
+    fx == fy. ``world_to_camera_view`` uses the 100% frame and would imply
+    fx != fy; we follow the render, which is what the reference image shows.
+    """
+    bpy = blank_blend
+    from keyframe_worlds.addon.scene_cameras import extract_trajectory
+
+    scene, cam = build_scene(bpy, dict(fit="VERTICAL", res=(800, 450), pct=37, shift=(0, 0), aspect=(1, 1)))
+    traj = extract_trajectory(scene, cam, [1])
+    assert (traj.width, traj.height) == (296, 166)
+    assert traj.fx[0] == pytest.approx(traj.fy[0], rel=1e-12)
+    assert traj.fy[0] == pytest.approx(35.0 * 166 / 20.25, rel=1e-6)
+
+
+def test_trajectory_file_creates_camera_that_extracts_back(blank_blend, tmp_path):
+    bpy = blank_blend
+    from keyframe_worlds.addon.scene_cameras import create_camera_from_trajectory, extract_trajectory
+
+    original = make_trajectory("Imported", n=6, seed=11, width=320, height=200)
+    # Blender's pixel aspect is one value per scene: give the trajectory a constant fx/fy.
+    original = type(original)(**{**original.__dict__, "fy": original.fx / 1.25})
+    formats.write_trajectories([original], tmp_path / "cam", "colmap")
+    (read,) = formats.read_trajectories(tmp_path / "cam")
+    scene = bpy.context.scene
+    cam = create_camera_from_trajectory(scene, read)
+    back = extract_trajectory(scene, cam, read.frames.tolist())
+    # Blender stores object transforms and lens in float32.
+    np.testing.assert_allclose(back.c2w_opencv, read.c2w_opencv, atol=2e-5)
+    for key in ("fx", "fy", "cx", "cy"):
+        np.testing.assert_allclose(getattr(back, key), getattr(read, key), rtol=1e-5, atol=1e-3)
+    assert (back.width, back.height) == (320, 200)
+
+
+def test_orthographic_camera_is_refused(blank_blend):
+    bpy = blank_blend
+    from keyframe_worlds.addon.scene_cameras import extract_trajectory
+    from keyframe_worlds.bridge.errors import KeyframeWorldsError
+
+    data = bpy.data.cameras.new("Ortho")
+    data.type = "ORTHO"
+    cam = bpy.data.objects.new("Ortho", data)
+    bpy.context.scene.collection.objects.link(cam)
+    with pytest.raises(KeyframeWorldsError, match="Ortho"):
+        extract_trajectory(bpy.context.scene, cam, [1])

@@ -1,0 +1,120 @@
+"""The ``keyframe-worlds`` console command, run as a real subprocess; and the bridge's import isolation."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import REPO_ROOT, VENV_BIN, example_camera_files, make_trajectory
+
+CLI = str(VENV_BIN / "keyframe-worlds")
+
+
+def run(*args, cwd=None):
+    return subprocess.run([CLI, *map(str, args)], capture_output=True, text=True, timeout=120, cwd=cwd)
+
+
+def test_bridge_imports_without_blender_or_torch():
+    code = (
+        "import sys\n"
+        "import keyframe_worlds, keyframe_worlds.cli\n"
+        "from keyframe_worlds.bridge import cameras, errors, formats, imageinfo, spec, trajectory, commands\n"
+        "heavy = sorted(m for m in ('bpy', 'torch', 'mathutils') if m in sys.modules)\n"
+        "print(','.join(heavy) or 'none')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "none"
+
+
+def test_bridge_uses_only_stdlib_numpy_requests():
+    import ast
+
+    allowed = set(sys.stdlib_module_names) | {"numpy", "requests", "__future__"}
+    for path in (REPO_ROOT / "bridge").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module]
+            else:
+                continue
+            for name in names:
+                assert name.split(".")[0] in allowed, f"{path.name} imports {name}"
+
+
+def test_help_lists_commands():
+    out = run("--help")
+    assert out.returncode == 0
+    for command in ("validate", "trajectory"):
+        assert command in out.stdout
+
+
+def _write_job(tmp_path, **changes):
+    from PIL import Image
+
+    Image.new("RGB", (64, 48), (200, 100, 50)).save(tmp_path / "ref.png")
+    doc = {"version": 1, "name": "cli", "generator": "preview", "reference": {"image": "ref.png"},
+           "trajectories": [make_trajectory("Cam", 3).to_json()]}
+    doc.update(changes)
+    (tmp_path / "job.json").write_text(json.dumps(doc))
+    return tmp_path / "job.json"
+
+
+def test_validate_ok(tmp_path):
+    out = run("validate", _write_job(tmp_path))
+    assert out.returncode == 0, out.stderr
+    assert "valid job spec" in out.stdout
+
+
+def test_validate_prints_every_problem_and_fails(tmp_path):
+    job = _write_job(tmp_path, generator="magic", version=3)
+    doc = json.loads(job.read_text())
+    doc["trajectories"][0]["frames"][1]["fx"] = -1
+    job.write_text(json.dumps(doc))
+    out = run("validate", job)
+    assert out.returncode == 1
+    for path in ("generator:", "version:", "trajectories[0].frames[1].fx:"):
+        assert path in out.stderr
+    as_json = run("validate", job, "--json")
+    assert as_json.returncode == 1
+    problems = json.loads(as_json.stdout)["problems"]
+    assert {p["path"] for p in problems} >= {"generator", "version", "trajectories[0].frames[1].fx"}
+
+
+def test_validate_bad_json_is_a_clear_error(tmp_path):
+    (tmp_path / "job.json").write_text("{oops")
+    out = run("validate", tmp_path / "job.json")
+    assert out.returncode == 2
+    assert "not valid JSON" in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("fmt", ["keyframe-worlds", "worldstereo", "nerfstudio", "colmap"])
+def test_trajectory_convert_chain(tmp_path, fmt):
+    from keyframe_worlds.bridge.formats import read_trajectories
+
+    source = example_camera_files()[0]
+    target = tmp_path / ("out.json" if fmt != "colmap" else "sparse")
+    out = run("trajectory", "convert", source, "--to", fmt, "--out", target)
+    assert out.returncode == 0, out.stderr
+    assert "81 frame(s)" in out.stdout
+    back = run("trajectory", "convert", target, "--to", "worldstereo", "--out", tmp_path / "back.json")
+    assert back.returncode == 0, back.stderr
+    a = json.loads(source.read_text())
+    b = json.loads((tmp_path / "back.json").read_text())
+    np.testing.assert_allclose(b["extrinsic"], a["extrinsic"], atol=1e-5)
+    np.testing.assert_allclose(b["intrinsic"], a["intrinsic"], atol=1e-9)
+    assert read_trajectories(tmp_path / "back.json")[0].width == 1080
+
+
+def test_trajectory_convert_errors(tmp_path):
+    out = run("trajectory", "convert", tmp_path / "nope.json", "--to", "colmap", "--out", tmp_path / "x")
+    assert out.returncode == 2 and "not found" in out.stderr
+    out = run("trajectory", "convert", example_camera_files()[0], "--to", "colmap", "--out", tmp_path / "x", "--camera", "Ghost")
+    assert out.returncode == 2 and "Ghost" in out.stderr
+    out = run("trajectory", "convert", example_camera_files()[0], "--to", "bogus", "--out", tmp_path / "x")
+    assert out.returncode == 2 and "invalid choice" in out.stderr
