@@ -1,1 +1,45 @@
-"""The WorldStereo networks, one file per network."""
+"""The WorldStereo networks, one file per network.
+
+- ``wan_transformer``: the Wan2.1 I2V backbone (diffusers' parameter names).
+- ``control_branch``: the control branch and its mask/camera embedding.
+- ``stereo_memory``: the spatial-stereo memory attention and block.
+- ``worldstereo``: the variants (camera; memory and memory-dmd) and their config.
+- ``camera``: camera normalisation, Pluecker maps, pose vectors.
+- ``dmd_scheduler``: the distilled variant's few-step schedule.
+- ``attention``: the attention backends.
+- ``loading``: variant folder + backbone loading, key checks, GPU memory check.
+- ``commands``: ``keyframe-worlds model check``.
+
+This package imports without torch (the command line lists its commands
+cheaply); the names below load their module on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "load_worldstereo": "loading",
+    "ModelPaths": "loading",
+    "estimate_memory": "loading",
+    "check_gpu_memory": "loading",
+    "OFFLOAD_MODES": "loading",
+    "WorldStereoConfig": "worldstereo",
+    "WorldStereoCameraModel": "worldstereo",
+    "WorldStereoMemoryModel": "worldstereo",
+    "build_worldstereo": "worldstereo",
+    "VARIANTS": "worldstereo",
+    "WanTransformerConfig": "wan_transformer",
+    "WanTransformer3DModel": "wan_transformer",
+    "DMDScheduler": "dmd_scheduler",
+    "DMDSchedulerConfig": "dmd_scheduler",
+    "set_attention_backend": "attention",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -133,7 +133,9 @@ class AdaLayerNormZero(nn.Module):
         self.norm = nn.LayerNorm(dim, eps=1e-5)
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        shift, scale, gate = self.linear(F.silu(temb)).chunk(3, dim=1)  # [B, dim] each
+        # the linear may be kept in float32 while the stream runs in half precision
+        cond = F.silu(temb).to(self.linear.weight.dtype)
+        shift, scale, gate = self.linear(cond).to(x.dtype).chunk(3, dim=1)  # [B, dim] each
         norm = F.layer_norm(x.float(), self.norm.normalized_shape, self.norm.weight.float(),
                             self.norm.bias.float(), self.norm.eps).to(x.dtype)
         return norm * (1 + scale[:, None, :]) + shift[:, None, :], gate[:, None, :]

@@ -142,6 +142,12 @@ class WorldStereoConfig:
             raise ModelConfigError(f"{self.model_type} does not fit the backbone: " + "; ".join(problems))
 
 
+def _compute_dtype(model: WanTransformer3DModel, *tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
+    """Floating inputs in the dtype the model computes in (that of its patch embedding)."""
+    dtype = model.patch_embedding.weight.dtype
+    return [t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors]
+
+
 def _as_batch_timestep(timestep: torch.Tensor | float, batch: int, device) -> torch.Tensor:
     timestep = torch.as_tensor(timestep, device=device)
     if timestep.ndim == 0:
@@ -180,6 +186,8 @@ class WorldStereoCameraModel(WanTransformer3DModel):
           released network does not read them (its control attention ignores them).
         """
         del extrinsics, intrinsics  # no influence on the output, see docstring
+        hidden_states, encoder_hidden_states, encoder_hidden_states_image, render_latent = _compute_dtype(
+            self, hidden_states, encoder_hidden_states, encoder_hidden_states_image, render_latent)
         self.check_context(encoder_hidden_states, encoder_hidden_states_image)
         # 1. Token grid (F', h', w') and rotary tables [1, L, 1, Dh]
         grid = self.token_grid(hidden_states)
@@ -243,6 +251,9 @@ class WorldStereoMemoryModel(WanTransformer3DModel):
           either may be None (then that stream gets no pose embedding).
         """
         pose_dim = self.variant.memory.camera_embedding_dim if self.camera_embedding is not None else None
+        hidden_states, encoder_hidden_states, encoder_hidden_states_image, render_latent, reference_latent = \
+            _compute_dtype(self, hidden_states, encoder_hidden_states, encoder_hidden_states_image, render_latent,
+                           reference_latent)
         check_memory_inputs(hidden_states, reference_latent, ref_index, camera_qt, camera_qt_ref, pose_dim)
         self.check_context(encoder_hidden_states, encoder_hidden_states_image)
         # 1. Token grid and stitched rotary tables: targets [1, L, 1, Dh], references [1, L_ref, 1, Dh]
