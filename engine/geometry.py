@@ -1,0 +1,70 @@
+"""Small camera-geometry helpers shared by the memory, retrieval and exports.
+
+Conventions (DESIGN.md): camera-to-world matrices in OpenCV axes (x right,
+y down, z forward); intrinsics ``(fx, fy, cx, cy)`` in pixels; continuous pixel
+coordinates, so pixel ``(col i, row j)`` has its centre at ``(i + 0.5, j + 0.5)``;
+depth is z-depth in metres.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def pixel_centres(width: int, height: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(H, W) float32 ``u`` (column) and ``v`` (row) pixel-centre coordinates."""
+    u = torch.arange(width, dtype=torch.float32, device=device) + 0.5
+    v = torch.arange(height, dtype=torch.float32, device=device) + 0.5
+    return u[None, :].expand(height, width), v[:, None].expand(height, width)
+
+
+def unproject_depth(
+    depth_z_m: torch.Tensor,
+    c2w_opencv: torch.Tensor,
+    intrinsics: torch.Tensor,
+) -> torch.Tensor:
+    """Lift a z-depth map to world points at the pixel centres.
+
+    depth_z_m: (H, W) z-depth in metres. c2w_opencv: (4, 4). intrinsics: (4,) fx, fy, cx, cy.
+    Returns (H, W, 3) float32 world positions (meaningless where depth is 0).
+    """
+    height, width = depth_z_m.shape
+    device = depth_z_m.device
+    fx, fy, cx, cy = (float(x) for x in intrinsics.tolist())
+    u, v = pixel_centres(width, height, device)
+    z = depth_z_m.to(torch.float32)
+    cam = torch.stack([(u - cx) / fx * z, (v - cy) / fy * z, z], dim=-1)  # (H, W, 3) camera, OpenCV
+    c2w = c2w_opencv.to(device=device, dtype=torch.float64)
+    rot = c2w[:3, :3].to(torch.float32)
+    trans = c2w[:3, 3].to(torch.float32)
+    return cam @ rot.T + trans
+
+
+def world_to_camera(points_world: torch.Tensor, c2w_opencv: torch.Tensor) -> torch.Tensor:
+    """(N, 3) world points -> (N, 3) camera-frame points (OpenCV axes)."""
+    c2w = c2w_opencv.to(torch.float64)
+    rot = c2w[:3, :3]
+    trans = c2w[:3, 3]
+    cam = (points_world.to(torch.float64) - trans.to(points_world.device)) @ rot.to(points_world.device)
+    return cam.to(torch.float32)
+
+
+def project_camera_points(points_cam: torch.Tensor, intrinsics: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, 3) camera points -> ((N, 2) continuous pixel coordinates, (N,) z-depth)."""
+    fx, fy, cx, cy = (float(x) for x in intrinsics.tolist())
+    z = points_cam[:, 2]
+    safe = torch.where(z.abs() > 1e-12, z, torch.full_like(z, 1e-12))
+    uv = torch.stack([fx * points_cam[:, 0] / safe + cx, fy * points_cam[:, 1] / safe + cy], dim=-1)
+    return uv, z
+
+
+def camera_centres(c2w_opencv: torch.Tensor) -> torch.Tensor:
+    """(B, 4, 4) -> (B, 3) camera positions in the world."""
+    return c2w_opencv[:, :3, 3]
+
+
+def rotation_angle_between(rot_a: torch.Tensor, rot_b: torch.Tensor) -> torch.Tensor:
+    """Geodesic angle in radians between rotation matrices (..., 3, 3) (broadcasting)."""
+    rel = rot_a.transpose(-1, -2) @ rot_b
+    trace = rel.diagonal(dim1=-2, dim2=-1).sum(-1)
+    return torch.arccos(((trace - 1.0) / 2.0).clamp(-1.0, 1.0))
