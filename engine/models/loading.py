@@ -352,7 +352,7 @@ def load_worldstereo(variant_dir: str | os.PathLike, base_model_dir: str | os.Pa
     ``dtype`` defaults to bfloat16 on CUDA and float32 elsewhere. On CUDA the
     free memory (``free_memory_bytes``, or what the device reports) is checked
     against :func:`estimate_memory` for ``offload`` before anything is moved
-    there; with ``offload="sequential"`` the weights stay in CPU memory and each
+    there (on any device when ``free_memory_bytes`` is given); with ``offload="sequential"`` the weights stay in CPU memory and each
     block visits the GPU only for its forward.
     """
     import torch
@@ -406,7 +406,7 @@ def load_worldstereo(variant_dir: str | os.PathLike, base_model_dir: str | os.Pa
 
     # 4. Memory check, then materialise in the final dtypes and copy tensor by tensor.
     cast_for_inference(model, dtype)
-    if device.type == "cuda":
+    if device.type == "cuda" or free_memory_bytes is not None:
         if free_memory_bytes is None:
             free_memory_bytes = torch.cuda.mem_get_info(device)[0]
         check_gpu_memory(estimate_memory(model, base_dir=base_dir), free_memory_bytes, offload,
@@ -479,6 +479,7 @@ class MemoryEstimate:
 
     transformer_bytes: int
     largest_block_bytes: int
+    resident_bytes: int  # everything of the transformer but its blocks (embeddings, head, control branch)
     aux_bytes: Mapping[str, int]
     activation_bytes: int
 
@@ -489,8 +490,10 @@ class MemoryEstimate:
             return max(self.transformer_bytes + self.activation_bytes,
                        max(self.aux_bytes.values(), default=0)) + GPU_OVERHEAD_BYTES
         if offload == "sequential":
-            # two blocks in flight (one computing, one arriving) plus the resident small parts
-            return 2 * self.largest_block_bytes + self.activation_bytes + GPU_OVERHEAD_BYTES
+            # the non-block parts stay resident; two blocks in flight (one computing, one arriving);
+            # the companions visit one at a time as with "model"
+            return max(self.resident_bytes + 2 * self.largest_block_bytes + self.activation_bytes,
+                       max(self.aux_bytes.values(), default=0)) + GPU_OVERHEAD_BYTES
         raise KeyframeWorldsError(f"unknown offload mode {offload!r}; expected one of {', '.join(OFFLOAD_MODES)}")
 
 
@@ -521,7 +524,8 @@ def estimate_memory(model: "WanTransformer3DModel", frames: int = 21, height: in
     """
     config = model.config
     transformer_bytes = parameter_bytes(model)
-    largest_block = max((parameter_bytes(b) for b in model.blocks), default=0)
+    block_bytes = [parameter_bytes(b) for b in model.blocks]
+    largest_block = max(block_bytes, default=0)
     aux = {}
     for name, default in DEFAULT_AUX_PARAMS.items():
         counted = _safetensors_param_count(base_dir / name) if base_dir is not None else None
@@ -541,7 +545,8 @@ def estimate_memory(model: "WanTransformer3DModel", frames: int = 21, height: in
         activations += cfg.num_layers * tokens * dim * act_size  # residuals kept until their block
         activations += tokens * (cfg.dim * 6 + cfg.ffn_dim * 2) * act_size
         activations += 7 * frames * height * width * 4  # mask + Pluecker rays, float32
-    return MemoryEstimate(transformer_bytes, largest_block, aux, int(activations))
+    return MemoryEstimate(transformer_bytes, largest_block, transformer_bytes - sum(block_bytes), aux,
+                          int(activations))
 
 
 def _bf16():
