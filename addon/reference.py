@@ -1,0 +1,159 @@
+"""Render the reference view (RGB, and the blockout's z-depth) from the scene itself, with the exact camera.
+
+The reference image becomes the job's first frame and its depth the world's
+initial memory. Renders use Cycles on the CPU (works headless, no GPU needed).
+Depth is read from Cycles' Depth pass, which is z-depth along the camera axis
+in metres, routed through a temporary compositor node group into a float EXR
+that Blender itself loads back; it is saved as ``.npy`` float32 ``(H, W)``,
+0 where no surface was hit.
+
+Every scene setting touched here is restored afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import bpy
+import numpy as np
+
+from ..bridge.errors import KeyframeWorldsError
+
+# Cycles writes this (1e10) where a ray hits nothing.
+_NO_HIT_DEPTH = 1e9
+
+
+@dataclass(frozen=True)
+class ReferenceRender:
+    """What ``render_reference`` wrote: image path, depth path (or None), frame and size."""
+
+    image: Path
+    depth: Path | None
+    frame: int
+    width: int
+    height: int
+
+
+@contextlib.contextmanager
+def _saved(obj, *names):
+    """Restore attributes of ``obj`` on exit."""
+    saved = {name: getattr(obj, name) for name in names}
+    try:
+        yield obj
+    finally:
+        for name, value in saved.items():
+            with contextlib.suppress(AttributeError, TypeError, ValueError):
+                setattr(obj, name, value)
+
+
+@contextlib.contextmanager
+def _render_setup(scene: bpy.types.Scene, camera: bpy.types.Object, frame: int, samples: int):
+    render = scene.render
+    settings = scene.render.image_settings
+    view_layer = scene.view_layers[0]
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(_saved(scene, "camera", "compositing_node_group"))
+        stack.enter_context(_saved(render, "engine", "filepath", "use_compositing", "use_file_extension", "film_transparent"))
+        stack.enter_context(_saved(settings, "file_format", "color_depth", "color_mode"))
+        stack.enter_context(_saved(scene.cycles, "device", "samples", "filter_width", "use_denoising", "use_adaptive_sampling"))
+        stack.enter_context(_saved(view_layer, "use_pass_z"))
+        current = scene.frame_current, scene.frame_subframe
+        stack.callback(lambda: scene.frame_set(current[0], subframe=current[1]))
+        # Cameras bound to timeline markers take over scene.camera on every frame change
+        # (before the first marker, the first marker's camera): unbind them while rendering.
+        bound = [(marker, marker.camera) for marker in scene.timeline_markers if marker.camera is not None]
+        for marker, _camera in bound:
+            marker.camera = None
+        stack.callback(lambda: [setattr(marker, "camera", cam) for marker, cam in bound])
+        scene.camera = camera
+        render.engine = "CYCLES"
+        scene.cycles.device = "CPU"
+        scene.cycles.samples = samples
+        scene.cycles.use_denoising = False
+        render.use_file_extension = False
+        render.film_transparent = False
+        scene.frame_set(frame)
+        yield
+
+
+def _render_to(scene: bpy.types.Scene, path: Path) -> None:
+    scene.render.filepath = str(path)
+    result = bpy.ops.render.render(write_still=True)
+    if "FINISHED" not in result or not path.is_file():
+        raise KeyframeWorldsError(f"Blender did not write the render {path}")
+
+
+def _load_float_image(path: Path) -> np.ndarray:
+    """A float image file as ``(H, W, 4)`` float32, top row first."""
+    image = bpy.data.images.load(str(path), check_existing=False)
+    try:
+        w, h = image.size
+        pixels = np.empty(w * h * 4, dtype=np.float32)
+        image.pixels.foreach_get(pixels)
+    finally:
+        bpy.data.images.remove(image)
+    # Blender stores rows bottom-up.
+    return pixels.reshape(h, w, 4)[::-1]
+
+
+def render_reference(
+    scene: bpy.types.Scene,
+    camera: bpy.types.Object,
+    frame: int,
+    out_dir: str | os.PathLike,
+    *,
+    with_depth: bool = True,
+    samples: int = 16,
+    name: str = "reference",
+) -> ReferenceRender:
+    """Render ``camera`` at ``frame`` into ``out_dir/<name>.png`` and, with depth, ``<name>_depth.npy``."""
+    if camera is None or camera.type != "CAMERA":
+        raise KeyframeWorldsError(f"{getattr(camera, 'name', camera)!r} is not a camera object")
+    if camera.data.type != "PERSP":
+        raise KeyframeWorldsError(f"camera {camera.name!r} is {camera.data.type.lower()}; only perspective cameras are supported")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    image_path = out / f"{name}.png"
+    depth_path = out / f"{name}_depth.npy" if with_depth else None
+    width = scene.render.resolution_x * scene.render.resolution_percentage // 100
+    height = scene.render.resolution_y * scene.render.resolution_percentage // 100
+    settings = scene.render.image_settings
+    with _render_setup(scene, camera, frame, samples):
+        scene.render.use_compositing = False
+        settings.file_format, settings.color_mode, settings.color_depth = "PNG", "RGB", "8"
+        _render_to(scene, image_path)
+        if depth_path is not None:
+            _render_depth(scene, depth_path)
+    return ReferenceRender(image_path, depth_path, int(frame), width, height)
+
+
+def _render_depth(scene: bpy.types.Scene, depth_path: Path) -> None:
+    settings = scene.render.image_settings
+    # The Render Layers node offers a Depth output only if the pass is on when it is created.
+    scene.view_layers[0].use_pass_z = True
+    tree = bpy.data.node_groups.new("KeyframeWorlds Depth", "CompositorNodeTree")
+    try:
+        tree.interface.new_socket("Image", in_out="OUTPUT", socket_type="NodeSocketColor")
+        layers = tree.nodes.new("CompositorNodeRLayers")
+        output = tree.nodes.new("NodeGroupOutput")
+        tree.links.new(layers.outputs["Depth"], output.inputs[0])
+        scene.compositing_node_group = tree
+        scene.render.use_compositing = True
+        # One sample with a tiny pixel filter: depth at the pixel centre, not an average across an edge.
+        scene.cycles.samples = 1
+        scene.cycles.filter_width = 0.01
+        settings.file_format, settings.color_mode, settings.color_depth = "OPEN_EXR", "RGB", "32"
+        with tempfile.TemporaryDirectory(prefix="kfw_depth_") as tmp:
+            exr = Path(tmp) / "depth.exr"
+            _render_to(scene, exr)
+            depth = _load_float_image(exr)[..., 0].copy()
+    finally:
+        bpy.data.node_groups.remove(tree)
+    depth[~np.isfinite(depth) | (depth > _NO_HIT_DEPTH)] = 0.0
+    tmp_path = depth_path.with_name(f".{depth_path.name}.tmp.npy")
+    np.save(tmp_path, depth.astype(np.float32))
+    os.replace(tmp_path, depth_path)
