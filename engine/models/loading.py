@@ -310,8 +310,8 @@ def check_key_set(expected: Mapping[str, tuple[int, ...]], available: Mapping[st
 
 
 def cast_for_inference(model: "WanTransformer3DModel", dtype: "torch.dtype") -> "WanTransformer3DModel":
-    """Cast parameters to ``dtype`` except those diffusers keeps in float32 (time embedder,
-    modulation tables, block norms), which stay float32. Works on the meta device."""
+    """Cast parameters to ``dtype`` except those diffusers keeps in float32 in the backbone (time
+    embedder, modulation tables, block norms), which stay float32. Works on the meta device."""
     import torch
 
     model.to(dtype)
@@ -320,7 +320,10 @@ def cast_for_inference(model: "WanTransformer3DModel", dtype: "torch.dtype") -> 
         for name, module in model.named_modules():
             for pname, param in list(module._parameters.items()):
                 full = f"{name}.{pname}" if name else pname
-                if param is not None and any(p in full.split(".") for p in patterns):
+                # the control branch is not diffusers code: its adaLN "norm1/norm2" carry large
+                # linears, which would cost 1.3 GB in float32 at full size for no accuracy gain
+                if param is not None and not full.startswith("controlnet.") \
+                        and any(p in full.split(".") for p in patterns):
                     module._parameters[pname] = torch.nn.Parameter(param.float(), requires_grad=False)
     return model
 
