@@ -157,3 +157,15 @@ def test_variant_config_checks():
     t2v = WanTransformerConfig.from_dict({**TINY, "in_channels": 16, "image_dim": None, "added_kv_proj_dim": None})
     with pytest.raises(ModelConfigError, match="in_channels 36"):
         WorldStereoConfig.from_dict(memory).check_backbone(t2v)
+
+
+def test_command_line_lists_model_commands_without_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys; from keyframe_worlds.cli import build_parser; build_parser(); "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)
+    result = subprocess.run([sys.executable, "-m", "keyframe_worlds.cli", "model", "check", "--help"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0 and "--checkpoint" in result.stdout and "--inputs" in result.stdout

@@ -119,7 +119,11 @@ class MaskCameraEmbedding(nn.Module):
             # the front (and the back for interpolation models) with blank frames.
             pad_back = 3 if self.config.interp else 0
             add_inputs = F.pad(add_inputs, (0, 0, 0, 0, 3, pad_back))
-        x = self.mask_proj(add_inputs)        # [B, mid, F, h, w]
+        conv, group_norm, act = self.mask_proj
+        x = conv(add_inputs)                  # [B, mid, F, h, w]
+        # GroupNorm statistics in float32 (half precision loses them over 60x96 positions)
+        x = act(F.group_norm(x.float(), group_norm.num_groups, group_norm.weight.float(), group_norm.bias.float(),
+                             group_norm.eps)).to(add_inputs.dtype)
         x = self.mask_zero_proj(x)            # [B, conv_out, F, h', w']
         return x.flatten(2).transpose(1, 2)   # [B, L, conv_out]
 
