@@ -91,6 +91,14 @@ class ControlBranchConfig:
         return asdict(self)
 
 
+class FP32GroupNorm(nn.GroupNorm):
+    """GroupNorm with float32 statistics whatever the input dtype (half precision loses them
+    over a 60x96 latent)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.group_norm(x.float(), self.num_groups, self.weight.float(), self.bias.float(), self.eps).to(x.dtype)
+
+
 class MaskCameraEmbedding(nn.Module):
     """Hole mask (+ Pluecker rays) at pixel resolution -> one additive term per control token.
 
@@ -106,7 +114,7 @@ class MaskCameraEmbedding(nn.Module):
         self.mask_proj = nn.Sequential(
             nn.Conv3d(config.add_channels, config.mid_channels, kernel_size=(down, VAE_SPATIAL_FACTOR, VAE_SPATIAL_FACTOR),
                       stride=(down, VAE_SPATIAL_FACTOR, VAE_SPATIAL_FACTOR)),
-            nn.GroupNorm(config.mid_channels // 8, config.mid_channels),
+            FP32GroupNorm(config.mid_channels // 8, config.mid_channels),
             nn.SiLU(),
         )
         self.mask_zero_proj = nn.Conv3d(config.mid_channels, config.conv_out_dim, kernel_size=(1, 2, 2),
@@ -119,11 +127,7 @@ class MaskCameraEmbedding(nn.Module):
             # the front (and the back for interpolation models) with blank frames.
             pad_back = 3 if self.config.interp else 0
             add_inputs = F.pad(add_inputs, (0, 0, 0, 0, 3, pad_back))
-        conv, group_norm, act = self.mask_proj
-        x = conv(add_inputs)                  # [B, mid, F, h, w]
-        # GroupNorm statistics in float32 (half precision loses them over 60x96 positions)
-        x = act(F.group_norm(x.float(), group_norm.num_groups, group_norm.weight.float(), group_norm.bias.float(),
-                             group_norm.eps)).to(add_inputs.dtype)
+        x = self.mask_proj(add_inputs)        # [B, mid, F, h, w]
         x = self.mask_zero_proj(x)            # [B, conv_out, F, h', w']
         return x.flatten(2).transpose(1, 2)   # [B, L, conv_out]
 
