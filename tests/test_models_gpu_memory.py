@@ -96,3 +96,14 @@ def test_loader_checks_memory_before_allocating():
     with pytest.raises(InsufficientGPUMemoryError):
         load_worldstereo(FIXTURES / "camera", free_memory_bytes=GiB // 2)
     assert load_worldstereo(FIXTURES / "camera", free_memory_bytes=64 * GiB) is not None
+
+
+def test_companion_sizes_come_from_the_backbone_folder(tmp_path, full_memory_model):
+    from safetensors.torch import save_file
+
+    model, _ = full_memory_model
+    (tmp_path / "text_encoder").mkdir()
+    save_file({"a": torch.zeros(1000, 10), "b": torch.zeros(500)}, tmp_path / "text_encoder" / "model-00001-of-00001.safetensors")
+    estimate = estimate_memory(model, base_dir=tmp_path)
+    assert estimate.aux_bytes["text_encoder"] == 10_500 * 2  # read from the header, at bf16
+    assert estimate.aux_bytes["vae"] == 127_000_000 * 2  # absent: the Wan2.1 default
