@@ -68,6 +68,7 @@ class PointMemory:
         self.max_points = max_points
         self.splat_radius_px = splat_radius_px
         self._n = 0
+        self._generation = 0  # bumped whenever points are removed
         self._rows = torch.empty(3, 0, dtype=torch.float32, device=self.device)
         self._colors = torch.empty(0, 3, dtype=torch.uint8, device=self.device)
         self._frame = torch.empty(0, dtype=torch.int32, device=self.device)
@@ -77,6 +78,12 @@ class PointMemory:
     # ----------------------------------------------------------------- storage
     def __len__(self) -> int:
         return self._n
+
+    @property
+    def stamp(self) -> tuple[int, int]:
+        """(point count, removal generation): a render made at this stamp can be updated by
+        rendering only the points added since, as long as the generation is unchanged."""
+        return self._n, self._generation
 
     @property
     def positions_world(self) -> torch.Tensor:
@@ -141,6 +148,7 @@ class PointMemory:
         self._frame[:m] = self._frame[index]
         self._confidence[:m] = self._confidence[index]
         self._n = m
+        self._generation += 1
 
     # -------------------------------------------------------------- rendering
     def renderer(self, width: int, height: int) -> PointRenderer:
@@ -193,6 +201,29 @@ class PointMemory:
         self.enforce_budget()
         return int(valid.sum())
 
+    def render_update(
+        self, prior: RenderOutput, prior_points: int, c2w_opencv: torch.Tensor, intrinsics: torch.Tensor
+    ) -> RenderOutput:
+        """Bring a one-camera render made when the memory had ``prior_points`` points up to date.
+
+        Only the points added since are rendered and composited in front of
+        ``prior`` (same camera, (1, H, W) tensors): the result equals a full
+        render (up to ties) at the cost of the new points. Valid only if no
+        point was removed since (the budget did not trigger).
+        """
+        _, height, width = prior.mask.shape
+        if prior_points >= self._n:
+            return prior
+        rows = self._rows[:, prior_points : self._n]
+        new = self.renderer(width, height).render(rows.T, self._colors[prior_points : self._n], c2w_opencv[None], intrinsics[None])
+        front = new.mask & (~prior.mask | (new.depth_z_m < prior.depth_z_m))
+        return RenderOutput(
+            rgb=torch.where(front[..., None], new.rgb, prior.rgb),
+            depth_z_m=torch.where(front, new.depth_z_m, prior.depth_z_m),
+            mask=prior.mask | new.mask,
+            point_index=torch.where(front, new.point_index + prior_points, prior.point_index),
+        )
+
     def fuse(
         self,
         rgb: torch.Tensor,
@@ -202,11 +233,15 @@ class PointMemory:
         frame_index: int,
         confidence: float | torch.Tensor = 0.5,
         relative_tolerance: float = 0.03,
+        prior: tuple[RenderOutput, tuple[int, int]] | None = None,
     ) -> FuseStats:
         """Fuse one frame, adding only what the memory does not already explain.
 
         rgb: (H, W, 3) uint8; depth_z_m: (H, W); c2w_opencv: (4, 4); intrinsics: (4,).
         confidence: scalar or (H, W) per-pixel confidence of the new depth.
+        prior: ``(render, stamp)``: this camera's (1, H, W) render made earlier
+        when :attr:`stamp` was ``stamp``, to update instead of rendering afresh
+        (see :meth:`render_update`); ignored if points were removed since.
         A pixel is explained when the memory's render there is visible and its
         depth agrees within ``relative_tolerance`` with the new depth (of the
         pixel or of its splat-radius neighbours); explained points gain
@@ -217,7 +252,10 @@ class PointMemory:
         valid = torch.isfinite(depth) & (depth > 0)
         confirmed = 0
         if self._n > 0:
-            seen = self.render(c2w_opencv[None], intrinsics[None], width, height)
+            if prior is not None and prior[1][1] == self._generation and prior[1][0] <= self._n:
+                seen = self.render_update(prior[0], prior[1][0], c2w_opencv, intrinsics)
+            else:
+                seen = self.render(c2w_opencv[None], intrinsics[None], width, height)
             mem_depth = seen.depth_z_m[0]
             # A splatted point covers pixels up to r away, so it explains a pixel
             # when its depth lies within the new depths of that neighbourhood.

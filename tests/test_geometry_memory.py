@@ -91,3 +91,26 @@ def test_save_and_load_round_trip(tmp_path, views):
     bad.write_bytes(b"not a memory")
     with pytest.raises(KeyframeWorldsError, match="bad.npz"):
         PointMemory.load(bad)
+
+
+def test_updating_an_earlier_render_equals_a_fresh_render(views):
+    _, k, cams, rgbd = views
+    memory = PointMemory.from_rgbd(*rgbd[0], cams[0], k)
+    stamp = memory.stamp
+    before = memory.render(cams[2][None], k[None], W, H)
+    memory.fuse(*rgbd[2], cams[2], k, frame_index=2)
+    assert memory.stamp[0] > stamp[0]
+    updated = memory.render_update(before, stamp[0], cams[2], k)
+    fresh = memory.render(cams[2][None], k[None], W, H)
+    assert torch.equal(updated.depth_z_m, fresh.depth_z_m)
+    assert torch.equal(updated.rgb, fresh.rgb)
+    assert torch.equal(updated.mask, fresh.mask)
+    # Fusing with the stale render as prior adds exactly what fusing without it adds.
+    a = PointMemory.from_rgbd(*rgbd[0], cams[0], k)
+    b = PointMemory.from_rgbd(*rgbd[0], cams[0], k)
+    prior_a = (a.render(cams[1][None], k[None], W, H), a.stamp)
+    a.fuse(*rgbd[2], cams[2], k, frame_index=2)
+    b.fuse(*rgbd[2], cams[2], k, frame_index=2)
+    sa = a.fuse(*rgbd[1], cams[1], k, frame_index=1, prior=prior_a)
+    sb = b.fuse(*rgbd[1], cams[1], k, frame_index=1)
+    assert sa == sb and len(a) == len(b)
