@@ -19,23 +19,8 @@ CAMERA_SOURCE_ITEMS = [
     ("SCENE", "Scene Camera", "The scene's active camera"),
     ("SELECTED", "Selected Cameras", "Every selected camera object"),
     ("ALL", "All Cameras", "Every camera in the scene"),
+    ("MARKERS", "Marker Cameras", "Cameras bound to timeline markers, in marker order, each over its shot"),
 ]
-
-
-def _chosen_cameras(context, source: str):
-    from .scene_cameras import cameras_in
-
-    scene = context.scene
-    if source == "SCENE":
-        cams = [scene.camera] if scene.camera is not None else []
-    elif source == "SELECTED":
-        cams = cameras_in(context.selected_objects)
-    else:
-        cams = cameras_in(scene.objects)
-    if not cams:
-        raise KeyframeWorldsError({"SCENE": "the scene has no active camera", "SELECTED": "no camera is selected",
-                                   "ALL": "the scene has no camera"}[source])
-    return sorted(cams, key=lambda o: o.name)
 
 
 class KFW_OT_export_trajectory(bpy.types.Operator, ExportHelper):
@@ -52,21 +37,22 @@ class KFW_OT_export_trajectory(bpy.types.Operator, ExportHelper):
     frame_step: IntProperty(name="Frame Step", default=1, min=1)
 
     def execute(self, context):
-        from ..bridge.formats import write_trajectories
-        from .scene_cameras import extract_trajectory, frame_range
+        from .scene_cameras import export_trajectories
 
+        warnings: list[str] = []
         try:
-            scene = context.scene
-            frames = frame_range(scene, step=self.frame_step)
-            trajectories = [extract_trajectory(scene, cam, frames) for cam in _chosen_cameras(context, self.cameras)]
             path = self.filepath
             if self.format == "colmap" and path.endswith(".json"):
                 path = path[: -len(".json")]
-            written = write_trajectories(trajectories, path, self.format)
+            trajectories, written = export_trajectories(context.scene, self.cameras, path, self.format, step=self.frame_step,
+                                                        selected=context.selected_objects, warnings=warnings)
         except KeyframeWorldsError as exc:
             self.report({"ERROR"}, str(exc))
             return {"CANCELLED"}
-        self.report({"INFO"}, f"Wrote {len(trajectories)} camera(s), {len(frames)} frame(s) to {written[0]}")
+        for warning in warnings:
+            self.report({"WARNING"}, warning)
+        frames = sum(len(t) for t in trajectories)
+        self.report({"INFO"}, f"Wrote {len(trajectories)} camera(s), {frames} frame(s) to {written[0]}")
         return {"FINISHED"}
 
 

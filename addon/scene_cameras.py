@@ -41,11 +41,16 @@ def camera_intrinsics(scene: bpy.types.Scene, camera_data: bpy.types.Camera) -> 
     )
 
 
-def extract_trajectory(scene: bpy.types.Scene, camera: bpy.types.Object, frames: Sequence[int]) -> Trajectory:
+def extract_trajectory(scene: bpy.types.Scene, camera: bpy.types.Object, frames: Sequence[int],
+                       warnings: list[str] | None = None) -> Trajectory:
     """Evaluate ``camera`` at every frame in ``frames`` (increasing) into a trajectory.
 
-    The scene's current frame is restored afterwards. Scale is removed from
-    the matrix (the protocol carries rigid transforms).
+    Everything that moves a camera is evaluated (``scene.frame_set``: fcurves,
+    NLA, drivers, constraints, parents), and so are animated lens, sensor,
+    shift and fit. The scene's current frame is restored afterwards. Scale is
+    removed from the matrix (the protocol carries rigid transforms); a
+    non-uniform scale, which also shears what the camera sees, is reported in
+    ``warnings``.
     """
     if camera is None or camera.type != "CAMERA":
         raise KeyframeWorldsError(f"{getattr(camera, 'name', camera)!r} is not a camera object")
@@ -62,8 +67,16 @@ def extract_trajectory(scene: bpy.types.Scene, camera: bpy.types.Object, frames:
             intr.append(camera_intrinsics(scene, camera.data))
     finally:
         scene.frame_set(current[0], subframe=current[1])
-    rigid, _scale = conv.split_scale(matrices)
+    rigid, scale = conv.split_scale(matrices)
+    if warnings is not None:
+        spread = np.ptp(scale, axis=1) / scale.max(axis=1)
+        if spread.max() > 1e-4:
+            worst = int(np.argmax(spread))
+            warnings.append(f"camera {camera.name!r} has non-uniform scale {np.round(scale[worst], 4).tolist()} at frame "
+                            f"{frames[worst]}; it was removed from the trajectory")
     sizes = {(k.width, k.height) for k in intr}
+    if len(sizes) != 1:
+        raise KeyframeWorldsError(f"the output size changes over frames {frames[0]}-{frames[-1]} ({sorted(sizes)}); a trajectory has one size")
     (width, height), = sizes
     return Trajectory(
         name=camera.name,
@@ -137,3 +150,60 @@ def _to_blender_matrix(m: np.ndarray):
 
 def cameras_in(objects: Iterable[bpy.types.Object]) -> list[bpy.types.Object]:
     return [o for o in objects if o.type == "CAMERA"]
+
+
+CAMERA_SOURCES = ("SCENE", "SELECTED", "ALL", "MARKERS")
+
+
+def choose_cameras(scene: bpy.types.Scene, source: str, frames: Sequence[int],
+                   selected: Iterable[bpy.types.Object] = ()) -> list[tuple[bpy.types.Object, list[int]]]:
+    """Which cameras to extract, each with its frames.
+
+    ``SCENE``: the scene camera; ``SELECTED``: selected cameras; ``ALL``: every
+    camera in the scene (both by name), each over all ``frames``. ``MARKERS``:
+    the cameras bound to timeline markers, in marker order, each over the
+    frames from its marker up to the next bound marker (a camera bound to
+    several markers gets all its shots in one trajectory).
+    """
+    frames = list(frames)
+    if source == "SCENE":
+        if scene.camera is None:
+            raise KeyframeWorldsError("the scene has no active camera")
+        return [(scene.camera, frames)]
+    if source in ("SELECTED", "ALL"):
+        cams = sorted(cameras_in(selected if source == "SELECTED" else scene.objects), key=lambda o: o.name)
+        if not cams:
+            raise KeyframeWorldsError("no camera is selected" if source == "SELECTED" else "the scene has no camera")
+        return [(cam, frames) for cam in cams]
+    if source != "MARKERS":
+        raise KeyframeWorldsError(f"camera source must be one of {', '.join(CAMERA_SOURCES)}, got {source!r}")
+    markers = sorted((m for m in scene.timeline_markers if m.camera is not None), key=lambda m: (m.frame, m.name))
+    if not markers:
+        raise KeyframeWorldsError("no timeline marker is bound to a camera (bind one with Marker > Bind Camera to Markers)")
+    shots: dict[str, tuple[bpy.types.Object, list[int]]] = {}
+    for i, marker in enumerate(markers):
+        end = markers[i + 1].frame if i + 1 < len(markers) else None
+        # Before the first marker Blender shows the first marker's camera.
+        start = None if i == 0 else marker.frame
+        shot = [f for f in frames if (start is None or f >= start) and (end is None or f < end)]
+        if shot:
+            shots.setdefault(marker.camera.name, (marker.camera, []))[1].extend(shot)
+    if not shots:
+        raise KeyframeWorldsError("no frame of the range falls into a marker-bound camera's shot")
+    return [(cam, sorted(set(fr))) for cam, fr in shots.values()]
+
+
+def extract_trajectories(scene: bpy.types.Scene, source: str, *, start: int | None = None, end: int | None = None, step: int = 1,
+                         selected: Iterable[bpy.types.Object] = (), warnings: list[str] | None = None) -> list[Trajectory]:
+    """The chosen cameras' trajectories over ``start..end`` (the scene range by default) every ``step`` frames."""
+    frames = frame_range(scene, start, end, step)
+    return [extract_trajectory(scene, cam, cam_frames, warnings) for cam, cam_frames in choose_cameras(scene, source, frames, selected)]
+
+
+def export_trajectories(scene: bpy.types.Scene, source: str, path: str, fmt: str, *, start: int | None = None, end: int | None = None,
+                        step: int = 1, selected: Iterable[bpy.types.Object] = (), warnings: list[str] | None = None):
+    """Extract and write in one bridge format; returns ``(trajectories, files written)``. Used by the operator and the CLI."""
+    from ..bridge.formats import write_trajectories
+
+    trajectories = extract_trajectories(scene, source, start=start, end=end, step=step, selected=selected, warnings=warnings)
+    return trajectories, write_trajectories(trajectories, path, fmt)

@@ -266,3 +266,31 @@ def unproject_pixels_opencv(uv: np.ndarray, depth_z_m: np.ndarray, c2w_opencv: n
     cam = np.stack([x, y, z], -1)
     c2w = np.asarray(c2w_opencv, dtype=np.float64)
     return cam @ c2w[:3, :3].T + c2w[:3, 3]
+
+
+def grid_indices(size: int, stride: int) -> np.ndarray:
+    """``0, stride, 2 * stride, ...`` and always ``size - 1``."""
+    if stride < 1:
+        raise KeyframeWorldsError(f"stride must be at least 1, got {stride}")
+    idx = np.arange(0, size, stride)
+    return idx if idx[-1] == size - 1 else np.append(idx, size - 1)
+
+
+def unproject_depth_grid(depth_z_m: np.ndarray, c2w_opencv: np.ndarray, k: np.ndarray, stride: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """World points of a depth map sampled every ``stride`` pixels, with their pixel coordinates.
+
+    ``depth_z_m (H, W)`` -> points ``(h, w, 3)`` float64 in world space and
+    pixel centres ``(h, w, 2)`` (continuous coordinates, so ``(i + 0.5, j + 0.5)``),
+    where the sampled rows are ``0, stride, 2 * stride, ...`` plus always the
+    last row (likewise columns), so a mesh over the grid reaches the frame's
+    edges. Points where the depth is not positive and finite are NaN.
+    """
+    depth = np.asarray(depth_z_m, dtype=np.float64)
+    rows, cols = grid_indices(depth.shape[0], stride), grid_indices(depth.shape[1], stride)
+    u, v = np.meshgrid(cols + 0.5, rows + 0.5)
+    z = depth[np.ix_(rows, cols)]
+    valid = np.isfinite(z) & (z > 0)
+    uv = np.stack([u, v], -1)
+    pts = unproject_pixels_opencv(uv.reshape(-1, 2), np.where(valid, z, 1.0).reshape(-1), c2w_opencv, k).reshape(*z.shape, 3)
+    pts[~valid] = np.nan
+    return pts, uv

@@ -129,3 +129,70 @@ def test_orthographic_camera_is_refused(blank_blend):
     bpy.context.scene.collection.objects.link(cam)
     with pytest.raises(KeyframeWorldsError, match="Ortho"):
         extract_trajectory(bpy.context.scene, cam, [1])
+
+
+def _camera(bpy, name, location):
+    cam = bpy.data.objects.new(name, bpy.data.cameras.new(name))
+    bpy.context.scene.collection.objects.link(cam)
+    cam.location = location
+    return cam
+
+
+def test_marker_cameras_in_marker_order_with_their_shots(blank_blend):
+    bpy = blank_blend
+    from keyframe_worlds.addon.scene_cameras import choose_cameras, extract_trajectories
+
+    scene = bpy.context.scene
+    scene.frame_start, scene.frame_end = 1, 30
+    a, b, c = (_camera(bpy, n, (i, 0, 0)) for i, n in enumerate(("A", "B", "C")))
+    scene.timeline_markers.new("m3", frame=20).camera = a  # A again, later
+    scene.timeline_markers.new("m1", frame=5).camera = b
+    scene.timeline_markers.new("m2", frame=12).camera = c
+    scene.timeline_markers.new("plain", frame=8)  # not bound: ignored
+    chosen = choose_cameras(scene, "MARKERS", range(1, 31))
+    assert [cam.name for cam, _ in chosen] == ["B", "C", "A"]
+    shots = {cam.name: frames for cam, frames in chosen}
+    assert shots["B"] == list(range(1, 12))  # before the first marker Blender shows its camera
+    assert shots["C"] == list(range(12, 20))
+    assert shots["A"] == list(range(20, 31))
+    trajectories = extract_trajectories(scene, "MARKERS", step=2)
+    assert [t.frames.tolist() for t in trajectories] == [list(range(1, 12, 2)), list(range(13, 20, 2)), list(range(21, 31, 2))]
+    # The extracted camera follows each shot's camera.
+    np.testing.assert_allclose(trajectories[2].c2w_opencv[0, :3, 3], (0, 0, 0))
+    np.testing.assert_allclose(trajectories[1].c2w_opencv[0, :3, 3], (2, 0, 0))
+
+
+def test_camera_sources_and_errors(blank_blend):
+    bpy = blank_blend
+    from keyframe_worlds.addon.scene_cameras import choose_cameras
+    from keyframe_worlds.bridge.errors import KeyframeWorldsError
+
+    scene = bpy.context.scene
+    with pytest.raises(KeyframeWorldsError, match="no active camera"):
+        choose_cameras(scene, "SCENE", [1])
+    with pytest.raises(KeyframeWorldsError, match="no timeline marker"):
+        choose_cameras(scene, "MARKERS", [1])
+    z, y = _camera(bpy, "Zed", (0, 0, 0)), _camera(bpy, "Why", (0, 0, 0))
+    assert [c.name for c, _ in choose_cameras(scene, "ALL", [1])] == ["Why", "Zed"]
+    assert [c.name for c, _ in choose_cameras(scene, "SELECTED", [1], selected=[z])] == ["Zed"]
+    with pytest.raises(KeyframeWorldsError, match="no camera is selected"):
+        choose_cameras(scene, "SELECTED", [1], selected=[])
+
+
+def test_scale_is_removed_and_non_uniform_scale_warned(blank_blend):
+    bpy = blank_blend
+    from keyframe_worlds.addon.scene_cameras import extract_trajectory
+
+    scene = bpy.context.scene
+    cam = _camera(bpy, "Scaled", (1, 2, 3))
+    cam.rotation_euler = (0.3, 0.2, 0.1)
+    plain = extract_trajectory(scene, cam, [1])
+    cam.scale = (2, 2, 2)
+    warnings: list[str] = []
+    uniform = extract_trajectory(scene, cam, [1], warnings)
+    assert warnings == []
+    np.testing.assert_allclose(uniform.c2w_opencv, plain.c2w_opencv, atol=1e-6)
+    cam.scale = (1, 3, 1)
+    skewed = extract_trajectory(scene, cam, [1], warnings)
+    assert len(warnings) == 1 and "non-uniform scale" in warnings[0] and "Scaled" in warnings[0]
+    assert skewed.problems() == []

@@ -1,0 +1,275 @@
+"""Bring a result bundle into Blender: video on the cameras, depth-textured meshes, the point cloud.
+
+Works on any bundle folder on disk (``bridge.spec.load_manifest`` checks it
+first). Each job's objects live in one collection named ``KFW <job name>``;
+importing the same job again replaces that collection and what it held.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import bpy
+import numpy as np
+
+from ..bridge import cameras as conv
+from ..bridge.errors import KeyframeWorldsError
+from ..bridge.spec import ResultManifest, load_manifest
+from ..bridge.trajectory import Trajectory
+
+COLLECTION_PREFIX = "KFW "
+# Neighbouring depths further apart than this fraction are a discontinuity, not a surface.
+DEPTH_JUMP_RATIO = 0.08
+
+
+@dataclass(frozen=True)
+class ImportOptions:
+    """What to import and how coarse the meshes are."""
+
+    video: bool = True
+    point_cloud: bool = True
+    meshes: bool = True
+    mesh_every: int = 8  # a depth mesh every N frames of each trajectory
+    mesh_stride: int = 4  # a mesh vertex every N pixels (bounds the vertex count)
+    point_radius: float = 0.02  # metres
+
+
+@dataclass
+class ImportResult:
+    collection: bpy.types.Collection
+    cameras: list = field(default_factory=list)
+    meshes: list = field(default_factory=list)
+    point_cloud: object | None = None
+    warnings: list[str] = field(default_factory=list)
+
+
+def job_collection(scene: bpy.types.Scene, job_name: str) -> bpy.types.Collection:
+    """A fresh, empty collection for the job, linked to the scene; an earlier import's is removed with its contents."""
+    name = COLLECTION_PREFIX + job_name
+    old = bpy.data.collections.get(name)
+    if old is not None:
+        remove_collection(old)
+    collection = bpy.data.collections.new(name)
+    scene.collection.children.link(collection)
+    return collection
+
+
+def remove_collection(collection: bpy.types.Collection) -> None:
+    """Remove a collection, its objects and the data only they used."""
+    for child in list(collection.children):
+        remove_collection(child)
+    for obj in list(collection.objects):
+        data = obj.data
+        bpy.data.objects.remove(obj)
+        if data is not None and data.users == 0:
+            store = {bpy.types.Mesh: bpy.data.meshes, bpy.types.PointCloud: bpy.data.pointclouds,
+                     bpy.types.Camera: bpy.data.cameras}.get(type(data))
+            if store is not None:
+                store.remove(data)
+    bpy.data.collections.remove(collection)
+
+
+def import_bundle(scene: bpy.types.Scene, bundle_dir: str | os.PathLike, options: ImportOptions = ImportOptions()) -> ImportResult:
+    """Import a result bundle folder into ``scene``; returns what was made."""
+    bundle = Path(bundle_dir)
+    manifest = load_manifest(bundle)
+    result = ImportResult(job_collection(scene, manifest.job_name))
+    for rt in manifest.trajectories:
+        cam = _camera_for(scene, rt.trajectory, result.collection)
+        result.cameras.append(cam)
+        if options.video:
+            result.warnings += attach_video(scene, cam, rt.trajectory, [bundle / f.image for f in rt.frames],
+                                            None if rt.video is None else bundle / rt.video)
+        if options.meshes:
+            for i in range(0, len(rt.frames), options.mesh_every):
+                f = rt.frames[i]
+                depth = np.load(bundle / f.depth_npy)
+                name = f"{rt.trajectory.name} depth {f.frame}"
+                result.meshes.append(depth_mesh(name, depth, rt.trajectory, i, bundle / f.image, result.collection, options.mesh_stride))
+    if options.point_cloud and manifest.point_cloud is not None:
+        result.point_cloud = import_point_cloud(bundle / manifest.point_cloud, f"{manifest.job_name} points", result.collection,
+                                                options.point_radius)
+    return result
+
+
+def _camera_for(scene, trajectory: Trajectory, collection) -> bpy.types.Object:
+    """The scene's camera of that name (the one the job was made from), else a new keyframed one in the job collection."""
+    existing = scene.objects.get(trajectory.name)
+    if existing is not None and existing.type == "CAMERA":
+        return existing
+    from .scene_cameras import create_camera_from_trajectory
+
+    return create_camera_from_trajectory(scene, trajectory, collection)
+
+
+# --- video ----------------------------------------------------------------------
+
+
+def attach_video(scene, camera: bpy.types.Object, trajectory: Trajectory, frame_files: list[Path], video: Path | None) -> list[str]:
+    """The generated frames as the camera's background, aligned with the scene frames they were made for.
+
+    The image sequence is loaded with its first file at the trajectory's
+    first frame; with a frame step of 1 the MP4 is also set as a movie clip
+    background (the active one). Returns warnings.
+    """
+    warnings = []
+    data = camera.data
+    data.show_background_images = True
+    for bg in list(data.background_images):
+        if (bg.source == "MOVIE_CLIP" and bg.clip and bg.clip.name.startswith(COLLECTION_PREFIX)) or (
+            bg.source == "IMAGE" and bg.image and bg.image.name.startswith(COLLECTION_PREFIX)):
+            data.background_images.remove(bg)
+    first = int(trajectory.frames[0])
+    steps = np.diff(trajectory.frames)
+    image = bpy.data.images.load(str(frame_files[0]), check_existing=False)
+    image.name = f"{COLLECTION_PREFIX}{trajectory.name} frames"
+    image.source = "SEQUENCE"
+    bg = data.background_images.new()
+    bg.source = "IMAGE"
+    bg.image = image
+    bg.image_user.frame_start = first
+    bg.image_user.frame_duration = len(frame_files)
+    bg.image_user.use_auto_refresh = True
+    bg.alpha = 1.0
+    if video is not None and video.is_file():
+        clip = bpy.data.movieclips.load(str(video))
+        clip.name = f"{COLLECTION_PREFIX}{trajectory.name} video"
+        clip.frame_start = first
+        if len(steps) and np.any(steps != 1):
+            warnings.append(f"{trajectory.name}: frames were generated every {int(steps.min())}+ frames; the movie clip plays "
+                            "them back to back, the image sequence background is the aligned one")
+        else:
+            clip_bg = data.background_images.new()
+            clip_bg.source = "MOVIE_CLIP"
+            clip_bg.clip = clip
+            clip_bg.alpha = 1.0
+            bg.show_background_image = False  # the clip is the one shown; the sequence stays available
+    return warnings
+
+
+# --- depth-textured meshes ------------------------------------------------------------
+
+
+def depth_grid_faces(points: np.ndarray, depth: np.ndarray, max_jump: float = DEPTH_JUMP_RATIO) -> np.ndarray:
+    """Triangles ``(F, 3)`` over an ``(h, w)`` grid, leaving out cells with a missing vertex or a depth discontinuity."""
+    h, w = depth.shape
+    idx = np.arange(h * w).reshape(h, w)
+    a, b, c, d = idx[:-1, :-1], idx[:-1, 1:], idx[1:, :-1], idx[1:, 1:]
+    corners = np.stack([depth[:-1, :-1], depth[:-1, 1:], depth[1:, :-1], depth[1:, 1:]], -1)
+    valid = np.all(np.isfinite(corners) & (corners > 0), -1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        jump = (corners.max(-1) - corners.min(-1)) / corners.min(-1)
+    keep = valid & (jump <= max_jump)
+    tris = np.concatenate([np.stack([a, c, b], -1)[keep], np.stack([b, c, d], -1)[keep]])
+    return tris
+
+
+def depth_mesh(name: str, depth_z_m: np.ndarray, trajectory: Trajectory, index: int, image_path: Path, collection,
+               stride: int = 4) -> bpy.types.Object:
+    """A grid mesh unprojected from one frame's depth with its camera, textured with the frame, in world space."""
+    if depth_z_m.shape != (trajectory.height, trajectory.width):
+        raise KeyframeWorldsError(f"{name}: depth is {depth_z_m.shape[1]}x{depth_z_m.shape[0]}, "
+                                  f"the camera is {trajectory.width}x{trajectory.height}")
+    points, uv_px = conv.unproject_depth_grid(depth_z_m, trajectory.c2w_opencv[index], trajectory.k[index], stride)
+    h, w = points.shape[:2]
+    sampled = depth_z_m[np.ix_(conv.grid_indices(depth_z_m.shape[0], stride), conv.grid_indices(depth_z_m.shape[1], stride))]
+    faces = depth_grid_faces(points, sampled)
+    used = np.unique(faces)
+    remap = np.full(h * w, -1, np.int64)
+    remap[used] = np.arange(len(used))
+    verts = points.reshape(-1, 3)[used].astype(np.float32)
+    faces = remap[faces]
+    mesh = bpy.data.meshes.new(name)
+    mesh.vertices.add(len(verts))
+    mesh.vertices.foreach_set("co", verts.ravel())
+    mesh.loops.add(faces.size)
+    mesh.loops.foreach_set("vertex_index", faces.ravel().astype(np.int32))
+    mesh.polygons.add(len(faces))
+    mesh.polygons.foreach_set("loop_start", np.arange(0, faces.size, 3, dtype=np.int32))
+    # UVs from pixel coordinates: u right, v up (Blender's), so the top image row is v = 1.
+    uv = uv_px.reshape(-1, 2)[used][faces.ravel()] / np.array([trajectory.width, trajectory.height])
+    uv[:, 1] = 1.0 - uv[:, 1]
+    layer = mesh.uv_layers.new(name="UVMap")
+    layer.data.foreach_set("uv", uv.astype(np.float32).ravel())
+    mesh.update()
+    mesh.validate()
+    mesh.materials.append(_textured_material(name, image_path))
+    obj = bpy.data.objects.new(name, mesh)
+    collection.objects.link(obj)
+    return obj
+
+
+def _textured_material(name: str, image_path: Path) -> bpy.types.Material:
+    mat = bpy.data.materials.new(name)
+    tree = mat.node_tree if mat.node_tree is not None else None
+    if tree is None:
+        mat.use_nodes = True
+        tree = mat.node_tree
+    nodes = tree.nodes
+    nodes.clear()
+    out = nodes.new("ShaderNodeOutputMaterial")
+    emit = nodes.new("ShaderNodeEmission")
+    tex = nodes.new("ShaderNodeTexImage")
+    tex.image = bpy.data.images.load(str(image_path), check_existing=True)
+    tex.interpolation = "Closest"
+    tree.links.new(tex.outputs["Color"], emit.inputs["Color"])
+    tree.links.new(emit.outputs["Emission"], out.inputs["Surface"])
+    return mat
+
+
+# --- point cloud ----------------------------------------------------------------------
+
+
+def import_point_cloud(path: Path, name: str, collection, radius: float = 0.02) -> bpy.types.Object:
+    """A coloured PointCloud object from a binary PLY, with ``color`` and ``radius`` attributes and a material showing the colour.
+
+    Blender's own C++ PLY reader builds the vertices and sRGB byte colours;
+    the mesh is converted to a PointCloud (bpy cannot resize one from Python).
+    """
+    if not Path(path).is_file():
+        raise KeyframeWorldsError(f"point cloud not found: {path}")
+    before = set(bpy.data.objects)
+    # Operators act on the context's view layer; in background mode that is the scene's first.
+    view_layer = bpy.context.view_layer
+    result = bpy.ops.wm.ply_import(filepath=str(path), import_colors="SRGB", forward_axis="Y", up_axis="Z")
+    if "FINISHED" not in result:
+        raise KeyframeWorldsError(f"Blender could not read the point cloud {path}")
+    (obj,) = [o for o in bpy.data.objects if o not in before]
+    for other in list(obj.users_collection):
+        other.objects.unlink(obj)
+    collection.objects.link(obj)
+    obj.name = name
+    view_layer.objects.active = obj
+    for o in view_layer.objects:
+        o.select_set(o == obj)
+    mesh = obj.data
+    bpy.ops.object.convert(target="POINTCLOUD")
+    if mesh.users == 0:  # the converted-from mesh stays behind as an orphan
+        bpy.data.meshes.remove(mesh)
+    obj = view_layer.objects.active
+    cloud = obj.data
+    cloud.name = name
+    col = cloud.attributes.get("Col")
+    if col is not None:
+        col.name = "color"
+    radii = cloud.attributes.get("radius") or cloud.attributes.new("radius", "FLOAT", "POINT")
+    radii.data.foreach_set("value", np.full(len(cloud.points), radius, np.float32))
+    cloud.materials.append(_attribute_material(f"{name} colour", "color"))
+    return obj
+
+
+def _attribute_material(name: str, attribute: str) -> bpy.types.Material:
+    mat = bpy.data.materials.new(name)
+    if mat.node_tree is None:
+        mat.use_nodes = True
+    tree = mat.node_tree
+    tree.nodes.clear()
+    out = tree.nodes.new("ShaderNodeOutputMaterial")
+    emit = tree.nodes.new("ShaderNodeEmission")
+    attr = tree.nodes.new("ShaderNodeAttribute")
+    attr.attribute_name = attribute
+    tree.links.new(attr.outputs["Color"], emit.inputs["Color"])
+    tree.links.new(emit.outputs["Emission"], out.inputs["Surface"])
+    return mat

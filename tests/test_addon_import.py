@@ -1,0 +1,170 @@
+"""Importing a result bundle into Blender: placement in world space, one collection per job, replaced on re-import."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from keyframe_worlds.bridge import cameras as conv
+from keyframe_worlds.bridge import spec
+from keyframe_worlds.bridge.ply import read_ply, write_ply
+from keyframe_worlds.bridge.trajectory import Trajectory
+
+W, H = 48, 32
+
+
+def looking_down(height: float, x: float) -> np.ndarray:
+    """c2w_opencv of a camera at (x, 0, height) looking straight down (-Z), image up = world +Y."""
+    c2w = np.eye(4)
+    c2w[:3, :3] = np.array([[1, 0, 0], [0, -1, 0], [0, 0, -1]], float).T @ np.eye(3)
+    c2w[:3, :3] = np.column_stack([(1, 0, 0), (0, -1, 0), (0, 0, -1)])
+    c2w[:3, 3] = (x, 0, height)
+    return c2w
+
+
+def make_bundle(folder, name="shot", frames=(1, 2, 3, 4), height=5.0, with_step_box=False):
+    """A bundle over the ground plane z = 0 seen from above; optionally a raised box that makes a depth jump."""
+    n = len(frames)
+    traj = Trajectory(name="Cam", frames=list(frames), c2w_opencv=np.stack([looking_down(height, 0.2 * i) for i in range(n)]),
+                      fx=40.0, fy=40.0, cx=W / 2, cy=H / 2, width=W, height=H, fps=24)
+    files = []
+    for i, frame in enumerate(frames):
+        depth = np.full((H, W), height, np.float32)
+        if with_step_box:
+            depth[8:20, 10:24] = height - 2.0  # top of a 2 m box
+        rgb = np.zeros((H, W, 3), np.uint8)
+        rgb[..., 0] = np.linspace(0, 255, W, dtype=np.uint8)[None]
+        rgb[..., 1] = 40 * i
+        (folder / "frames").mkdir(parents=True, exist_ok=True)
+        (folder / "depth").mkdir(exist_ok=True)
+        Image.fromarray(rgb).save(folder / f"frames/Cam_{frame:06d}.png")
+        np.save(folder / f"depth/Cam_{frame:06d}.npy", depth)
+        files.append(spec.ResultFrame(frame, f"frames/Cam_{frame:06d}.png", f"depth/Cam_{frame:06d}.npy"))
+    rng = np.random.default_rng(1)
+    pts = np.column_stack([rng.uniform(-2, 2, 500), rng.uniform(-1, 1, 500), np.zeros(500)]).astype(np.float32)
+    rgb = rng.integers(0, 256, (500, 3), dtype=np.uint8)
+    write_ply(folder / "world.ply", {"x": pts[:, 0], "y": pts[:, 1], "z": pts[:, 2], "red": rgb[:, 0], "green": rgb[:, 1], "blue": rgb[:, 2]})
+    manifest = spec.ResultManifest(job_name=name, generator="preview", generator_label="geometric preview",
+                                   trajectories=(spec.ResultTrajectory(traj, tuple(files)),), point_cloud="world.ply", point_count=500)
+    spec.write_json_atomic(folder / spec.MANIFEST_FILENAME, manifest.to_json())
+    return traj, pts, rgb
+
+
+def mesh_vertices(obj) -> np.ndarray:
+    co = np.empty(len(obj.data.vertices) * 3, np.float32)
+    obj.data.vertices.foreach_get("co", co)
+    return (np.array(obj.matrix_world) @ np.column_stack([co.reshape(-1, 3), np.ones(len(co) // 3)]).T).T[:, :3]
+
+
+def test_import_places_everything_in_world_space(blank_blend, tmp_path):
+    bpy = blank_blend
+    from keyframe_worlds.addon.importers import ImportOptions, import_bundle
+
+    traj, pts, rgb = make_bundle(tmp_path)
+    result = import_bundle(bpy.context.scene, tmp_path, ImportOptions(mesh_every=2, mesh_stride=4))
+    assert result.collection.name == "KFW shot"
+    assert len(result.meshes) == 2  # frames 1 and 3
+    for obj, index in zip(result.meshes, (0, 2)):
+        v = mesh_vertices(obj)
+        # The depth of a plane at distance 5 unprojects onto the plane z = 0, inside the camera's footprint.
+        np.testing.assert_allclose(v[:, 2], 0.0, atol=1e-5)
+        # Columns 0, 4, ..., 44 and the last, 47: pixel centres u + 0.5, seen from 5 m with fx = 40.
+        cols = np.array(list(range(0, W, 4)) + [W - 1]) + 0.5
+        expected_x = traj.c2w_opencv[index, 0, 3] + (cols - W / 2) * 5.0 / 40.0
+        np.testing.assert_allclose(np.unique(np.round(v[:, 0], 5)), np.round(expected_x, 5), atol=1e-5)
+        assert len(obj.data.vertices) == len(cols) * (len(range(0, H, 4)) + 1)  # bounded by the stride
+        assert obj.data.uv_layers and obj.data.materials[0].node_tree.nodes.get("Image Texture").image is not None
+    cloud = result.point_cloud
+    assert cloud.type == "POINTCLOUD" and len(cloud.data.points) == 500
+    pos = np.empty(1500, np.float32)
+    cloud.data.attributes["position"].data.foreach_get("vector", pos)
+    np.testing.assert_allclose(pos.reshape(-1, 3), pts)
+    col = np.empty(2000, np.float32)
+    cloud.data.attributes["color"].data.foreach_get("color_srgb", col)
+    np.testing.assert_allclose(np.round(col.reshape(-1, 4)[:, :3] * 255), rgb)
+    assert "radius" in cloud.data.attributes
+    # A camera was created (the scene had none named Cam) with the frames as its background.
+    cam = result.cameras[0]
+    assert cam.name == "Cam" and cam.data.show_background_images
+    bg = cam.data.background_images[0]
+    assert bg.image.source == "SEQUENCE" and bg.image_user.frame_start == 1 and bg.image_user.frame_duration == 4
+
+
+def test_reimport_replaces_the_collection(blank_blend, tmp_path):
+    bpy = blank_blend
+    from keyframe_worlds.addon.importers import import_bundle
+
+    make_bundle(tmp_path)
+    import_bundle(bpy.context.scene, tmp_path)
+    meshes, clouds = len(bpy.data.meshes), len(bpy.data.pointclouds)
+    import_bundle(bpy.context.scene, tmp_path)
+    assert [c.name for c in bpy.data.collections if c.name.startswith("KFW ")] == ["KFW shot"]
+    assert (len(bpy.data.meshes), len(bpy.data.pointclouds)) == (meshes, clouds)
+    assert len(bpy.data.collections["KFW shot"].objects) == len(bpy.context.scene.objects)
+
+
+def test_depth_discontinuities_are_not_bridged(blank_blend, tmp_path):
+    bpy = blank_blend
+    from keyframe_worlds.addon.importers import ImportOptions, import_bundle
+
+    make_bundle(tmp_path, with_step_box=True)
+    result = import_bundle(bpy.context.scene, tmp_path, ImportOptions(mesh_every=10, mesh_stride=2, point_cloud=False, video=False))
+    (obj,) = result.meshes
+    v = mesh_vertices(obj)
+    heights = np.unique(np.round(v[:, 2], 4))
+    np.testing.assert_allclose(heights, [0.0, 2.0], atol=1e-4)
+    # No triangle joins the box top to the ground.
+    polys = np.empty(len(obj.data.polygons) * 3, np.int32)
+    obj.data.polygons.foreach_get("vertices", polys)
+    z = v[polys.reshape(-1, 3), 2]
+    assert np.all(np.ptp(z, axis=1) < 1e-4)
+
+
+def test_existing_camera_gets_the_video(blank_blend, tmp_path):
+    bpy = blank_blend
+    from keyframe_worlds.addon.importers import import_bundle
+
+    make_bundle(tmp_path, frames=(10, 12, 14))
+    own = bpy.data.objects.new("Cam", bpy.data.cameras.new("Cam"))
+    bpy.context.scene.collection.objects.link(own)
+    result = import_bundle(bpy.context.scene, tmp_path)
+    assert result.cameras[0] == own and own.users_collection[0] == bpy.context.scene.collection
+    assert own.data.background_images[0].image_user.frame_start == 10
+
+
+def test_bad_bundle_is_a_clear_error(blank_blend, tmp_path):
+    bpy = blank_blend
+    from keyframe_worlds.addon.importers import import_bundle
+    from keyframe_worlds.bridge.errors import KeyframeWorldsError
+
+    with pytest.raises(KeyframeWorldsError, match="not found"):
+        import_bundle(bpy.context.scene, tmp_path)
+    make_bundle(tmp_path)
+    (tmp_path / "world.ply").unlink()
+    with pytest.raises(KeyframeWorldsError, match="point_cloud.path"):
+        import_bundle(bpy.context.scene, tmp_path)
+
+
+def test_ply_round_trip_and_errors(tmp_path):
+    from keyframe_worlds.bridge.errors import KeyframeWorldsError
+
+    rng = np.random.default_rng(0)
+    v = {"x": rng.normal(size=10).astype(np.float32), "s": rng.random(10).astype(np.float32), "red": np.arange(10, dtype=np.uint8)}
+    faces = np.array([[0, 1, 2], [2, 3, 4]])
+    write_ply(tmp_path / "a.ply", v, faces)
+    back = read_ply(tmp_path / "a.ply")
+    for key in v:
+        np.testing.assert_array_equal(back.vertex[key], v[key])
+    np.testing.assert_array_equal(back.faces, faces)
+    (tmp_path / "ascii.ply").write_text("ply\nformat ascii 1.0\nelement vertex 4\nproperty float x\nproperty float y\nproperty float z\n"
+                                        "element face 1\nproperty list uchar int vertex_indices\nend_header\n"
+                                        "0 0 0\n1 0 0\n1 1 0\n0 1 0\n4 0 1 2 3\n")
+    quad = read_ply(tmp_path / "ascii.ply")
+    assert quad.count == 4 and quad.faces.tolist() == [[0, 1, 2], [0, 2, 3]]
+    (tmp_path / "short.ply").write_bytes((tmp_path / "a.ply").read_bytes()[:-20])
+    with pytest.raises(KeyframeWorldsError, match="truncated"):
+        read_ply(tmp_path / "short.ply")
+    (tmp_path / "no.ply").write_text("hello")
+    with pytest.raises(KeyframeWorldsError, match="not a PLY"):
+        read_ply(tmp_path / "no.ply")
