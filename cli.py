@@ -21,6 +21,8 @@ COMMAND_MODULES = (
     ".bridge.commands",
     ".engine.commands",
     ".engine.models.commands",
+    ".engine.service.commands",
+    ".addon.headless",
 )
 
 

@@ -2,29 +2,38 @@
 
 Each UI module exposes ``classes``; ``register`` gathers them in order.
 Operators are thin: they read properties, call the plain functions in
-``scene_cameras`` (the same ones scripts use), and report the project's one
-error type.
+``scene_cameras``, ``reference``, ``jobs`` and ``importers`` (the same ones
+scripts and the headless commands use), and report the project's one error
+type. ``bpy`` is imported inside ``register`` so that the console command
+can import ``addon.headless`` for its argument parser without Blender.
 """
 
 from __future__ import annotations
 
-import bpy
 
-from . import operators, panels
+def _modules():
+    from . import operators, panels
 
-_MODULES = (operators, panels)
-
-
-def _classes():
-    for module in _MODULES:
-        yield from module.classes
+    return (operators, panels)
 
 
 def register() -> None:
-    for cls in _classes():
-        bpy.utils.register_class(cls)
+    import bpy
+
+    from . import headless
+
+    for module in _modules():
+        for cls in module.classes:
+            bpy.utils.register_class(cls)
+    headless.register_blender_command()
 
 
 def unregister() -> None:
-    for cls in reversed(list(_classes())):
-        bpy.utils.unregister_class(cls)
+    import bpy
+
+    from . import headless
+
+    headless.unregister_blender_command()
+    for module in reversed(_modules()):
+        for cls in reversed(module.classes):
+            bpy.utils.unregister_class(cls)

@@ -15,6 +15,7 @@ import numpy as np
 from ..bridge import cameras as conv
 from ..bridge.errors import KeyframeWorldsError
 from ..bridge.trajectory import Trajectory
+from .choices import CAMERA_SOURCES
 
 
 def scene_fps(scene: bpy.types.Scene) -> float:
@@ -152,7 +153,6 @@ def cameras_in(objects: Iterable[bpy.types.Object]) -> list[bpy.types.Object]:
     return [o for o in objects if o.type == "CAMERA"]
 
 
-CAMERA_SOURCES = ("SCENE", "SELECTED", "ALL", "MARKERS")
 
 
 def choose_cameras(scene: bpy.types.Scene, source: str, frames: Sequence[int],

@@ -1,0 +1,245 @@
+"""Headless commands: ``blender -b scene.blend -c keyframe_worlds <command>`` and ``keyframe-worlds scene <command> --blend``.
+
+Both parse the same arguments and call the same functions the operators call
+(``scene_cameras.export_trajectories``, ``jobs.prepare_job``,
+``importers.import_bundle``). Commands:
+
+- ``trajectory``: write the chosen cameras' trajectories in any bridge format.
+- ``generate``: prepare the job from the scene and run it in the engine (its own
+  Python, a separate process), progress on stdout, non-zero exit on failure.
+- ``import``: bring a result bundle into the file and save it.
+
+This module imports ``bpy`` only inside the command handlers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from ..bridge.errors import KeyframeWorldsError
+from ..bridge.formats import FORMATS
+from .choices import CAMERA_SOURCES, GENERATORS
+
+BLENDER_COMMAND = "keyframe_worlds"
+ENGINE_PYTHON_ENV = "KEYFRAME_WORLDS_ENGINE_PYTHON"
+_registered = []
+
+
+def _frames(text: str) -> tuple[int, int]:
+    try:
+        a, b = text.split("-") if "-" in text[1:] else (text, text)
+        return int(a), int(b)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"frames must look like A-B (e.g. 1-120), got {text!r}") from None
+
+
+def _add_camera_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--camera", action="append", help="camera object name (repeatable); default: --cameras")
+    p.add_argument("--cameras", choices=CAMERA_SOURCES, default="SCENE", help="which cameras when no --camera is given")
+    p.add_argument("--frames", type=_frames, help="frame range A-B (default: the scene's)")
+    p.add_argument("--step", type=int, default=1, help="every Nth frame")
+
+
+def add_scene_commands(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``trajectory``, ``generate`` and ``import`` to ``subparsers``."""
+    t = subparsers.add_parser("trajectory", help="write camera trajectories from the scene")
+    _add_camera_arguments(t)
+    t.add_argument("--format", required=True, choices=FORMATS)
+    t.add_argument("--out", required=True)
+    t.set_defaults(scene_handler=cmd_trajectory)
+
+    g = subparsers.add_parser("generate", help="run a job from the scene in the engine")
+    _add_camera_arguments(g)
+    g.add_argument("--out", required=True, help="job folder: job.json, reference and the result bundle (bundle/)")
+    g.add_argument("--name", default=None, help="job name (default: the folder's name)")
+    g.add_argument("--generator", default="preview", choices=GENERATORS)
+    g.add_argument("--prompt", default="")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--reference", help="reference image file (default: render the first frame from the scene)")
+    g.add_argument("--depth", choices=("scene", "none"), default="scene", help="depth of the rendered reference from the scene")
+    g.add_argument("--depth-file", help="reference depth file (.npy z-depth in metres, or .exr)")
+    g.add_argument("--samples", type=int, default=16, help="Cycles samples for the reference render")
+    g.add_argument("--engine-python", help=f"the engine's Python (default: ${ENGINE_PYTHON_ENV}, else this Python)")
+    g.add_argument("--import", dest="import_result", action="store_true", help="import the result and save the file")
+    g.set_defaults(scene_handler=cmd_generate)
+
+    i = subparsers.add_parser("import", help="import a result bundle into the file and save it")
+    i.add_argument("bundle", help="result bundle folder (with manifest.json)")
+    i.add_argument("--mesh-every", type=int, default=8)
+    i.add_argument("--mesh-stride", type=int, default=4)
+    i.add_argument("--no-meshes", action="store_true")
+    i.add_argument("--no-points", action="store_true")
+    i.add_argument("--no-video", action="store_true")
+    i.add_argument("--save", help="save as this .blend (default: save the opened file)")
+    i.set_defaults(scene_handler=cmd_import)
+
+
+def build_parser(prog: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description="Keyframe Worlds headless commands on the open Blender file")
+    add_scene_commands(parser.add_subparsers(dest="scene_command", required=True, metavar="COMMAND"))
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run a parsed command on the open file; errors become a message and exit status 2."""
+    try:
+        return int(args.scene_handler(args) or 0)
+    except KeyframeWorldsError as exc:
+        print(f"keyframe_worlds: error: {exc}", file=sys.stderr)
+        return 2
+
+
+# --- entry points -----------------------------------------------------------------
+
+
+def blender_cli(argv: list[str]) -> int:
+    """``blender -b file.blend -c keyframe_worlds ...``."""
+    parser = build_parser(f"blender -b FILE.blend -c {BLENDER_COMMAND}")
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse exits on --help and bad usage; Blender wants a status
+        return int(exc.code or 0)
+    return run(args)
+
+
+def register_blender_command() -> None:
+    import bpy
+
+    if not _registered and hasattr(bpy.utils, "register_cli_command"):
+        _registered.append(bpy.utils.register_cli_command(BLENDER_COMMAND, blender_cli))
+
+
+def unregister_blender_command() -> None:
+    import bpy
+
+    while _registered:
+        bpy.utils.unregister_cli_command(_registered.pop())
+
+
+def add_commands(subparsers: argparse._SubParsersAction) -> None:
+    """``keyframe-worlds scene <command> --blend FILE`` (the console command, with the bpy module)."""
+    scene = subparsers.add_parser("scene", help="headless Blender commands on a .blend file (needs the bpy module)")
+    scene.add_argument("--blend", required=True, help="the .blend file to open")
+    add_scene_commands(scene.add_subparsers(dest="scene_command", required=True, metavar="COMMAND"))
+    scene.set_defaults(handler=cmd_scene)
+
+
+def cmd_scene(args: argparse.Namespace) -> int:
+    try:
+        import bpy
+    except ImportError:
+        raise KeyframeWorldsError("the bpy module is not installed in this Python (pip install bpy==5.0.1), "
+                                  "or run: blender -b FILE.blend -c keyframe_worlds ...") from None
+    blend = Path(args.blend)
+    if not blend.is_file():
+        raise KeyframeWorldsError(f".blend file not found: {blend}")
+    bpy.ops.wm.open_mainfile(filepath=str(blend.resolve()))
+    return run(args)
+
+
+# --- commands ---------------------------------------------------------------------
+
+
+def _named_cameras(scene, names: list[str]) -> list:
+    cams = []
+    for name in names:
+        obj = scene.objects.get(name)
+        if obj is None or obj.type != "CAMERA":
+            have = ", ".join(o.name for o in scene.objects if o.type == "CAMERA") or "none"
+            raise KeyframeWorldsError(f"no camera named {name!r} in scene {scene.name!r} (cameras: {have})")
+        cams.append(obj)
+    return cams
+
+
+def _camera_choice(args, scene) -> tuple[str, list]:
+    """``(source, objects)``: named cameras travel as an explicit "SELECTED" list, without touching the selection."""
+    if args.camera:
+        return "SELECTED", _named_cameras(scene, args.camera)
+    return args.cameras, [o for o in scene.objects if o.select_get()]
+
+
+def _print_warnings(warnings) -> None:
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+
+
+def cmd_trajectory(args) -> int:
+    import bpy
+
+    from .scene_cameras import export_trajectories
+
+    scene = bpy.context.scene
+    source, selected = _camera_choice(args, scene)
+    start, end = args.frames if args.frames else (None, None)
+    warnings: list[str] = []
+    trajectories, written = export_trajectories(scene, source, args.out, args.format, start=start, end=end, step=args.step,
+                                                selected=selected, warnings=warnings)
+    _print_warnings(warnings)
+    print(f"wrote {len(trajectories)} camera(s), {sum(len(t) for t in trajectories)} frame(s) as {args.format}: "
+          + ", ".join(str(p) for p in written))
+    return 0
+
+
+def engine_python(explicit: str | None = None) -> str:
+    """The engine's Python: explicit, else ``$KEYFRAME_WORLDS_ENGINE_PYTHON``, else this interpreter."""
+    path = explicit or os.environ.get(ENGINE_PYTHON_ENV) or sys.executable
+    if not Path(path).is_file():
+        raise KeyframeWorldsError(f"engine Python not found: {path} (set --engine-python or ${ENGINE_PYTHON_ENV})")
+    return path
+
+
+def cmd_generate(args) -> int:
+    import bpy
+
+    from .jobs import JobSettings, prepare_job
+
+    scene = bpy.context.scene
+    out = Path(args.out).resolve()
+    source, selected = _camera_choice(args, scene)
+    start, end = args.frames if args.frames else (None, None)
+    settings = JobSettings(
+        name=args.name or out.name, cameras=source, frame_start=start, frame_end=end, frame_step=args.step,
+        reference="FILE" if args.reference else "RENDER", reference_path=args.reference or "",
+        depth="FILE" if args.depth_file else ("SCENE" if args.depth == "scene" and not args.reference else "NONE"),
+        depth_path=args.depth_file or "", prompt=args.prompt, generator=args.generator, seed=args.seed, samples=args.samples,
+    )
+    prepared = prepare_job(scene, settings, out, selected=selected)
+    _print_warnings(prepared.warnings)
+    print(f"job: {prepared.spec_path} ({sum(len(t) for t in prepared.spec.trajectories)} frames)", flush=True)
+    bundle = out / "bundle"
+    command = [engine_python(args.engine_python), "-m", "keyframe_worlds.cli", "run", str(prepared.spec_path), "--out", str(bundle)]
+    proc = subprocess.run(command, stdout=sys.stdout, stderr=subprocess.PIPE, text=True)
+    if proc.returncode != 0:
+        message = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit status {proc.returncode}"
+        raise KeyframeWorldsError(f"the engine failed: {message}")
+    print(f"bundle: {bundle}", flush=True)
+    if args.import_result:
+        from .importers import import_bundle
+
+        result = import_bundle(scene, bundle)
+        bpy.ops.wm.save_mainfile()
+        print(f"imported into {bpy.data.filepath}: collection {result.collection.name!r}")
+    return 0
+
+
+def cmd_import(args) -> int:
+    import bpy
+
+    from .importers import ImportOptions, import_bundle
+
+    options = ImportOptions(video=not args.no_video, point_cloud=not args.no_points, meshes=not args.no_meshes,
+                            mesh_every=args.mesh_every, mesh_stride=args.mesh_stride)
+    result = import_bundle(bpy.context.scene, args.bundle, options)
+    _print_warnings(result.warnings)
+    target = args.save or bpy.data.filepath
+    if not target:
+        raise KeyframeWorldsError("the file has never been saved: give --save PATH.blend")
+    bpy.ops.wm.save_as_mainfile(filepath=str(Path(target).resolve()))
+    points = len(result.point_cloud.data.points) if result.point_cloud is not None else 0
+    print(f"imported {len(result.cameras)} camera(s), {len(result.meshes)} mesh(es), {points} points into "
+          f"collection {result.collection.name!r}; saved {target}")
+    return 0
