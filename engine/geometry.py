@@ -40,6 +40,23 @@ def unproject_depth(
     return cam @ rot.T + trans
 
 
+def unproject_pixels(
+    rows: torch.Tensor,
+    cols: torch.Tensor,
+    depth_z_m: torch.Tensor,
+    c2w_opencv: torch.Tensor,
+    intrinsics: torch.Tensor,
+) -> torch.Tensor:
+    """World points at the centres of pixels (row, col) with z-depths: (P,) each -> (P, 3) float32."""
+    fx, fy, cx, cy = (float(x) for x in intrinsics.tolist())
+    z = depth_z_m.to(torch.float32)
+    x = (cols.to(torch.float32) + (0.5 - cx)) * (z / fx)
+    y = (rows.to(torch.float32) + (0.5 - cy)) * (z / fy)
+    cam = torch.stack([x, y, z], dim=-1)
+    c2w = c2w_opencv.to(device=z.device, dtype=torch.float32)
+    return torch.addmm(c2w[:3, 3], cam, c2w[:3, :3].T)
+
+
 def world_to_camera(points_world: torch.Tensor, c2w_opencv: torch.Tensor) -> torch.Tensor:
     """(N, 3) world points -> (N, 3) camera-frame points (OpenCV axes)."""
     c2w = c2w_opencv.to(torch.float64)

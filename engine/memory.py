@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .geometry import unproject_depth
+from .geometry import unproject_pixels
 from .render import PointRenderer, RenderOutput
 
 MEMORY_FILE_VERSION = 1
@@ -40,15 +40,27 @@ class FuseStats:
 
 
 def _neighbourhood_range(depth: torch.Tensor, valid: torch.Tensor, radius: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Min and max of the valid depths in the ``(2r+1)^2`` square around each pixel, (H, W) each."""
+    """Min and max of the valid depths in the ``(2r+1)^2`` square around each pixel, (H, W) each.
+
+    Separable shifted minima/maxima: several times faster than max_pool2d on the CPU.
+    """
     if radius == 0:
         return depth, depth
-    size = 2 * radius + 1
-    high = torch.where(valid, depth, 0.0)[None, None]
-    low = torch.where(valid, -depth, float("-inf"))[None, None]
-    high = torch.nn.functional.max_pool2d(high, size, stride=1, padding=radius)[0, 0]
-    low = -torch.nn.functional.max_pool2d(low, size, stride=1, padding=radius)[0, 0]
-    return low, high
+    low = torch.where(valid, depth, float("inf"))
+    high = torch.where(valid, depth, 0.0)
+    return _box_extreme(low, radius, torch.minimum), _box_extreme(high, radius, torch.maximum)
+
+
+def _box_extreme(x: torch.Tensor, radius: int, op) -> torch.Tensor:
+    rows = x.clone()
+    for s in range(1, radius + 1):
+        op(rows[:, s:], x[:, :-s], out=rows[:, s:])
+        op(rows[:, :-s], x[:, s:], out=rows[:, :-s])
+    out = rows.clone()
+    for s in range(1, radius + 1):
+        op(out[s:], rows[:-s], out=out[s:])
+        op(out[:-s], rows[s:], out=out[:-s])
+    return out
 
 
 class PointMemory:
@@ -190,16 +202,18 @@ class PointMemory:
     ) -> int:
         """Append every pixel with a valid depth (and ``where`` True); returns the count."""
         depth = depth_z_m.to(self.device, torch.float32)
-        valid = torch.isfinite(depth) & (depth > 0)
+        valid = depth > 0  # NaN fails this too
+        valid &= depth < float("inf")
         if where is not None:
             valid &= where.to(self.device)
-        points = unproject_depth(depth, c2w_opencv, intrinsics)
+        rows, cols = torch.nonzero(valid, as_tuple=True)
+        points = unproject_pixels(rows, cols, depth[rows, cols], c2w_opencv, intrinsics)
         conf = torch.as_tensor(confidence, dtype=torch.float32, device=self.device)
         if conf.dim() == 2:
-            conf = conf[valid]
-        self.add_points(points[valid], rgb.to(self.device)[valid], frame_index, conf)
+            conf = conf[rows, cols]
+        self.add_points(points, rgb.to(self.device)[rows, cols], frame_index, conf)
         self.enforce_budget()
-        return int(valid.sum())
+        return int(rows.numel())
 
     def render_update(
         self, prior: RenderOutput, prior_points: int, c2w_opencv: torch.Tensor, intrinsics: torch.Tensor

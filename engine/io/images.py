@@ -10,13 +10,21 @@ import numpy as np
 from ...bridge.errors import KeyframeWorldsError
 
 
-def write_png(path: str | os.PathLike, rgb: np.ndarray, compress_level: int = 1) -> None:
-    """(H, W, 3) uint8 RGB as PNG. Level 1 is several times faster than the default and a little bigger."""
-    from PIL import Image
+def write_png(path: str | os.PathLike, rgb: np.ndarray, compress_level: int = 1, text: dict[str, str] | None = None) -> None:
+    """(H, W, 3) uint8 RGB as PNG, with optional tEXt entries.
+
+    Level 1 is several times faster than the default and a little bigger.
+    """
+    from PIL import Image, PngImagePlugin
 
     path = Path(path)
     tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
-    Image.fromarray(np.ascontiguousarray(rgb), "RGB").save(tmp, format="PNG", compress_level=compress_level)
+    info = None
+    if text:
+        info = PngImagePlugin.PngInfo()
+        for key, value in text.items():
+            info.add_text(key, value)
+    Image.fromarray(np.ascontiguousarray(rgb), "RGB").save(tmp, format="PNG", compress_level=compress_level, pnginfo=info)
     os.replace(tmp, path)
 
 

@@ -31,7 +31,8 @@ class Mp4Writer:
     Use as a context manager; :meth:`close` finishes the file, :meth:`abort` discards it.
     """
 
-    def __init__(self, path: str | os.PathLike, width: int, height: int, fps: float, crf: int = 18, preset: str = "veryfast"):
+    def __init__(self, path: str | os.PathLike, width: int, height: int, fps: float, crf: int = 18, preset: str = "veryfast",
+                 comment: str | None = None):
         self.path = Path(path)
         self.width, self.height = int(width), int(height)
         self.tmp = self.path.with_name(f".{self.path.stem}.tmp-{os.getpid()}{self.path.suffix}")
@@ -41,8 +42,11 @@ class Mp4Writer:
             "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{self.width}x{self.height}", "-r", f"{fps:.6g}", "-i", "-",
             "-vf", "pad=ceil(iw/2)*2:ceil(ih/2)*2",
             "-c:v", "libx264", "-preset", preset, "-crf", str(crf), "-pix_fmt", "yuv420p",
-            "-movflags", "+faststart", "-f", "mp4", str(self.tmp),
+            "-movflags", "+faststart",
         ]
+        if comment:
+            command += ["-metadata", f"comment={comment}"]
+        command += ["-f", "mp4", str(self.tmp)]
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._proc = subprocess.Popen(command, stdin=subprocess.PIPE, stderr=subprocess.PIPE)
 

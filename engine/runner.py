@@ -1,0 +1,235 @@
+"""Run a job: reference -> memory -> segments (render, retrieve, generate, depth, fuse) -> result bundle.
+
+``run_job`` is a plain function so the command line and the engine service
+call the same thing. Progress goes through a :class:`ProgressReporter`,
+which is also where cancellation is checked: between frames, a reporter
+whose ``cancelled()`` is true stops the job with :class:`JobCancelled`.
+Every file of the bundle is written atomically and the manifest last, so an
+interrupted job leaves complete files and no manifest.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..bridge.errors import KeyframeWorldsError
+from ..bridge.spec import JobSpec, ResultManifest
+from ..bridge.trajectory import Trajectory
+from .bundle import BundleWriter, TrajectoryOutput
+from .depth import MemoryDepthCompletion
+from .generators import ReferenceFrame, SegmentRequest, get_generator
+from .io.images import read_rgb
+from .memory import PointMemory
+from .retrieval import CandidateView, retrieve, target_samples
+
+DEFAULT_REFERENCE_DEPTH_M = 5.0
+RETRIEVAL_SCALE = 0.125  # candidate depth maps and target samples at 1/8 of the frame size
+
+
+class JobCancelled(KeyframeWorldsError):
+    """The job was cancelled through its progress reporter."""
+
+
+class ProgressReporter:
+    """Receives progress; says whether to stop. Subclass and override :meth:`report`.
+
+    stage: "reference", "memory", "generate", "export", "done".
+    done / total: frames (for "generate") or steps of the stage.
+    A ``cancel_event`` (threading.Event) set from another thread cancels the job.
+    """
+
+    def __init__(self, cancel_event: threading.Event | None = None):
+        self.cancel_event = cancel_event
+
+    def report(self, stage: str, done: int, total: int, message: str = "") -> None:
+        """Called at every step; the default does nothing."""
+
+    def cancelled(self) -> bool:
+        return self.cancel_event is not None and self.cancel_event.is_set()
+
+    def step(self, stage: str, done: int, total: int, message: str = "") -> None:
+        """Report, then stop the job if it was cancelled."""
+        self.report(stage, done, total, message)
+        if self.cancelled():
+            raise JobCancelled(f"job cancelled during {stage} ({done}/{total})")
+
+
+class TerminalProgress(ProgressReporter):
+    """A one-line progress bar on stderr."""
+
+    def __init__(self, stream=None, width: int = 30, cancel_event: threading.Event | None = None):
+        super().__init__(cancel_event)
+        self.stream = stream or sys.stderr
+        self.width = width
+        self.start = time.perf_counter()
+        self._last_stage = None
+
+    def report(self, stage: str, done: int, total: int, message: str = "") -> None:
+        fraction = done / total if total else 1.0
+        filled = int(round(self.width * fraction))
+        elapsed = time.perf_counter() - self.start
+        rate = f" {done / elapsed:5.1f} frames/s" if stage == "generate" and elapsed > 0 else ""
+        line = f"\r{stage:>9} [{'#' * filled}{'.' * (self.width - filled)}] {done}/{total}{rate} {message}"
+        if self._last_stage not in (None, stage):
+            self.stream.write("\n")
+        self._last_stage = stage
+        self.stream.write(line[:160].ljust(100))
+        if stage == "done":
+            self.stream.write("\n")
+        self.stream.flush()
+
+
+@dataclass
+class _History:
+    """Earlier frames kept for retrieval: low-resolution depth and the frame itself."""
+
+    candidates: list[CandidateView]
+    frames: list[ReferenceFrame]
+
+
+def _resize(array: np.ndarray, width: int, height: int, nearest: bool) -> np.ndarray:
+    from PIL import Image
+
+    if array.shape[1] == width and array.shape[0] == height:
+        return array
+    mode = Image.NEAREST if nearest else Image.BILINEAR
+    if array.ndim == 2:
+        return np.asarray(Image.fromarray(array.astype(np.float32), "F").resize((width, height), mode))
+    return np.asarray(Image.fromarray(array).resize((width, height), mode))
+
+
+def load_reference(spec: JobSpec) -> tuple[Trajectory, int, np.ndarray, np.ndarray | None]:
+    """The reference trajectory, frame index, RGB (H, W, 3) uint8 and z-depth (H, W) or None, at the trajectory's size."""
+    traj, index = spec.reference_view()
+    rgb = _resize(read_rgb(spec.reference.image), traj.width, traj.height, nearest=False)
+    depth = None
+    if spec.reference.depth:
+        path = Path(spec.reference.depth)
+        if path.suffix.lower() == ".exr":
+            from .io.exr import read_depth_exr
+
+            depth = read_depth_exr(path)
+        else:
+            try:
+                depth = np.load(path, allow_pickle=False)
+            except (OSError, ValueError) as exc:
+                raise KeyframeWorldsError(f"reference.depth: cannot read {path}: {exc}") from None
+        depth = np.asarray(depth)
+        if depth.ndim == 3 and depth.shape[-1] == 1:
+            depth = depth[..., 0]
+        if depth.ndim != 2 or depth.dtype.kind not in "fiu":
+            raise KeyframeWorldsError(f"reference.depth: {path} must hold a 2-D array of depths in metres, got shape {depth.shape} {depth.dtype}")
+        depth = np.where(np.isfinite(depth) & (depth > 0), depth, 0).astype(np.float32)
+        if not (depth > 0).any():
+            raise KeyframeWorldsError(f"reference.depth: {path} has no positive, finite depth")
+        depth = _resize(depth, traj.width, traj.height, nearest=True)
+    return traj, index, rgb, depth
+
+
+def _camera(traj: Trajectory, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    c2w = torch.from_numpy(traj.c2w_opencv[i]).to(torch.float64)
+    k = torch.tensor([traj.fx[i], traj.fy[i], traj.cx[i], traj.cy[i]], dtype=torch.float64)
+    return c2w, k
+
+
+def _candidate(key, rgb: torch.Tensor, depth: torch.Tensor, c2w, k, width: int, height: int) -> tuple[CandidateView, ReferenceFrame]:
+    w = max(int(round(width * RETRIEVAL_SCALE)), 1)
+    h = max(int(round(height * RETRIEVAL_SCALE)), 1)
+    small = torch.nn.functional.interpolate(depth[None, None].cpu().float(), size=(h, w), mode="nearest")[0, 0]
+    ks = k.clone()
+    ks[0::2] *= w / width
+    ks[1::2] *= h / height
+    return CandidateView(key, c2w, ks, w, h, small), ReferenceFrame(key, rgb.cpu(), depth.cpu(), c2w, k)
+
+
+def run_job(
+    spec: JobSpec,
+    out_dir: str | Path,
+    progress: ProgressReporter | None = None,
+    device: str | torch.device = "cpu",
+) -> ResultManifest:
+    """Run a validated job (reference paths absolute, see ``JobSpec.resolve``); write the bundle to ``out_dir``."""
+    progress = progress or ProgressReporter()
+    device = torch.device(device)
+    generator = get_generator(spec.generator, spec.options)
+    total = sum(len(t) for t in spec.trajectories)
+
+    progress.step("reference", 0, 1, "reading the reference")
+    ref_traj, ref_index, ref_rgb_np, ref_depth_np = load_reference(spec)
+    ref_c2w, ref_k = _camera(ref_traj, ref_index)
+    ref_conf = 1.0
+    if ref_depth_np is None:
+        # No depth: a fronto-parallel plane, honest but flat; trusted little.
+        ref_depth_np = np.full((ref_traj.height, ref_traj.width), float(spec.options.get("reference_depth_m", DEFAULT_REFERENCE_DEPTH_M)), np.float32)
+        ref_conf = 0.3
+    progress.step("memory", 0, 1, "lifting the reference")
+    memory = PointMemory(device=device, max_points=spec.output.point_budget)
+    ref_rgb = torch.from_numpy(ref_rgb_np).to(device)
+    ref_depth = torch.from_numpy(ref_depth_np).to(device)
+    memory.add_rgbd(ref_rgb, ref_depth, ref_c2w, ref_k, frame_index=0, confidence=ref_conf)
+    cand, frame = _candidate((ref_traj.name, int(ref_traj.frames[ref_index])), ref_rgb, ref_depth, ref_c2w, ref_k, ref_traj.width, ref_traj.height)
+    history = _History([cand], [frame])
+    progress.step("memory", 1, 1, f"{len(memory)} points")
+
+    bundle = BundleWriter(out_dir, spec.name, generator.name, generator.label, spec.seed)
+    estimator = MemoryDepthCompletion()
+    done = 0
+    global_index = 1
+    every = spec.output.keyframe_every
+    for traj in spec.trajectories:
+        output = bundle.trajectory(traj)
+        try:
+            for start in range(0, len(traj), generator.segment_length):
+                stop = min(start + generator.segment_length, len(traj))
+                c2w = torch.from_numpy(traj.c2w_opencv[start:stop]).to(torch.float64)
+                intr = torch.from_numpy(np.stack([traj.fx, traj.fy, traj.cx, traj.cy], -1)[start:stop]).to(torch.float64)
+                stamp = memory.stamp
+                rendered = memory.render(c2w, intr, traj.width, traj.height)
+                request = SegmentRequest(c2w, intr, traj.width, traj.height, rendered, memory,
+                                         prompt=spec.prompt, seed=spec.seed, frame_offset=start)
+                if generator.uses_references:
+                    samples = target_samples(memory, c2w, intr, traj.width, traj.height, RETRIEVAL_SCALE)
+                    picked = retrieve(samples, history.candidates)
+                    request.references = [history.frames[i] for i in picked.selected]
+                    request.pairs = picked.pairs
+
+                def on_frame(i: int, _start=start) -> None:
+                    progress.step("generate", done + i + 1, total, f"{traj.name} frame {int(traj.frames[_start + i])}")
+
+                result = generator.generate(request, on_frame)
+                depth = result.depth or estimator.estimate(result.rgb, rendered)
+                for t in range(stop - start):
+                    i = start + t
+                    one = type(rendered)(rendered.rgb[t : t + 1], rendered.depth_z_m[t : t + 1], rendered.mask[t : t + 1], rendered.point_index[t : t + 1])
+                    memory.fuse(result.rgb[t], depth.depth_z_m[t], c2w[t], intr[t], frame_index=global_index,
+                                confidence=depth.confidence[t], prior=(one, stamp))
+                    rgb_np = result.rgb[t].cpu().numpy()
+                    depth_np = depth.depth_z_m[t].cpu().numpy()
+                    output.write_frame(i, rgb_np, depth_np)
+                    if i % every == 0:
+                        output.write_mesh(i, depth_np, spec.output.mesh_stride)
+                        cand, frame = _candidate((traj.name, int(traj.frames[i])), result.rgb[t], depth.depth_z_m[t], c2w[t], intr[t], traj.width, traj.height)
+                        history.candidates.append(cand)
+                        history.frames.append(frame)
+                    global_index += 1
+                done += stop - start
+        except BaseException:
+            output.abort()
+            raise
+        bundle.add(output)
+
+    progress.step("export", 0, 1, f"point cloud, {len(memory)} points")
+    bundle.write_point_cloud(
+        memory.positions_world.cpu().numpy(), memory.colors.cpu().numpy(),
+        memory.confidence.cpu().numpy(), memory.frame_index.cpu().numpy(),
+    )
+    manifest = bundle.finish()
+    progress.step("done", total, total, f"{total} frames -> {out_dir}")
+    return manifest
