@@ -42,6 +42,11 @@ from .io.images import write_npy, write_png
 from .io.video import Mp4Writer
 
 
+def _ascii(text: str) -> str:
+    """PLY headers are ASCII, one line per comment."""
+    return text.encode("ascii", "replace").decode().replace("\n", " ")
+
+
 def safe_name(name: str, taken: set[str]) -> str:
     """A file-name-safe, unique version of a camera name (letters, digits, ``._-``)."""
     base = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "camera"
@@ -162,7 +167,7 @@ class TrajectoryOutput:
             self.bundle.root / path,
             {"x": vertices[:, 0], "y": vertices[:, 1], "z": vertices[:, 2], "s": uvs[:, 0], "t": uvs[:, 1]},
             faces,
-            comments=(f"TextureFile ../{texture}", f"Keyframe Worlds: {traj.name} frame {number}"),
+            comments=(f"TextureFile ../{texture}", _ascii(f"Keyframe Worlds: {traj.name} frame {number}")),
         )
         self.meshes.append(ResultMesh(traj.name, number, path, texture))
 
@@ -222,7 +227,7 @@ class BundleWriter:
                 "confidence": np.asarray(confidence, dtype=np.float32),
                 "frame": np.asarray(frame_index, dtype=np.int32),
             },
-            comments=(f"Keyframe Worlds fused point cloud of job {self.job_name} ({self.label})",),
+            comments=(_ascii(f"Keyframe Worlds fused point cloud of job {self.job_name} ({self.label})"),),
         )
         self.point_cloud, self.point_count = "points.ply", int(len(positions_world))
 

@@ -1,0 +1,149 @@
+"""``keyframe-worlds run`` and ``run_job`` end to end: the real command, real files read back."""
+
+import json
+import subprocess
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from keyframe_worlds.bridge import ply
+from keyframe_worlds.bridge.errors import KeyframeWorldsError
+from keyframe_worlds.bridge.formats import read_trajectories
+from keyframe_worlds.bridge.spec import MANIFEST_FILENAME, load_job, load_manifest
+from keyframe_worlds.engine.io.exr import read_depth_exr
+from keyframe_worlds.engine.io.images import read_rgb, write_png
+from keyframe_worlds.engine.io.video import read_mp4
+from keyframe_worlds.engine.runner import JobCancelled, ProgressReporter, run_job
+from keyframe_worlds.engine.synthetic import demo_scene, intrinsics_for_fov, look_at_c2w_opencv, raycast
+
+from conftest import VENV_BIN
+
+W, H = 64, 48
+
+
+def frames_json(eyes, target, k, first=1):
+    return [
+        {"frame": first + i, "c2w_opencv": look_at_c2w_opencv(e, target).tolist(),
+         "fx": float(k[0]), "fy": float(k[1]), "cx": float(k[2]), "cy": float(k[3])}
+        for i, e in enumerate(eyes)
+    ]
+
+
+def write_job(folder, n=10, depth=True, options=None):
+    k = intrinsics_for_fov(W, H, 70.0)
+    walk = frames_json([(-0.4 + 0.08 * i, -4.0, 1.6) for i in range(n)], (0.0, 2.0, 0.8), k)
+    turn = frames_json([(0.0, -3.5, 1.5)] * 5, (-3.0, 1.0, 0.8), k, first=101)
+    rgb, z = raycast(demo_scene(), torch.tensor(walk[0]["c2w_opencv"], dtype=torch.float64), k, W, H)
+    write_png(folder / "ref.png", rgb.numpy())
+    np.save(folder / "ref_depth.npy", z.numpy())
+    job = {
+        "version": 1, "name": "shot010", "generator": "preview",
+        "reference": {"image": "ref.png", **({"depth": "ref_depth.npy"} if depth else {})},
+        "trajectories": [
+            {"name": "Cam/01 é", "fps": 12.0, "width": W, "height": H, "frames": walk},
+            {"name": "Turn", "fps": 24.0, "width": W, "height": H, "frames": turn},
+        ],
+        "output": {"keyframe_every": 4, "mesh_stride": 4, "point_budget": 20000},
+        "options": options or {"segment_length": 4},
+    }
+    path = folder / "job.json"
+    path.write_text(json.dumps(job))
+    return path
+
+
+def test_cli_run_writes_a_complete_valid_bundle(tmp_path):
+    job = write_job(tmp_path)
+    out = tmp_path / "bundle"
+    proc = subprocess.run([str(VENV_BIN / "keyframe-worlds"), "run", str(job), "--out", str(out)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "generate" in proc.stderr and "15/15" in proc.stderr  # the progress bar
+    assert "geometric preview" in proc.stdout
+
+    spec = load_job(job)
+    manifest = load_manifest(out)  # validates every path and that every file exists
+    assert manifest.generator == "preview" and "geometric preview" in manifest.generator_label
+    assert [rt.trajectory.name for rt in manifest.trajectories] == ["Cam/01 é", "Turn"]
+    for rt, original in zip(manifest.trajectories, spec.trajectories):
+        # Every exported camera equals its input: in the manifest and in the camera file.
+        assert rt.trajectory == original
+        camera_file = out / "cameras" / (rt.video.split("/")[1][:-4] + ".json")
+        assert read_trajectories(camera_file) == [original]
+        video, meta = read_mp4(out / rt.video)
+        assert meta["codec"] == "h264" and meta["fps"] == pytest.approx(original.fps)
+        assert video.shape == (len(original), H, W, 3)
+        for i, f in enumerate(rt.frames):
+            assert f.frame == original.frames[i]
+            rgb = read_rgb(out / f.image)
+            assert rgb.shape == (H, W, 3)
+            assert np.abs(video[i].astype(int) - rgb.astype(int)).mean() < 6
+            depth = np.load(out / f.depth_npy)
+            assert depth.dtype == np.float32 and depth.shape == (H, W) and np.all(depth > 0)
+            np.testing.assert_array_equal(read_depth_exr(out / f.depth_exr), depth)
+    from PIL import Image
+
+    with Image.open(out / manifest.trajectories[0].frames[0].image) as im:
+        assert "geometric preview" in im.text["Comment"]
+
+    # Meshes at every 4th frame of each camera, textured with that frame, facing their camera.
+    assert [(m.trajectory, m.frame) for m in manifest.meshes] == [
+        ("Cam/01 é", 1), ("Cam/01 é", 5), ("Cam/01 é", 9), ("Turn", 101), ("Turn", 105)]
+    walk = spec.trajectories[0]
+    mesh = ply.read_ply(out / manifest.meshes[1].path)
+    assert {"x", "y", "z", "s", "t"} <= set(mesh.vertex) and len(mesh.faces) > 50
+    assert (out / manifest.meshes[1].texture).is_file()
+    v = mesh.positions()[mesh.faces]
+    normals = np.cross(v[:, 1] - v[:, 0], v[:, 2] - v[:, 0])
+    to_camera = walk.c2w_opencv[4, :3, 3] - v.mean(axis=1)
+    assert np.mean(np.einsum("ij,ij->i", normals, to_camera) > 0) > 0.99
+    assert mesh.vertex["s"].min() >= 0 and mesh.vertex["s"].max() <= 1 and mesh.vertex["t"].min() >= 0
+
+    cloud = ply.read_ply(out / manifest.point_cloud)
+    assert cloud.count == manifest.point_count and 1000 < cloud.count <= 20000
+    assert cloud.colors_u8() is not None
+    assert set(np.unique(cloud.vertex["frame"])) >= {0}
+    assert not list(out.rglob(".*tmp*"))
+
+
+def test_cancelling_stops_between_frames_and_leaves_no_manifest(tmp_path):
+    spec = load_job(write_job(tmp_path))
+    event = threading.Event()
+
+    class CancelAfterThree(ProgressReporter):
+        def report(self, stage, done, total, message=""):
+            if stage == "generate" and done >= 3:
+                event.set()
+
+    with pytest.raises(JobCancelled, match="cancelled"):
+        run_job(spec, tmp_path / "out", CancelAfterThree(cancel_event=event))
+    assert not (tmp_path / "out" / MANIFEST_FILENAME).exists()
+    assert not list((tmp_path / "out").rglob("*.mp4")) and not list((tmp_path / "out").rglob(".*tmp*"))
+
+
+def test_a_rerun_into_the_same_folder_replaces_the_bundle(tmp_path):
+    spec = load_job(write_job(tmp_path, depth=False))
+    first = run_job(spec, tmp_path / "out")
+    second = run_job(spec, tmp_path / "out")
+    assert first.point_count == second.point_count  # deterministic
+    assert load_manifest(tmp_path / "out").point_count == second.point_count
+
+
+def test_user_errors_are_reported_cleanly(tmp_path):
+    job = write_job(tmp_path, options={"steps": 3})
+    proc = subprocess.run([str(VENV_BIN / "keyframe-worlds"), "run", str(job), "--out", str(tmp_path / "o")],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "unknown preview generator option(s) steps" in proc.stderr and "Traceback" not in proc.stderr
+
+    job = write_job(tmp_path)
+    np.save(tmp_path / "ref_depth.npy", np.zeros((3, 4, 5), np.float32))
+    with pytest.raises(KeyframeWorldsError, match="2-D array"):
+        run_job(load_job(job), tmp_path / "o")
+    np.save(tmp_path / "ref_depth.npy", np.full((H, W), np.nan, np.float32))
+    with pytest.raises(KeyframeWorldsError, match="no positive, finite depth"):
+        run_job(load_job(job), tmp_path / "o")
+    proc = subprocess.run([str(VENV_BIN / "keyframe-worlds"), "run", str(tmp_path / "missing.json"), "--out", str(tmp_path / "o")],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "not found" in proc.stderr
