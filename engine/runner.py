@@ -24,7 +24,7 @@ from ..bridge.spec import JobSpec, ResultManifest
 from ..bridge.trajectory import Trajectory
 from .bundle import BundleWriter, TrajectoryOutput
 from .depth import MemoryDepthCompletion
-from .generators import ReferenceFrame, SegmentRequest, get_generator
+from .generators import Generator, ReferenceFrame, SegmentRequest, get_generator
 from .io.images import read_rgb
 from .memory import PointMemory
 from .retrieval import CandidateView, retrieve, target_samples
@@ -154,11 +154,16 @@ def run_job(
     out_dir: str | Path,
     progress: ProgressReporter | None = None,
     device: str | torch.device = "cpu",
+    generator: Generator | None = None,
 ) -> ResultManifest:
-    """Run a validated job (reference paths absolute, see ``JobSpec.resolve``); write the bundle to ``out_dir``."""
+    """Run a validated job (reference paths absolute, see ``JobSpec.resolve``); write the bundle to ``out_dir``.
+
+    generator: an already built generator (e.g. one a service keeps loaded);
+    default: the one the job names, built from its options.
+    """
     progress = progress or ProgressReporter()
     device = torch.device(device)
-    generator = get_generator(spec.generator, spec.options)
+    generator = generator or get_generator(spec.generator, spec.options)
     total = sum(len(t) for t in spec.trajectories)
 
     progress.step("reference", 0, 1, "reading the reference")

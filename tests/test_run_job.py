@@ -147,3 +147,36 @@ def test_user_errors_are_reported_cleanly(tmp_path):
     proc = subprocess.run([str(VENV_BIN / "keyframe-worlds"), "run", str(tmp_path / "missing.json"), "--out", str(tmp_path / "o")],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "not found" in proc.stderr
+
+
+def test_generators_that_use_references_get_the_retrieved_earlier_frames(tmp_path):
+    from keyframe_worlds.engine.generators import Generator, SegmentResult
+    from keyframe_worlds.engine.generators.preview import PreviewGenerator
+
+    class Recording(Generator):
+        """The preview's frames, recording what retrieval handed over."""
+
+        name, label, segment_length, uses_references = "preview", "test: preview frames, references recorded", 4, True
+
+        def __init__(self):
+            self.inner = PreviewGenerator(segment_length=4)
+            self.seen = []
+
+        def generate(self, request, on_frame=None):
+            self.seen.append(([r.key for r in request.references], request.pairs.tolist()))
+            return self.inner.generate(request, on_frame)
+
+    spec = load_job(write_job(tmp_path, n=10))
+    recording = Recording()
+    manifest = run_job(spec, tmp_path / "out", generator=recording)
+    assert manifest.generator_label.startswith("test:")
+    assert len(recording.seen) == 3 + 2  # segments: 10 frames / 4 and 5 frames / 4
+    first_keys, first_pairs = recording.seen[0]
+    assert first_keys == [("Cam/01 é", 1)]  # only the reference exists yet
+    assert first_pairs == [0, 0, 0, 0]
+    later_keys, _ = recording.seen[2]
+    # Keyframes written so far (frames 1 and 5 of the walk) are candidates too; at most 8 are picked.
+    assert ("Cam/01 é", 5) in later_keys and len(later_keys) <= 8
+    # The turned camera looks at the left of the room: whatever it gets must overlap what it sees.
+    turn_keys, turn_pairs = recording.seen[3]
+    assert len(turn_keys) >= 1 and all(p >= 0 for p in turn_pairs)
