@@ -82,9 +82,5 @@ class MemoryDepthCompletion(DepthEstimator):
 
     def estimate(self, rgb: torch.Tensor, rendered: RenderOutput) -> DepthEstimate:
         depth = self.complete(rendered.depth_z_m, rendered.mask, rgb)
-        confidence = torch.where(
-            rendered.mask,
-            torch.tensor(self.visible_confidence, dtype=torch.float32),
-            torch.tensor(self.completed_confidence, dtype=torch.float32),
-        )
+        confidence = torch.where(rendered.mask, float(self.visible_confidence), float(self.completed_confidence))
         return DepthEstimate(depth_z_m=depth, confidence=confidence)

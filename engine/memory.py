@@ -296,18 +296,22 @@ class PointMemory:
         return FuseStats(added=added, confirmed=confirmed)
 
     # ------------------------------------------------------------------ budget
-    def enforce_budget(self) -> None:
-        """Voxel-downsample until the point count is within ``max_points``."""
+    def enforce_budget(self, headroom: float = 0.9) -> None:
+        """Voxel-downsample when over ``max_points``, to at most ``headroom * max_points``.
+
+        The headroom keeps a memory at its budget from re-downsampling on every fused frame.
+        """
         if self.max_points is None or self._n <= self.max_points:
             return
+        target = max(int(self.max_points * headroom), 1)
         positions = self.positions_world
         extent = (positions.max(0).values - positions.min(0).values).clamp_min(1e-6)
-        # Start at the voxel size that would hold the budget on a filled box
-        # surface-ish density and grow until it fits.
-        voxel = float(extent.prod() ** (1 / 3)) / (self.max_points ** 0.5)
+        # Start at the voxel size that would hold the target on surface-like
+        # content (count ~ (extent / voxel)^2) and grow until it fits.
+        voxel = float(extent.prod() ** (1 / 3)) / (target ** 0.5)
         while True:
             keep = self.voxel_representatives(voxel)
-            if keep.numel() <= self.max_points:
+            if keep.numel() <= target:
                 break
             voxel *= 1.25
         self._keep(keep)
