@@ -1,0 +1,506 @@
+"""The HTTP API (FastAPI): routes, bearer token, body size limit, and every error as a JSON body.
+
+Routes (all under ``/v1``; every one but ``health`` needs ``Authorization: Bearer <token>``):
+
+    GET  /health                     version, devices, generators, GPU memory, job counts
+    POST /jobs                       submit: multipart (spec + image [+ depth] uploads),
+                                     or a JSON spec with local paths (loopback clients only)
+    GET  /jobs                       every job, oldest first
+    GET  /jobs/{id}                  state, stage, progress, frames done, time left, error
+    POST /jobs/{id}/cancel           cancel (pending: at once; running: at its next progress check)
+    GET  /jobs/{id}/manifest         the result manifest of a completed job
+    GET  /jobs/{id}/files/{path}     a file of the result bundle (path relative to the bundle)
+    GET  /jobs/{id}/log              the job's log
+
+Every rejected request gets ``{"error": "...", "problems": [{"path", "reason"}, ...]}``
+with a 4xx status; ``problems`` is the bridge validator's list for a bad spec.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any, Callable
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
+from pydantic import BaseModel, Field
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ... import __version__
+from ...bridge.errors import KeyframeWorldsError, Problem, ValidationError
+from ...bridge.spec import MANIFEST_FILENAME, validate_job
+from .jobs import (
+    JOB_ID_PATTERN,
+    LOG_FILENAME,
+    OUTPUT_DIRNAME,
+    DiskFull,
+    JobConflict,
+    JobManager,
+    JobNotFound,
+    QueueFull,
+)
+
+API_PREFIX = "/v1"
+# Parts a multipart submission may carry.
+UPLOAD_FIELDS = ("spec", "image", "depth")
+
+
+# --- errors ----------------------------------------------------------------------
+
+
+class ApiError(Exception):
+    """A rejected request: HTTP status, message, and optionally the validator's problems."""
+
+    def __init__(self, status: int, error: str, problems: list[Problem] | None = None, headers: dict | None = None):
+        super().__init__(error)
+        self.status, self.error, self.problems, self.headers = status, error, list(problems or []), headers
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+def error_response(status: int, error: str, problems: list[Problem] | None = None, headers: dict | None = None) -> JSONResponse:
+    body = {"error": error, "problems": [p.to_json() for p in problems or []]}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+# --- response models (for the OpenAPI document and for checking what we answer) ----------
+
+
+class ProblemModel(BaseModel):
+    path: str = Field(description="field path in the job spec, e.g. trajectories[0].frames[3].fx")
+    reason: str
+
+
+class ErrorModel(BaseModel):
+    error: str
+    problems: list[ProblemModel] = Field(default_factory=list)
+
+
+class JobStatusModel(BaseModel):
+    id: str
+    seq: int = Field(description="submission order")
+    name: str
+    generator: str
+    state: str = Field(description="pending, running, completed, failed or cancelled")
+    stage: str
+    progress: float = Field(ge=0.0, le=1.0)
+    frames_done: int
+    frames_total: int
+    eta_s: float | None = Field(description="estimated seconds left; null until it can be estimated")
+    error: str | None
+    created: float
+    started: float | None
+    finished: float | None
+    device: str | None
+    attempts: int = Field(description="times a worker started the job; above 1 after a resume")
+    queue_position: int | None = Field(default=None, description="0 = next to run; null when not pending")
+
+
+class JobListModel(BaseModel):
+    jobs: list[JobStatusModel]
+
+
+class GpuMemoryModel(BaseModel):
+    device: str
+    name: str
+    free_bytes: int
+    total_bytes: int
+
+
+class HealthModel(BaseModel):
+    status: str
+    version: str
+    device: str = Field(description="the device of the first worker")
+    devices: list[str]
+    generators: list[str]
+    gpu_memory: list[GpuMemoryModel]
+    queue_size: int
+    jobs: dict[str, int]
+
+
+# --- the app -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AppSettings:
+    """token: the bearer token; max_body_bytes: request body limit; generators: the ones this engine can run."""
+
+    token: str
+    max_body_bytes: int = 512 * 1024 * 1024
+    generators: tuple[str, ...] = ("preview",)
+    gpu_memory: Callable[[], list[dict]] = lambda: []
+
+
+class BodyLimitMiddleware:
+    """Refuse bodies over ``max_bytes`` with 413, by Content-Length up front and by counting while streaming."""
+
+    # Up to this size an oversized body is read and dropped before answering, so the client
+    # (still sending) reliably receives the 413 instead of a reset connection.
+    DRAIN_LIMIT = 64 * 1024 * 1024
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None:
+            try:
+                declared = int(length)
+            except ValueError:
+                return await error_response(400, "Content-Length is not a number")(scope, receive, send)
+            if declared > self.max_bytes:
+                if declared <= self.DRAIN_LIMIT:
+                    more = True
+                    while more:
+                        message = await receive()
+                        more = message.get("more_body", False) and message["type"] == "http.request"
+                return await error_response(413, self._message(declared))(scope, receive, send)
+        received = 0
+
+        async def limited_receive():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise BodyTooLarge()
+            return message
+
+        return await self.app(scope, limited_receive, send)
+
+    def _message(self, size: int | None = None) -> str:
+        got = f" ({size} bytes)" if size is not None else ""
+        return f"request body too large{got}: the limit is {self.max_bytes} bytes (serve --max-body-mb)"
+
+
+def is_loopback_client(request: Request) -> bool:
+    host = request.client.host if request.client else ""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def create_app(manager: JobManager, settings: AppSettings) -> FastAPI:
+    app = FastAPI(
+        title="Keyframe Worlds engine",
+        version=__version__,
+        description="Jobs that generate a world along keyframed cameras. Every route but /v1/health needs "
+        "'Authorization: Bearer <token>' (the token the engine was started with).",
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,  # served below, behind the token like every route but health
+    )
+    app.state.manager = manager
+    app.state.settings = settings
+    limiter = BodyLimitMiddleware(None, settings.max_body_bytes)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError):
+        return error_response(exc.status, exc.error, exc.problems, exc.headers)
+
+    @app.exception_handler(BodyTooLarge)
+    async def _too_large(request: Request, exc: BodyTooLarge):
+        return error_response(413, limiter._message())
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        return error_response(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def _request_invalid(request: Request, exc: RequestValidationError):
+        problems = [Problem(".".join(str(p) for p in e.get("loc", ())), str(e.get("msg", ""))) for e in exc.errors()]
+        return error_response(400, "request is invalid", problems)
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception):
+        return error_response(500, f"internal error: {type(exc).__name__}: {exc}")
+
+    def require_token(request: Request) -> None:
+        header = request.headers.get("authorization", "")
+        scheme, _, given = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), settings.token.encode()):
+            reason = "missing bearer token" if not header else "wrong token"
+            raise ApiError(401, f"{reason}: send 'Authorization: Bearer <token>' with the engine's token",
+                           headers={"WWW-Authenticate": "Bearer"})
+
+    def job_id_checked(job_id: str) -> str:
+        if not JOB_ID_PATTERN.match(job_id):
+            raise ApiError(404, f"no job {job_id[:80]!r}")
+        return job_id
+
+    def status_of(job_id: str) -> dict:
+        try:
+            status = manager.get(job_id)
+        except JobNotFound as exc:
+            raise ApiError(404, str(exc)) from None
+        doc = status.to_json()
+        doc["queue_position"] = manager.queue_position(job_id)
+        return doc
+
+    # --- health ---------------------------------------------------------------------------
+
+    @app.get(f"{API_PREFIX}/health", response_model=HealthModel, tags=["engine"], summary="Engine health (no token needed)")
+    def health() -> dict:
+        return {
+            "status": "ok",
+            "version": __version__,
+            "device": manager.devices[0],
+            "devices": list(manager.devices),
+            "generators": list(settings.generators),
+            "gpu_memory": settings.gpu_memory(),
+            "queue_size": manager.queue_size,
+            "jobs": manager.counts(),
+        }
+
+    api = APIRouter(prefix=API_PREFIX, dependencies=[Depends(require_token)],
+                    responses={401: {"model": ErrorModel, "description": "missing or wrong token"}})
+
+    # --- submit -----------------------------------------------------------------------------
+
+    submit_doc = {
+        "parameters": [{"name": "base_dir", "in": "query", "required": False, "schema": {"type": "string"},
+                        "description": "JSON submissions only: the folder the spec's relative reference paths are resolved against"}],
+        "requestBody": {
+            "required": True,
+            "content": {
+                "multipart/form-data": {
+                    "schema": {
+                        "type": "object",
+                        "required": ["spec", "image"],
+                        "properties": {
+                            "spec": {"type": "string", "description": "the job spec v1 as JSON text (bridge/spec.py)"},
+                            "image": {"type": "string", "format": "binary", "description": "the reference image"},
+                            "depth": {"type": "string", "format": "binary", "description": "its z-depth (.npy or .exr), when the spec names one"},
+                        },
+                    }
+                },
+                "application/json": {
+                    "schema": {"type": "object", "description": "the job spec v1 with local reference paths (loopback clients only)"}
+                },
+            },
+        },
+    }
+
+    @api.post("/jobs", status_code=201, response_model=JobStatusModel, tags=["jobs"], summary="Submit a job",
+              openapi_extra=submit_doc,
+              responses={400: {"model": ErrorModel, "description": "invalid spec: every problem with its field path"},
+                         413: {"model": ErrorModel, "description": "request body too large"},
+                         429: {"model": ErrorModel, "description": "the queue is full"},
+                         507: {"model": ErrorModel, "description": "no space left for the job's folder"}})
+    async def submit(request: Request) -> JSONResponse:
+        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if content_type == "application/json":
+            doc, inputs = await _json_submission(request)
+        elif content_type == "multipart/form-data":
+            doc, inputs = await _multipart_submission(request, settings.max_body_bytes)
+        else:
+            raise ApiError(415, f"unsupported content type {content_type!r}: send multipart/form-data (spec, image, depth) "
+                                "or application/json (a spec with local paths)")
+        if doc["generator"] not in settings.generators:
+            raise ApiError(400, "job spec is invalid (1 problem(s))",
+                           [Problem("generator", f"generator {doc['generator']!r} is not available in this engine; "
+                                                 f"available: {', '.join(settings.generators)}")])
+        try:
+            status = await run_in_threadpool(manager.submit, doc, inputs)
+        except ValidationError as exc:
+            raise ApiError(400, f"{exc.what} is invalid ({len(exc.problems)} problem(s))", exc.problems) from None
+        except QueueFull as exc:
+            raise ApiError(429, str(exc), headers={"Retry-After": "5"}) from None
+        except DiskFull as exc:
+            raise ApiError(507, str(exc)) from None
+        except JobConflict as exc:
+            raise ApiError(503, str(exc)) from None
+        except KeyframeWorldsError as exc:
+            raise ApiError(400, str(exc)) from None
+        doc = status.to_json()
+        doc["queue_position"] = manager.queue_position(status.id)
+        return JSONResponse(doc, status_code=201, headers={"Location": f"{API_PREFIX}/jobs/{status.id}"})
+
+    async def _json_submission(request: Request) -> tuple[dict, dict]:
+        if not is_loopback_client(request):
+            raise ApiError(403, "a spec with local paths is accepted from this machine only; upload the files (multipart) instead")
+        doc = parse_json(await request.body(), "request body")
+        base_dir = request.query_params.get("base_dir")
+        if base_dir is not None and not Path(base_dir).is_absolute():
+            raise ApiError(400, "request is invalid", [Problem("base_dir", f"must be an absolute folder, got {base_dir!r}")])
+        check_spec(doc, base_dir=None, check_files=False)
+        for key in ("image", "depth"):
+            value = doc["reference"].get(key)
+            if value is not None and not Path(value).is_absolute() and base_dir is None:
+                raise ApiError(400, "job spec is invalid (1 problem(s))",
+                               [Problem(f"reference.{key}", "is relative: give an absolute path, or base_dir in the query")])
+        base = Path(base_dir or "/")
+        check_spec(doc, base_dir=base, check_files=True)
+        inputs = {key: copier(base / doc["reference"][key]) for key in ("image", "depth") if doc["reference"].get(key)}
+        return doc, inputs
+
+    async def _multipart_submission(request: Request, limit: int) -> tuple[dict, dict]:
+        try:
+            form = await request.form(max_files=4, max_fields=8, max_part_size=limit)
+        except BodyTooLarge:
+            raise
+        except Exception as exc:  # malformed multipart in any of the parser's ways
+            raise ApiError(400, f"malformed multipart body: {getattr(exc, 'detail', None) or exc}") from None
+        unknown = sorted(set(form.keys()) - set(UPLOAD_FIELDS))
+        if unknown:
+            raise ApiError(400, "request is invalid", [Problem(k, f"unknown part; expected {', '.join(UPLOAD_FIELDS)}") for k in unknown])
+        for key in form.keys():
+            if len(form.getlist(key)) > 1:
+                raise ApiError(400, "request is invalid", [Problem(key, "given more than once")])
+        raw = form.get("spec")
+        if raw is None:
+            raise ApiError(400, "request is invalid", [Problem("spec", "is required: the job spec as JSON")])
+        if not isinstance(raw, str):
+            raw = await raw.read()
+        doc = parse_json(raw, "spec part")
+        check_spec(doc, base_dir=None, check_files=False)
+        inputs = {}
+        for key in ("image", "depth"):
+            named = doc["reference"].get(key)
+            part = form.get(key)
+            if named is not None and part is None:
+                raise ApiError(400, "request is invalid", [Problem(key, f"the spec names reference.{key} {named!r} but no '{key}' file was uploaded")])
+            if named is None and part is not None:
+                raise ApiError(400, "request is invalid", [Problem(key, f"a '{key}' file was uploaded but the spec names no reference.{key}")])
+            if part is None:
+                continue
+            if isinstance(part, str):
+                raise ApiError(400, "request is invalid", [Problem(key, "must be a file upload, not a text field")])
+            inputs[key] = upload_writer(part.file)
+        return doc, inputs
+
+    # --- read and cancel ---------------------------------------------------------------
+
+    @api.get("/jobs", response_model=JobListModel, tags=["jobs"], summary="Every job, oldest first")
+    def list_jobs() -> dict:
+        jobs = []
+        for status in manager.list():
+            doc = status.to_json()
+            doc["queue_position"] = manager.queue_position(status.id)
+            jobs.append(doc)
+        return {"jobs": jobs}
+
+    not_found = {404: {"model": ErrorModel, "description": "no such job"}}
+
+    @api.get("/jobs/{job_id}", response_model=JobStatusModel, tags=["jobs"], summary="A job's state", responses=not_found)
+    def get_job(job_id: str) -> dict:
+        return status_of(job_id_checked(job_id))
+
+    @api.post("/jobs/{job_id}/cancel", response_model=JobStatusModel, tags=["jobs"], summary="Cancel a job",
+              responses={**not_found, 409: {"model": ErrorModel, "description": "the job has already finished"}})
+    def cancel_job(job_id: str) -> dict:
+        try:
+            manager.cancel(job_id_checked(job_id))
+        except JobNotFound as exc:
+            raise ApiError(404, str(exc)) from None
+        except JobConflict as exc:
+            raise ApiError(409, str(exc)) from None
+        return status_of(job_id)
+
+    @api.get("/jobs/{job_id}/manifest", tags=["jobs"], summary="The result manifest of a completed job",
+             responses={200: {"description": "result manifest v1 (bridge/spec.py)", "content": {"application/json": {"schema": {"type": "object"}}}},
+                        **not_found, 409: {"model": ErrorModel, "description": "the job has not completed"}})
+    def get_manifest(job_id: str) -> JSONResponse:
+        status = status_of(job_id_checked(job_id))
+        if status["state"] != "completed":
+            raise ApiError(409, f"job {job_id} is {status['state']}; its manifest exists once it has completed")
+        path = manager.folder(job_id) / OUTPUT_DIRNAME / MANIFEST_FILENAME
+        try:
+            return JSONResponse(json.loads(path.read_text(encoding="utf-8")))
+        except (OSError, ValueError) as exc:
+            raise ApiError(404, f"job {job_id} has no readable manifest: {exc}") from None
+
+    @api.get("/jobs/{job_id}/files/{file_path:path}", tags=["jobs"], summary="A file of the result bundle",
+             responses={200: {"description": "the file", "content": {"application/octet-stream": {}}},
+                        400: {"model": ErrorModel, "description": "the path leaves the job's folder"}, **not_found})
+    def get_file(job_id: str, file_path: str) -> FileResponse:
+        job_id_checked(job_id)
+        try:
+            root = (manager.folder(job_id) / OUTPUT_DIRNAME).resolve()
+        except JobNotFound as exc:
+            raise ApiError(404, str(exc)) from None
+        target = bundle_file(root, file_path)
+        return FileResponse(target)
+
+    @api.get("/jobs/{job_id}/log", response_class=PlainTextResponse, tags=["jobs"], summary="The job's log", responses=not_found)
+    def get_log(job_id: str) -> PlainTextResponse:
+        job_id_checked(job_id)
+        try:
+            path = manager.folder(job_id) / LOG_FILENAME
+        except JobNotFound as exc:
+            raise ApiError(404, str(exc)) from None
+        try:
+            return PlainTextResponse(path.read_text(encoding="utf-8", errors="replace"))
+        except OSError:
+            return PlainTextResponse("")
+
+    @api.get("/openapi.json", include_in_schema=False)
+    def openapi_document() -> JSONResponse:
+        return JSONResponse(app.openapi())
+
+    app.include_router(api)
+    return app
+
+
+# --- helpers ------------------------------------------------------------------------------
+
+
+def parse_json(raw: bytes | str, what: str) -> Any:
+    try:
+        return json.loads(raw)
+    except UnicodeDecodeError:
+        raise ApiError(400, f"{what} is not UTF-8 text") from None
+    except json.JSONDecodeError as exc:
+        raise ApiError(400, f"{what} is not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}") from None
+    except (ValueError, RecursionError) as exc:
+        raise ApiError(400, f"{what} is not acceptable JSON: {type(exc).__name__}: {str(exc)[:200]}") from None
+
+
+def check_spec(doc: Any, base_dir, check_files: bool) -> None:
+    """The bridge validator decides; a spec with problems is answered 400 with all of them."""
+    problems = validate_job(doc, base_dir=base_dir, check_files=check_files)
+    if problems:
+        raise ApiError(400, f"job spec is invalid ({len(problems)} problem(s))", problems)
+
+
+def copier(source: Path) -> Callable[[Path], None]:
+    def write(target: Path) -> None:
+        shutil.copyfile(source, target)
+
+    return write
+
+
+def upload_writer(stream) -> Callable[[Path], None]:
+    def write(target: Path) -> None:
+        stream.seek(0)
+        with open(target, "wb") as fh:
+            shutil.copyfileobj(stream, fh, 1024 * 1024)
+
+    return write
+
+
+def bundle_file(root: Path, relative: str) -> Path:
+    """The file ``relative`` inside the bundle folder ``root``; refuses any path that leaves it."""
+    pure = PurePosixPath(relative)
+    if (not relative or "\\" in relative or "\x00" in relative or pure.is_absolute() or ".." in pure.parts
+            or (len(relative) > 1 and relative[1] == ":")):
+        raise ApiError(400, f"path {relative[:200]!r} is not a relative path inside the job's folder")
+    target = (root / relative).resolve()
+    if not target.is_relative_to(root):
+        raise ApiError(400, f"path {relative[:200]!r} leaves the job's folder")
+    if not target.is_file() or (target.name.startswith(".") and ".tmp-" in target.name):
+        raise ApiError(404, f"no file {relative[:200]!r} in the job's result bundle")
+    return target

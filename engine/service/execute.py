@@ -1,0 +1,47 @@
+"""The bridge between a worker and the job runner (``engine/runner.py``).
+
+The worker hands over the job's ``spec.json``, its bundle folder and the job's
+:class:`~.jobs.JobProgress`; this module loads the spec (reference paths point
+into the job's ``inputs/``), adapts progress to the runner's reporter and runs
+the job on the worker's device.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ...bridge.spec import load_job
+from .jobs import JobProgress
+
+# The runner's stage names, as a person reads them in a status.
+STAGE_WORDS = {
+    "reference": "reading the reference",
+    "memory": "building the 3D memory",
+    "generate": "generating frames",
+    "export": "writing the point cloud",
+    "done": "done",
+}
+
+
+def run_spec(spec_path: Path, out_dir: Path, progress: JobProgress, device: str) -> None:
+    from ..runner import ProgressReporter, run_job
+
+    class Reporter(ProgressReporter):
+        """Forwards every step to the job's progress, which raises there on cancel or shutdown."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self._stage: str | None = None
+
+        def report(self, stage: str, done: int, total: int, message: str = "") -> None:
+            if stage != self._stage:
+                self._stage = stage
+                progress.stage(STAGE_WORDS.get(stage, stage))
+                if message:
+                    progress.log(f"{stage}: {message}")
+            if stage == "generate":
+                progress.frames(done, total)
+            progress.check()
+
+    spec = load_job(spec_path)
+    run_job(spec, out_dir, progress=Reporter(), device=device)

@@ -1,0 +1,183 @@
+"""Run the service: bind, print ``READY port=N``, serve with uvicorn, stop cleanly.
+
+The socket is bound here (port 0 picks a free one) and handed to uvicorn, so
+the READY line can name the real port; it is printed once uvicorn has
+started, that is when requests are accepted.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import socket
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ...bridge.errors import KeyframeWorldsError
+
+log = logging.getLogger("keyframe_worlds.service")
+
+TOKEN_ENV = "KEYFRAME_WORLDS_TOKEN"
+MIN_TOKEN_LENGTH = 16
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    """Everything ``serve`` needs. devices: one worker each; None picks every GPU, else the CPU."""
+
+    job_root: Path
+    token: str
+    host: str = "127.0.0.1"
+    port: int = 0
+    allow_remote: bool = False
+    devices: tuple[str, ...] | None = None
+    queue_size: int = 32
+    max_body_bytes: int = 512 * 1024 * 1024
+    parent_pid: int | None = None
+
+
+def is_loopback_host(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def read_token(token_file: str | None) -> str:
+    """The token from ``--token-file`` or the environment; never from the command line."""
+    if token_file:
+        try:
+            token = Path(token_file).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise KeyframeWorldsError(f"cannot read the token file {token_file}: {exc.strerror or exc}") from None
+        source = f"token file {token_file}"
+    else:
+        token = os.environ.get(TOKEN_ENV, "").strip()
+        source = f"environment variable {TOKEN_ENV}"
+        if not token:
+            raise KeyframeWorldsError(f"no token: set {TOKEN_ENV} or pass --token-file (every request but health must carry it)")
+    if len(token) < MIN_TOKEN_LENGTH or any(c.isspace() for c in token):
+        raise KeyframeWorldsError(f"the token from the {source} must be at least {MIN_TOKEN_LENGTH} characters without spaces")
+    return token
+
+
+def detect_devices() -> list[str]:
+    """One worker device per CUDA GPU, else the CPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        return [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    return ["cpu"]
+
+
+def gpu_memory() -> list[dict]:
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return []
+        info = []
+        for i in range(torch.cuda.device_count()):
+            free, total = torch.cuda.mem_get_info(i)
+            info.append({"device": f"cuda:{i}", "name": torch.cuda.get_device_name(i), "free_bytes": int(free), "total_bytes": int(total)})
+        return info
+    except Exception:  # health must answer even when the driver misbehaves
+        return []
+
+
+def available_generators() -> tuple[str, ...]:
+    """The generators this engine can run: preview always; worldstereo when its pipeline is installed."""
+    import importlib.util
+
+    names = ["preview"]
+    try:
+        if importlib.util.find_spec("keyframe_worlds.engine.generators.worldstereo") is not None:
+            names.append("worldstereo")
+    except (ImportError, ValueError):
+        pass
+    return tuple(names)
+
+
+def bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    if sys.platform != "win32":
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise KeyframeWorldsError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    sock.listen(128)
+    sock.setblocking(False)
+    return sock
+
+
+def serve(config: ServiceConfig) -> int:
+    """Run until SIGINT/SIGTERM or the parent's death; returns the exit status."""
+    import asyncio
+
+    import uvicorn
+
+    from .app import AppSettings, create_app
+    from .execute import run_spec
+    from .jobs import JobManager
+    from .watchdog import watch_parent
+
+    if not is_loopback_host(config.host) and not config.allow_remote:
+        raise KeyframeWorldsError(f"refusing to listen on {config.host}: not a loopback address; pass --allow-remote to serve other machines")
+    if config.parent_pid is not None and config.parent_pid <= 0:
+        raise KeyframeWorldsError(f"--parent-pid must be a process id, got {config.parent_pid}")
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    devices = list(config.devices) if config.devices else detect_devices()
+    manager = JobManager(config.job_root, run_spec, devices, config.queue_size)
+    settings = AppSettings(token=config.token, max_body_bytes=config.max_body_bytes,
+                           generators=available_generators(), gpu_memory=gpu_memory)
+    app = create_app(manager, settings)
+    sock = bind(config.host, config.port)
+    port = sock.getsockname()[1]
+
+    class Server(uvicorn.Server):
+        async def startup(self, sockets=None):
+            await super().startup(sockets=sockets)
+            if not self.should_exit:
+                print(f"READY port={port}", flush=True)
+
+        async def shutdown(self, sockets=None):
+            await super().shutdown(sockets=sockets)
+            # Before uvicorn re-raises the stop signal: interrupt the running job so it
+            # is recorded as such (it resumes at the next start) and its temporary files go.
+            manager.stop(timeout=5.0)
+
+    uv_config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_keep_alive=30,
+                               limit_concurrency=512, timeout_graceful_shutdown=3, lifespan="off")
+    server = Server(uv_config)
+
+    if config.parent_pid is not None:
+        def parent_gone() -> None:
+            log.warning("parent process %d has exited: stopping the engine", config.parent_pid)
+            server.should_exit = True
+            manager.stopping.set()
+            # Whatever still runs after this grace period is cut short: every output is
+            # written atomically and checkpointed, so a hard exit loses no finished work.
+            timer = threading.Timer(2.5, lambda: os._exit(3))
+            timer.daemon = True
+            timer.start()
+
+        watch_parent(config.parent_pid, parent_gone)
+
+    manager.start()
+    log.info("serving %s on http://%s:%d with %s worker(s) on %s", config.job_root, config.host, port, len(devices), ", ".join(devices))
+    try:
+        asyncio.run(server.serve(sockets=[sock]))
+    finally:
+        manager.stop(timeout=5.0)
+        sock.close()
+    return 0
