@@ -12,28 +12,33 @@ from __future__ import annotations
 
 
 def _modules():
-    from . import operators, panels
+    from . import jobs_ui, operators, panels, preferences, properties
 
-    return (operators, panels)
+    return (properties, preferences, operators, jobs_ui, panels)
 
 
 def register() -> None:
     import bpy
 
-    from . import headless
+    from . import headless, panels, properties
 
     for module in _modules():
         for cls in module.classes:
             bpy.utils.register_class(cls)
+    properties.register_properties()
+    panels.register_status_bar()
     headless.register_blender_command()
 
 
 def unregister() -> None:
     import bpy
 
-    from . import headless
+    from . import headless, jobs_ui, panels, properties
 
+    jobs_ui.stop_all()
     headless.unregister_blender_command()
+    panels.unregister_status_bar()
+    properties.unregister_properties()
     for module in reversed(_modules()):
         for cls in reversed(module.classes):
             bpy.utils.unregister_class(cls)

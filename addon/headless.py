@@ -15,8 +15,6 @@ This module imports ``bpy`` only inside the command handlers.
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -25,7 +23,6 @@ from ..bridge.formats import FORMATS
 from .choices import CAMERA_SOURCES, GENERATORS
 
 BLENDER_COMMAND = "keyframe_worlds"
-ENGINE_PYTHON_ENV = "KEYFRAME_WORLDS_ENGINE_PYTHON"
 _registered = []
 
 
@@ -63,7 +60,7 @@ def add_scene_commands(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--depth", choices=("scene", "none"), default="scene", help="depth of the rendered reference from the scene")
     g.add_argument("--depth-file", help="reference depth file (.npy z-depth in metres, or .exr)")
     g.add_argument("--samples", type=int, default=16, help="Cycles samples for the reference render")
-    g.add_argument("--engine-python", help=f"the engine's Python (default: ${ENGINE_PYTHON_ENV}, else this Python)")
+    g.add_argument("--engine-python", help="the engine's Python (default: $KEYFRAME_WORLDS_ENGINE_PYTHON, else this Python)")
     g.add_argument("--import", dest="import_result", action="store_true", help="import the result and save the file")
     g.set_defaults(scene_handler=cmd_generate)
 
@@ -184,18 +181,10 @@ def cmd_trajectory(args) -> int:
     return 0
 
 
-def engine_python(explicit: str | None = None) -> str:
-    """The engine's Python: explicit, else ``$KEYFRAME_WORLDS_ENGINE_PYTHON``, else this interpreter."""
-    path = explicit or os.environ.get(ENGINE_PYTHON_ENV) or sys.executable
-    if not Path(path).is_file():
-        raise KeyframeWorldsError(f"engine Python not found: {path} (set --engine-python or ${ENGINE_PYTHON_ENV})")
-    return path
-
-
 def cmd_generate(args) -> int:
     import bpy
 
-    from .jobs import JobSettings, prepare_job
+    from .jobs import JobSettings, prepare_job, run_engine_offline
 
     scene = bpy.context.scene
     out = Path(args.out).resolve()
@@ -210,12 +199,7 @@ def cmd_generate(args) -> int:
     prepared = prepare_job(scene, settings, out, selected=selected)
     _print_warnings(prepared.warnings)
     print(f"job: {prepared.spec_path} ({sum(len(t) for t in prepared.spec.trajectories)} frames)", flush=True)
-    bundle = out / "bundle"
-    command = [engine_python(args.engine_python), "-m", "keyframe_worlds.cli", "run", str(prepared.spec_path), "--out", str(bundle)]
-    proc = subprocess.run(command, stdout=sys.stdout, stderr=subprocess.PIPE, text=True)
-    if proc.returncode != 0:
-        message = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit status {proc.returncode}"
-        raise KeyframeWorldsError(f"the engine failed: {message}")
+    bundle = run_engine_offline(prepared.spec_path, out / "bundle", args.engine_python)
     print(f"bundle: {bundle}", flush=True)
     if args.import_result:
         from .importers import import_bundle

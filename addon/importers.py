@@ -129,8 +129,15 @@ def attach_video(scene, camera: bpy.types.Object, trajectory: Trajectory, frame_
     bg = data.background_images.new()
     bg.source = "IMAGE"
     bg.image = image
+    last = int(trajectory.frames[-1])
     bg.image_user.frame_start = first
-    bg.image_user.frame_duration = len(frame_files)
+    if _file_number(frame_files[0]) == first and _file_number(frame_files[-1]) == last:
+        # Files numbered by scene frame: scene frame f shows file f (Blender reads file f - start + 1 + offset),
+        # so a trajectory sampled every Nth frame still lines up.
+        bg.image_user.frame_offset = first - 1
+        bg.image_user.frame_duration = last - first + 1
+    else:
+        bg.image_user.frame_duration = len(frame_files)
     bg.image_user.use_auto_refresh = True
     bg.alpha = 1.0
     if video is not None and video.is_file():
@@ -147,6 +154,14 @@ def attach_video(scene, camera: bpy.types.Object, trajectory: Trajectory, frame_
             clip_bg.alpha = 1.0
             bg.show_background_image = False  # the clip is the one shown; the sequence stays available
     return warnings
+
+
+def _file_number(path: Path) -> int | None:
+    stem = path.stem
+    end = len(stem)
+    while end > 0 and stem[end - 1].isdigit():
+        end -= 1
+    return int(stem[end:]) if end < len(stem) else None
 
 
 # --- depth-textured meshes ------------------------------------------------------------
@@ -212,7 +227,9 @@ def _textured_material(name: str, image_path: Path) -> bpy.types.Material:
     out = nodes.new("ShaderNodeOutputMaterial")
     emit = nodes.new("ShaderNodeEmission")
     tex = nodes.new("ShaderNodeTexImage")
-    tex.image = bpy.data.images.load(str(image_path), check_existing=True)
+    # Its own still image: the same file may also be the first of a camera's background sequence.
+    tex.image = bpy.data.images.load(str(image_path), check_existing=False)
+    tex.image.name = name
     tex.interpolation = "Closest"
     tree.links.new(tex.outputs["Color"], emit.inputs["Color"])
     tree.links.new(emit.outputs["Emission"], out.inputs["Surface"])

@@ -96,3 +96,34 @@ def _copy_into(source: str, out: Path, stem: str, what: str) -> str:
     if src.resolve() != target.resolve():
         shutil.copyfile(src, target)
     return target.name
+
+
+ENGINE_PYTHON_ENV = "KEYFRAME_WORLDS_ENGINE_PYTHON"
+
+
+def engine_python(explicit: str | None = None) -> str:
+    """The engine's Python: explicit, else ``$KEYFRAME_WORLDS_ENGINE_PYTHON``, else this interpreter."""
+    import os
+    import sys
+
+    path = explicit or os.environ.get(ENGINE_PYTHON_ENV) or sys.executable
+    if not Path(path).is_file():
+        raise KeyframeWorldsError(f"engine Python not found: {path} (set it in the preferences or ${ENGINE_PYTHON_ENV})")
+    return path
+
+
+def run_engine_offline(spec_path: str | Path, bundle_dir: str | Path, python: str | None = None, device: str = "auto") -> Path:
+    """Run a prepared job in the engine's own Python (``keyframe-worlds run``), its progress bar on this terminal.
+
+    Blocks until the engine exits; for batch use. The UI talks to the engine
+    service instead, so that Blender never waits.
+    """
+    import subprocess
+    import sys
+
+    command = [engine_python(python), "-m", "keyframe_worlds.cli", "run", str(spec_path), "--out", str(bundle_dir), "--device", device]
+    proc = subprocess.run(command, stdout=sys.stdout, stderr=subprocess.PIPE, text=True)
+    if proc.returncode != 0:
+        lines = [l for l in proc.stderr.strip().splitlines() if l.strip()]
+        raise KeyframeWorldsError(f"the engine failed: {lines[-1] if lines else f'exit status {proc.returncode}'}")
+    return Path(bundle_dir)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import bpy
 from bpy.props import EnumProperty, IntProperty, StringProperty
 from bpy_extras.io_utils import ExportHelper, ImportHelper
@@ -81,3 +83,55 @@ class KFW_OT_import_trajectory(bpy.types.Operator, ImportHelper):
 
 
 classes = (KFW_OT_export_trajectory, KFW_OT_import_trajectory)
+
+
+class KFW_OT_import_result(bpy.types.Operator):
+    """Import a result bundle: video on the cameras, depth meshes and the point cloud, in one collection per job"""
+
+    bl_idname = "keyframe_worlds.import_result"
+    bl_label = "Import Result"
+    bl_options = {"REGISTER", "UNDO"}
+
+    directory: StringProperty(name="Bundle Folder", subtype="DIR_PATH")
+    mesh_every: IntProperty(name="Mesh Every", default=8, min=1, description="A depth mesh every N frames")
+    mesh_stride: IntProperty(name="Mesh Stride", default=4, min=1, description="A mesh vertex every N pixels")
+
+    def invoke(self, context, event):
+        last = context.scene.keyframe_worlds.last_job_dir if hasattr(context.scene, "keyframe_worlds") else ""
+        if last and not self.directory:
+            self.directory = str(Path(bpy.path.abspath(last)) / "bundle")
+        context.window_manager.fileselect_add(self)
+        return {"RUNNING_MODAL"}
+
+    def execute(self, context):
+        from .importers import ImportOptions, import_bundle
+
+        try:
+            result = import_bundle(context.scene, bpy.path.abspath(self.directory),
+                                   ImportOptions(mesh_every=self.mesh_every, mesh_stride=self.mesh_stride))
+        except KeyframeWorldsError as exc:
+            self.report({"ERROR"}, str(exc))
+            return {"CANCELLED"}
+        for warning in result.warnings:
+            self.report({"WARNING"}, warning)
+        self.report({"INFO"}, f"Imported into collection {result.collection.name!r}")
+        return {"FINISHED"}
+
+
+class KFW_OT_open_folder(bpy.types.Operator):
+    """Open the last job's folder in the system's file browser"""
+
+    bl_idname = "keyframe_worlds.open_folder"
+    bl_label = "Open Folder"
+
+    def execute(self, context):
+        props = context.scene.keyframe_worlds
+        folder = bpy.path.abspath(props.last_job_dir or props.output_dir)
+        if not folder or not Path(folder).is_dir():
+            self.report({"ERROR"}, f"folder not found: {folder or '(no job yet)'}")
+            return {"CANCELLED"}
+        bpy.ops.wm.path_open(filepath=folder)
+        return {"FINISHED"}
+
+
+classes = classes + (KFW_OT_import_result, KFW_OT_open_folder)

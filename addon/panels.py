@@ -1,8 +1,28 @@
-"""The Keyframe Worlds panel in the 3D View sidebar."""
+"""The Keyframe Worlds panel in the 3D View sidebar, and the progress mirrored in the status bar."""
 
 from __future__ import annotations
 
 import bpy
+
+RUNNING_STATES = ("pending", "running")
+
+
+def progress_text(props) -> str:
+    """``"generate 12/96 frames, 0:41 left"``: the stage, frames done and time left of the job."""
+    parts = [props.stage or props.state]
+    if props.frames_total:
+        parts.append(f"{props.frames_done}/{props.frames_total} frames")
+    if props.seconds_left >= 0:
+        minutes, seconds = divmod(int(props.seconds_left + 0.5), 60)
+        parts.append(f"{minutes}:{seconds:02d} left")
+    return ", ".join(p for p in parts if p)
+
+
+def draw_progress(layout, props) -> None:
+    if hasattr(layout, "progress"):
+        layout.progress(factor=props.progress, type="BAR", text=progress_text(props))
+    else:  # Blender before 4.0 has no progress widget
+        layout.label(text=f"{props.progress:.0%} {progress_text(props)}")
 
 
 class KFW_PT_main(bpy.types.Panel):
@@ -14,13 +34,79 @@ class KFW_PT_main(bpy.types.Panel):
 
     def draw(self, context):
         layout = self.layout
-        scene = context.scene
+        layout.use_property_split = True
+        layout.use_property_decorate = False
+        props = context.scene.keyframe_worlds
+        running = props.state in RUNNING_STATES
+
         col = layout.column(align=True)
-        col.label(text=f"Camera: {scene.camera.name if scene.camera else 'none'}")
-        col.label(text=f"Frames {scene.frame_start}-{scene.frame_end}")
-        col = layout.column(align=True)
+        col.enabled = not running
+        col.prop(props, "cameras")
+        col.prop(props, "use_scene_range")
+        if not props.use_scene_range:
+            col.prop(props, "frame_start")
+            col.prop(props, "frame_end")
+        col.prop(props, "frame_step")
+        col.separator()
+        col.prop(props, "reference")
+        if props.reference == "FILE":
+            col.prop(props, "reference_path")
+        col.prop(props, "depth")
+        if props.depth == "FILE":
+            col.prop(props, "depth_path")
+        col.separator()
+        col.prop(props, "prompt")
+        col.prop(props, "generator")
+        col.prop(props, "seed")
+        col.prop(props, "job_name")
+        col.prop(props, "output_dir")
+
+        row = layout.row(align=True)
+        row.scale_y = 1.3
+        if running:
+            row.operator("keyframe_worlds.cancel", icon="CANCEL")
+        else:
+            row.operator("keyframe_worlds.generate", icon="PLAY")
+        row = layout.row(align=True)
+        row.operator("keyframe_worlds.import_result", icon="IMPORT")
+        row.operator("keyframe_worlds.open_folder", icon="FILE_FOLDER")
+        if props.state:
+            draw_progress(layout, props)
+            if props.message:
+                box = layout.box()
+                box.label(text=props.message, icon="ERROR" if props.state == "failed" else "INFO")
+
+
+class KFW_PT_trajectories(bpy.types.Panel):
+    bl_idname = "KFW_PT_trajectories"
+    bl_label = "Trajectory Files"
+    bl_space_type = "VIEW_3D"
+    bl_region_type = "UI"
+    bl_category = "Keyframe Worlds"
+    bl_parent_id = "KFW_PT_main"
+    bl_options = {"DEFAULT_CLOSED"}
+
+    def draw(self, context):
+        col = self.layout.column(align=True)
         col.operator("keyframe_worlds.export_trajectory", icon="EXPORT")
         col.operator("keyframe_worlds.import_trajectory", icon="IMPORT")
 
 
-classes = (KFW_PT_main,)
+def draw_status_bar(self, context):
+    """Mirror a running job's progress in the status bar."""
+    props = getattr(context.scene, "keyframe_worlds", None)
+    if props is not None and props.state in RUNNING_STATES:
+        row = self.layout.row()
+        row.label(text="Keyframe Worlds")
+        draw_progress(row, props)
+
+
+def register_status_bar() -> None:
+    bpy.types.STATUSBAR_HT_header.append(draw_status_bar)
+
+
+def unregister_status_bar() -> None:
+    bpy.types.STATUSBAR_HT_header.remove(draw_status_bar)
+
+
+classes = (KFW_PT_main, KFW_PT_trajectories)

@@ -1,9 +1,10 @@
-"""`make demo`: build a small previs scene, take its cameras' trajectories, render the reference, make a job.
+"""`make demo`: build a small previs scene, generate its world along the cameras, and bring it back into Blender.
 
 Runs with the `bpy` module from PyPI, through the same functions the add-on's
-operators call. Each step prints what it computed; nothing is printed that was
-not computed. Where a later stage of the pipeline is not in this checkout yet,
-the demo says so and stops there.
+operators and headless commands call (prepare_job, the engine in its own
+process, import_bundle). Each step prints what it computed. Writes into
+--out: job/ (job.json, reference, bundle/), trajectories/, demo.blend,
+videos/, contact_sheet.png and world.png.
 
     .venv/bin/python scripts/demo.py --out demo_out [--frames 120] [--size 480x270]
 """
@@ -121,9 +122,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import bpy
 
-    from keyframe_worlds.addon.reference import render_reference
-    from keyframe_worlds.addon.scene_cameras import extract_trajectory, frame_range
-    from keyframe_worlds.bridge import spec
+    from keyframe_worlds.addon.importers import import_bundle
+    from keyframe_worlds.addon.jobs import JobSettings, prepare_job, run_engine_offline
     from keyframe_worlds.bridge.formats import FORMATS, write_trajectories
 
     t0 = time.perf_counter()
@@ -131,54 +131,113 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[scene] {len(scene.objects)} objects, {args.frames} frames at {width}x{height} ({time.perf_counter() - t0:.2f} s)")
 
     t0 = time.perf_counter()
-    frames = frame_range(scene)
-    marker_frame = next(m.frame for m in scene.timeline_markers if m.camera == crane)
-    trajectories = [
-        extract_trajectory(scene, dolly, frames),
-        extract_trajectory(scene, crane, [f for f in frames if f >= marker_frame]),
-    ]
-    travelled = float(np.linalg.norm(np.diff(trajectories[0].c2w_opencv[:, :3, 3], axis=0), axis=1).sum())
-    print(f"[trajectories] Dolly: {len(trajectories[0])} frames, {travelled:.1f} m travelled; "
-          f"Crane: {len(trajectories[1])} frames from marker frame {marker_frame} ({time.perf_counter() - t0:.2f} s)")
-
-    t0 = time.perf_counter()
-    ref = render_reference(scene, dolly, scene.frame_start, out, samples=args.samples)
-    depth = np.load(ref.depth)
+    settings = JobSettings(name="demo", cameras="MARKERS", reference="RENDER", depth="SCENE", samples=args.samples,
+                           prompt="a street of blockout buildings on a clear day")
+    prepared = prepare_job(scene, settings, out / "job")
+    trajectories = prepared.spec.trajectories
+    depth = np.load(prepared.spec.reference.depth)
     hit = depth > 0
-    print(f"[reference] {ref.image.name} {ref.width}x{ref.height}, depth {depth[hit].min():.2f}-{depth[hit].max():.2f} m "
-          f"on {hit.mean():.0%} of pixels ({time.perf_counter() - t0:.2f} s)")
-
+    print(f"[job] {', '.join(f'{t.name}: frames {t.frames[0]}-{t.frames[-1]}' for t in trajectories)}; reference "
+          f"{width}x{height} rendered with depth {depth[hit].min():.1f}-{depth[hit].max():.1f} m on {hit.mean():.0%} of pixels; "
+          f"{prepared.spec_path} validated ({time.perf_counter() - t0:.2f} s)")
     for fmt in FORMATS:
         target = out / "trajectories" / (fmt if fmt in ("colmap", "worldstereo") else f"{fmt}.json")
         write_trajectories(trajectories, target, fmt)
     print(f"[trajectories] written as {', '.join(FORMATS)} under {out / 'trajectories'}")
 
-    job = {
-        "version": spec.JOB_VERSION,
-        "name": "demo",
-        "generator": "preview",
-        "prompt": "a street of blockout buildings on a clear day",
-        "seed": 0,
-        "reference": {"image": ref.image.name, "depth": ref.depth.name, "trajectory": "Dolly", "frame": scene.frame_start},
-        "trajectories": [t.to_json() for t in trajectories],
-    }
-    problems = spec.validate_job(job, base_dir=out)
-    if problems:
-        print("[job] the demo's own job spec is invalid:", *problems, sep="\n  ", file=sys.stderr)
-        return 1
-    spec.write_json_atomic(out / "job.json", job)
-    print(f"[job] {out / 'job.json'} validated by the bridge (generator 'preview', {sum(len(t) for t in trajectories)} frames)")
+    t0 = time.perf_counter()
+    bundle = run_engine_offline(prepared.spec_path, out / "job" / "bundle", device="cpu")
+    frames_total = sum(len(t) for t in trajectories)
+    gen_s = time.perf_counter() - t0
+    print(f"[engine] {frames_total} frames generated with 'preview' in {gen_s:.1f} s ({frames_total / gen_s:.1f} frames/s)")
+
+    t0 = time.perf_counter()
+    result = import_bundle(scene, bundle)
+    points = len(result.point_cloud.data.points) if result.point_cloud is not None else 0
+    print(f"[import] collection {result.collection.name!r}: {len(result.cameras)} cameras with video, "
+          f"{len(result.meshes)} depth meshes, {points:,} points ({time.perf_counter() - t0:.2f} s)")
     bpy.ops.wm.save_as_mainfile(filepath=str(out / "demo.blend"))
     print(f"[blend] {out / 'demo.blend'}")
 
-    try:
-        from keyframe_worlds.engine import runner  # noqa: F401  (the job runner: engine geometry issue)
-    except ImportError:
-        print("[engine] the job runner is not in this checkout yet: generation and import are not run.")
-    else:
-        print("[engine] run it with: .venv/bin/keyframe-worlds run", out / "job.json", "--out", out / "bundle")
-    print(f"[done] {time.perf_counter() - started:.1f} s")
+    videos = out / "videos"
+    videos.mkdir(exist_ok=True)
+    for mp4 in sorted((bundle / "video").glob("*.mp4")):
+        (videos / mp4.name).write_bytes(mp4.read_bytes())
+    print(f"[videos] {', '.join(p.name for p in sorted(videos.glob('*.mp4')))} in {videos}")
+
+    contact_sheet(bundle, prepared.spec.reference.image, out / "contact_sheet.png")
+    print(f"[contact sheet] {out / 'contact_sheet.png'}")
+    t0 = time.perf_counter()
+    render_world(scene, result.collection, out / "world.png", width, height, samples=args.samples)
+    print(f"[world] {out / 'world.png'}: the imported point cloud and meshes from a third viewpoint ({time.perf_counter() - t0:.1f} s)")
+    print(f"[done] {time.perf_counter() - started:.1f} s in all")
     return 0
+
+
+def contact_sheet(bundle: Path, reference: str, path: Path, rows: int = 4) -> None:
+    """Reference, then for a few frames: generated frame and its depth, side by side."""
+    from PIL import Image
+
+    from keyframe_worlds.bridge.spec import load_manifest
+
+    manifest = load_manifest(bundle)
+    picks = []
+    for rt in manifest.trajectories:
+        for i in np.linspace(0, len(rt.frames) - 1, max(1, rows // len(manifest.trajectories)), dtype=int):
+            picks.append((rt.trajectory.name, rt.frames[i]))
+    ref = Image.open(reference).convert("RGB")
+    w, h = ref.size
+    sheet = Image.new("RGB", (w * 3, h * len(picks)), (20, 20, 20))
+    for row, (name, f) in enumerate(picks):
+        if row == 0:
+            sheet.paste(ref, (0, 0))
+        sheet.paste(Image.open(bundle / f.image).convert("RGB").resize((w, h)), (w, row * h))
+        d = np.load(bundle / f.depth_npy)
+        valid = d > 0
+        lo, hi = (np.percentile(d[valid], 2), np.percentile(d[valid], 98)) if valid.any() else (0.0, 1.0)
+        norm = np.clip((d - lo) / max(hi - lo, 1e-6), 0, 1)
+        # Near is bright, far is dark; no depth is black.
+        gray = np.where(valid, 255 * (1 - norm) * 0.9 + 25, 0).astype(np.uint8)
+        sheet.paste(Image.fromarray(gray).convert("RGB").resize((w, h)), (2 * w, row * h))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(path)
+
+
+def render_world(scene, collection, path: Path, width: int, height: int, samples: int) -> None:
+    """Render only the imported world (points and meshes) from a high three-quarter view, with Cycles on the CPU."""
+    import bpy
+
+    shown = set(collection.all_objects)
+    hidden = [o for o in scene.objects if o not in shown and o.type != "CAMERA" and not o.hide_render]
+    for o in hidden:
+        o.hide_render = True
+    cam = bpy.data.objects.new("World View", bpy.data.cameras.new("World View"))
+    scene.collection.objects.link(cam)
+    cam.data.lens = 22
+    cam.location = (-26.0, -30.0, 24.0)
+    cam.rotation_euler = (math.radians(58), 0.0, math.radians(-38))
+    saved = (scene.camera, scene.render.engine, scene.render.filepath, scene.cycles.samples, scene.render.resolution_x,
+             scene.render.resolution_y)
+    markers = [(m, m.camera) for m in scene.timeline_markers if m.camera is not None]
+    try:
+        for m, _ in markers:
+            m.camera = None
+        scene.camera = cam
+        scene.render.engine = "CYCLES"
+        scene.cycles.device = "CPU"
+        scene.cycles.samples = samples
+        scene.render.resolution_x, scene.render.resolution_y = width, height
+        scene.render.image_settings.file_format = "PNG"
+        scene.render.filepath = str(path)
+        bpy.ops.render.render(write_still=True)
+    finally:
+        (scene.camera, scene.render.engine, scene.render.filepath, scene.cycles.samples, scene.render.resolution_x,
+         scene.render.resolution_y) = saved
+        for m, c in markers:
+            m.camera = c
+        for o in hidden:
+            o.hide_render = False
+        bpy.data.objects.remove(cam)
 
 
 if __name__ == "__main__":

@@ -130,7 +130,9 @@ def test_existing_camera_gets_the_video(blank_blend, tmp_path):
     bpy.context.scene.collection.objects.link(own)
     result = import_bundle(bpy.context.scene, tmp_path)
     assert result.cameras[0] == own and own.users_collection[0] == bpy.context.scene.collection
-    assert own.data.background_images[0].image_user.frame_start == 10
+    user = own.data.background_images[0].image_user
+    # Sampled every 2nd frame, files named by scene frame: frame f shows file f.
+    assert (user.frame_start, user.frame_offset, user.frame_duration) == (10, 9, 5)
 
 
 def test_bad_bundle_is_a_clear_error(blank_blend, tmp_path):

@@ -21,6 +21,8 @@ module = "bl_ext.user_default.keyframe_worlds"
 result["enabled"] = module in {a.module for a in bpy.context.preferences.addons}
 result["operators"] = sorted(op for op in dir(bpy.ops.keyframe_worlds))
 result["panel"] = hasattr(bpy.types, "KFW_PT_main")
+result["scene_props"] = hasattr(bpy.context.scene, "keyframe_worlds")
+result["prefs"] = bpy.context.preferences.addons[module].preferences is not None
 result["export_op_registered"] = hasattr(bpy.types, "KEYFRAME_WORLDS_OT_export_trajectory")
 # The operators run from the installed copy: export the default scene's camera.
 bpy.ops.wm.read_homefile(app_template="")
@@ -30,6 +32,7 @@ result["exported_frames"] = len(json.load(open(out))["trajectories"][0]["frames"
 addon_utils.disable(module, default_set=True)
 result["after_disable"] = {
     "panel": hasattr(bpy.types, "KFW_PT_main"),
+    "scene_props": hasattr(bpy.types.Scene, "keyframe_worlds"),
     "export_op_registered": hasattr(bpy.types, "KEYFRAME_WORLDS_OT_export_trajectory"),
     "enabled": module in {a.module for a in bpy.context.preferences.addons},
 }
@@ -64,8 +67,9 @@ def test_build_validate_install_enable_unregister(tmp_path):
     result = json.loads(line[len("RESULT-JSON "):])
     assert result["install"] == ["FINISHED"]
     assert result["enabled"] and result["panel"] and result["export_op_registered"]
-    assert {"export_trajectory", "import_trajectory"} <= set(result["operators"])
+    assert {"export_trajectory", "import_trajectory", "generate", "cancel", "import_result", "open_folder"} <= set(result["operators"])
     assert result["export"] == ["FINISHED"] and result["exported_frames"] == 250
-    assert result["after_disable"] == {"panel": False, "export_op_registered": False, "enabled": False}
+    assert result["scene_props"] and result["prefs"]
+    assert result["after_disable"] == {"panel": False, "scene_props": False, "export_op_registered": False, "enabled": False}
     # Installed into the isolated user folder, not the machine's.
     assert (tmp_path / "blender_user" / "extensions" / "user_default" / "keyframe_worlds" / "blender_manifest.toml").is_file()

@@ -1,0 +1,187 @@
+"""Generate and Cancel in the UI: the engine works in its own process, a timer polls it on the main thread.
+
+Nothing here blocks Blender while a job runs. ``Generate`` prepares the job
+(trajectories, reference render), makes sure an engine is reachable (the one
+in the preferences' URL, or one it starts with the engine Python), submits
+the job and registers a ``bpy.app.timers`` callback. That callback is the
+only code that touches Blender data while the job runs: it copies the job's
+status into the scene's properties (which the panel and the status bar
+draw) and, when the job has completed, imports the bundle.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import bpy
+
+from ..bridge.errors import KeyframeWorldsError
+
+POLL_INTERVAL_S = 0.5
+FINISHED_STATES = ("completed", "failed", "cancelled")
+
+
+@dataclass
+class ActiveJob:
+    scene_name: str
+    job_id: str
+    job_dir: Path
+    client: object  # bridge.client.EngineClient
+
+
+_active: dict[str, ActiveJob] = {}  # by scene name
+_engine = {"process": None, "client": None}
+
+
+def engine_client(context):
+    """A client for a healthy engine: the preferences' URL, else one started with the engine Python (kept for the session)."""
+    from ..bridge.client import EngineClient
+    from ..bridge.engine_process import EngineProcess
+    from .jobs import engine_python
+    from .preferences import preferences
+
+    prefs = preferences(context)
+    if prefs is not None and prefs.engine_url:
+        token = Path(bpy.path.abspath(prefs.engine_token_file)).read_text().strip() if prefs.engine_token_file else ""
+        client = EngineClient(prefs.engine_url, token)
+        client.health()
+        return client
+    process = _engine["process"]
+    if process is None or not process.is_running():
+        job_root = Path(bpy.app.tempdir or "/tmp") / "keyframe_worlds_engine"
+        process = EngineProcess(python=engine_python(prefs.engine_python if prefs else None), job_root=job_root,
+                                device=prefs.device if prefs else "auto")
+        process.start()
+        _engine["process"] = process
+        _engine["client"] = process.client()
+    return _engine["client"]
+
+
+def start_job(context) -> ActiveJob:
+    """Prepare the scene's job and submit it; the timer takes over from here."""
+    from .jobs import prepare_job
+
+    scene = context.scene
+    props = scene.keyframe_worlds
+    if scene.name in _active:
+        raise KeyframeWorldsError("a job is already running for this scene; cancel it first")
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    job_dir = Path(bpy.path.abspath(props.output_dir)) / f"{props.job_name}-{stamp}"
+    prepared = prepare_job(scene, props.to_settings(scene), job_dir, selected=context.selected_objects)
+    client = engine_client(context)
+    job_id = client.submit_job(prepared.spec_path)
+    job = ActiveJob(scene.name, job_id, job_dir, client)
+    _active[scene.name] = job
+    props.state, props.stage, props.progress, props.message = "pending", "queued", 0.0, ""
+    props.frames_done, props.frames_total, props.seconds_left = 0, 0, -1.0
+    props.last_job_dir = str(job_dir)
+    if not bpy.app.timers.is_registered(_poll):
+        bpy.app.timers.register(_poll, first_interval=POLL_INTERVAL_S)
+    return job
+
+
+def cancel_job(scene) -> None:
+    job = _active.get(scene.name)
+    if job is None:
+        raise KeyframeWorldsError("no job is running for this scene")
+    job.client.cancel_job(job.job_id)
+    scene.keyframe_worlds.stage = "cancelling"
+
+
+def _poll() -> float | None:
+    """Timer callback (main thread): copy every active job's status into its scene, import finished results."""
+    for scene_name, job in list(_active.items()):
+        scene = bpy.data.scenes.get(scene_name)
+        if scene is None:
+            _active.pop(scene_name, None)
+            continue
+        props = scene.keyframe_worlds
+        try:
+            status = job.client.job_status(job.job_id)
+        except KeyframeWorldsError as exc:
+            props.state, props.message = "failed", f"lost the engine: {exc}"
+            _active.pop(scene_name, None)
+            continue
+        props.state = status["state"]
+        props.stage = status.get("stage") or ""
+        props.progress = float(status.get("progress") or 0.0)
+        props.frames_done = int(status.get("frames_done") or 0)
+        props.frames_total = int(status.get("frames_total") or 0)
+        eta = status.get("eta_s")
+        props.seconds_left = -1.0 if eta is None else float(eta)
+        if status["state"] in FINISHED_STATES:
+            _active.pop(scene_name, None)
+            if status["state"] == "completed":
+                _finish(scene, job)
+            else:
+                props.message = status.get("error") or status["state"]
+    _redraw()
+    return POLL_INTERVAL_S if _active else None
+
+
+def _finish(scene, job: ActiveJob) -> None:
+    from .importers import import_bundle
+
+    props = scene.keyframe_worlds
+    try:
+        bundle = job.client.download_bundle(job.job_id, job.job_dir / "bundle")
+        result = import_bundle(scene, bundle)
+    except KeyframeWorldsError as exc:
+        props.state, props.message = "failed", f"the result could not be imported: {exc}"
+        return
+    props.message = f"imported into {result.collection.name}"
+
+
+def _redraw() -> None:
+    wm = bpy.context.window_manager
+    for window in getattr(wm, "windows", []):
+        for area in window.screen.areas:
+            if area.type in ("VIEW_3D", "STATUSBAR"):
+                area.tag_redraw()
+
+
+def stop_all() -> None:
+    """On unregister and exit: stop polling and stop the engine this session started."""
+    _active.clear()
+    if bpy.app.timers.is_registered(_poll):
+        bpy.app.timers.unregister(_poll)
+    process = _engine["process"]
+    if process is not None:
+        process.stop()
+    _engine["process"] = _engine["client"] = None
+
+
+class KFW_OT_generate(bpy.types.Operator):
+    """Generate the world along the chosen cameras (the engine works in the background)"""
+
+    bl_idname = "keyframe_worlds.generate"
+    bl_label = "Generate"
+
+    def execute(self, context):
+        try:
+            job = start_job(context)
+        except KeyframeWorldsError as exc:
+            self.report({"ERROR"}, str(exc))
+            return {"CANCELLED"}
+        self.report({"INFO"}, f"Job {job.job_id} submitted; results go to {job.job_dir}")
+        return {"FINISHED"}
+
+
+class KFW_OT_cancel(bpy.types.Operator):
+    """Cancel the running job (finished segments stay on disk)"""
+
+    bl_idname = "keyframe_worlds.cancel"
+    bl_label = "Cancel"
+
+    def execute(self, context):
+        try:
+            cancel_job(context.scene)
+        except KeyframeWorldsError as exc:
+            self.report({"ERROR"}, str(exc))
+            return {"CANCELLED"}
+        return {"FINISHED"}
+
+
+classes = (KFW_OT_generate, KFW_OT_cancel)
