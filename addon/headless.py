@@ -5,8 +5,9 @@ Both parse the same arguments and call the same functions the operators call
 ``importers.import_bundle``). Commands:
 
 - ``trajectory``: write the chosen cameras' trajectories in any bridge format.
-- ``generate``: prepare the job from the scene and run it in the engine (its own
-  Python, a separate process), progress on stdout, non-zero exit on failure.
+- ``generate``: prepare the job from the scene, start the engine service (its own
+  Python, a separate process) as the add-on does, run the job with progress on
+  stdout, fetch the bundle; non-zero exit on failure.
 - ``import``: bring a result bundle into the file and save it.
 
 This module imports ``bpy`` only inside the command handlers.
@@ -61,6 +62,7 @@ def add_scene_commands(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--depth-file", help="reference depth file (.npy z-depth in metres, or .exr)")
     g.add_argument("--samples", type=int, default=16, help="Cycles samples for the reference render")
     g.add_argument("--engine-python", help="the engine's Python (default: $KEYFRAME_WORLDS_ENGINE_PYTHON, else this Python)")
+    g.add_argument("--device", default="auto", help="engine device: auto (every CUDA GPU, else cpu), cpu, cuda:0 ...")
     g.add_argument("--import", dest="import_result", action="store_true", help="import the result and save the file")
     g.set_defaults(scene_handler=cmd_generate)
 
@@ -184,7 +186,7 @@ def cmd_trajectory(args) -> int:
 def cmd_generate(args) -> int:
     import bpy
 
-    from .jobs import JobSettings, prepare_job, run_engine_offline
+    from .jobs import JobSettings, format_status, prepare_job, run_through_engine
 
     scene = bpy.context.scene
     out = Path(args.out).resolve()
@@ -199,7 +201,15 @@ def cmd_generate(args) -> int:
     prepared = prepare_job(scene, settings, out, selected=selected)
     _print_warnings(prepared.warnings)
     print(f"job: {prepared.spec_path} ({sum(len(t) for t in prepared.spec.trajectories)} frames)", flush=True)
-    bundle = run_engine_offline(prepared.spec_path, out / "bundle", args.engine_python)
+    last = [""]
+
+    def show(status) -> None:
+        line = format_status(status)
+        if line != last[0]:
+            print(line, flush=True)
+            last[0] = line
+
+    bundle = run_through_engine(prepared.spec_path, out / "bundle", python=args.engine_python, device=args.device, on_status=show)
     print(f"bundle: {bundle}", flush=True)
     if args.import_result:
         from .importers import import_bundle

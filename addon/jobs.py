@@ -98,32 +98,60 @@ def _copy_into(source: str, out: Path, stem: str, what: str) -> str:
     return target.name
 
 
-ENGINE_PYTHON_ENV = "KEYFRAME_WORLDS_ENGINE_PYTHON"
-
-
-def engine_python(explicit: str | None = None) -> str:
-    """The engine's Python: explicit, else ``$KEYFRAME_WORLDS_ENGINE_PYTHON``, else this interpreter."""
+def engine_python(configured: str | None = None) -> Path:
+    """The engine environment's Python: the preference / flag, else ``$KEYFRAME_WORLDS_ENGINE_PYTHON``;
+    outside Blender (the bpy module in the engine's own venv) this interpreter when neither is set."""
     import os
     import sys
 
-    path = explicit or os.environ.get(ENGINE_PYTHON_ENV) or sys.executable
-    if not Path(path).is_file():
-        raise KeyframeWorldsError(f"engine Python not found: {path} (set it in the preferences or ${ENGINE_PYTHON_ENV})")
-    return path
+    from ..bridge.engine_process import PYTHON_ENV, resolve_engine_python
+
+    if not (configured or os.environ.get(PYTHON_ENV)) and not bpy.app.binary_path:
+        return Path(sys.executable)
+    return resolve_engine_python(configured)
 
 
-def run_engine_offline(spec_path: str | Path, bundle_dir: str | Path, python: str | None = None, device: str = "auto") -> Path:
-    """Run a prepared job in the engine's own Python (``keyframe-worlds run``), its progress bar on this terminal.
+def start_engine(job_root: str | Path, python: str | None = None, device: str = "auto"):
+    """Start an engine service subprocess (``keyframe-worlds serve``) the way the add-on does; returns the process manager.
 
-    Blocks until the engine exits; for batch use. The UI talks to the engine
-    service instead, so that Blender never waits.
+    ``device``: ``auto`` lets the engine pick (every CUDA GPU, else the CPU).
     """
-    import subprocess
-    import sys
+    from ..bridge.engine_process import EngineProcess
 
-    command = [engine_python(python), "-m", "keyframe_worlds.cli", "run", str(spec_path), "--out", str(bundle_dir), "--device", device]
-    proc = subprocess.run(command, stdout=sys.stdout, stderr=subprocess.PIPE, text=True)
-    if proc.returncode != 0:
-        lines = [l for l in proc.stderr.strip().splitlines() if l.strip()]
-        raise KeyframeWorldsError(f"the engine failed: {lines[-1] if lines else f'exit status {proc.returncode}'}")
-    return Path(bundle_dir)
+    extra = () if device == "auto" else ("--device", device)
+    process = EngineProcess(engine_python(python), job_root, extra_args=extra)
+    process.start()
+    return process
+
+
+def run_through_engine(spec_path: str | Path, bundle_dir: str | Path, *, python: str | None = None, device: str = "auto",
+                       on_status=None, job_root: str | Path | None = None) -> Path:
+    """Start an engine service, submit the job, wait (``on_status(JobStatus)`` at every poll), fetch the bundle, stop the engine.
+
+    For batch use (headless ``generate``, the demo): it blocks. The UI uses the
+    same engine and client without waiting (``jobs_ui``).
+    """
+    bundle_dir = Path(bundle_dir)
+    process = start_engine(job_root or bundle_dir.parent / "engine", python, device)
+    try:
+        client = process.client
+        job = client.submit(spec_path)
+        status = client.wait(job.id, poll_s=0.25, on_status=on_status)
+        if status.state != "completed":
+            raise KeyframeWorldsError(f"the job {status.state}: {status.error or status.stage}")
+        return client.download_bundle(job.id, bundle_dir)
+    finally:
+        process.stop()
+
+
+def format_status(status) -> str:
+    """One terminal line: ``[#####.....]  52% generate 31/60 frames, 0:12 left``."""
+    width = 30
+    filled = int(round(status.progress * width))
+    line = f"[{'#' * filled}{'.' * (width - filled)}] {status.progress:4.0%} {status.stage}"
+    if status.frames_total:
+        line += f" {status.frames_done}/{status.frames_total} frames"
+    if status.eta_s is not None:
+        minutes, seconds = divmod(int(status.eta_s + 0.5), 60)
+        line += f", {minutes}:{seconds:02d} left"
+    return line

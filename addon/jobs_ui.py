@@ -11,6 +11,7 @@ draw) and, when the job has completed, imports the bundle.
 
 from __future__ import annotations
 
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,6 @@ import bpy
 from ..bridge.errors import KeyframeWorldsError
 
 POLL_INTERVAL_S = 0.5
-FINISHED_STATES = ("completed", "failed", "cancelled")
 
 
 @dataclass
@@ -28,35 +28,35 @@ class ActiveJob:
     scene_name: str
     job_id: str
     job_dir: Path
-    client: object  # bridge.client.EngineClient
+    client: object  # bridge.client.EngineClient (bridge is imported lazily: registering stays cheap)
 
 
 _active: dict[str, ActiveJob] = {}  # by scene name
-_engine = {"process": None, "client": None}
+_engine = {"process": None}  # the engine this Blender session started (bridge.engine_process.EngineProcess)
 
 
 def engine_client(context):
     """A client for a healthy engine: the preferences' URL, else one started with the engine Python (kept for the session)."""
     from ..bridge.client import EngineClient
-    from ..bridge.engine_process import EngineProcess
-    from .jobs import engine_python
+    from .jobs import start_engine
     from .preferences import preferences
 
     prefs = preferences(context)
     if prefs is not None and prefs.engine_url:
-        token = Path(bpy.path.abspath(prefs.engine_token_file)).read_text().strip() if prefs.engine_token_file else ""
+        token_file = bpy.path.abspath(prefs.engine_token_file) if prefs.engine_token_file else ""
+        try:
+            token = Path(token_file).read_text().strip() if token_file else ""
+        except OSError as exc:
+            raise KeyframeWorldsError(f"cannot read the engine token file {token_file}: {exc}") from None
         client = EngineClient(prefs.engine_url, token)
         client.health()
         return client
     process = _engine["process"]
-    if process is None or not process.is_running():
-        job_root = Path(bpy.app.tempdir or "/tmp") / "keyframe_worlds_engine"
-        process = EngineProcess(python=engine_python(prefs.engine_python if prefs else None), job_root=job_root,
-                                device=prefs.device if prefs else "auto")
-        process.start()
+    if process is None or not process.running():
+        job_root = Path(bpy.app.tempdir or tempfile.gettempdir()) / "keyframe_worlds_engine"
+        process = start_engine(job_root, prefs.engine_python if prefs else None, prefs.device if prefs else "auto")
         _engine["process"] = process
-        _engine["client"] = process.client()
-    return _engine["client"]
+    return process.client
 
 
 def start_job(context) -> ActiveJob:
@@ -71,8 +71,7 @@ def start_job(context) -> ActiveJob:
     job_dir = Path(bpy.path.abspath(props.output_dir)) / f"{props.job_name}-{stamp}"
     prepared = prepare_job(scene, props.to_settings(scene), job_dir, selected=context.selected_objects)
     client = engine_client(context)
-    job_id = client.submit_job(prepared.spec_path)
-    job = ActiveJob(scene.name, job_id, job_dir, client)
+    job = ActiveJob(scene.name, client.submit(prepared.spec_path).id, job_dir, client)
     _active[scene.name] = job
     props.state, props.stage, props.progress, props.message = "pending", "queued", 0.0, ""
     props.frames_done, props.frames_total, props.seconds_left = 0, 0, -1.0
@@ -86,7 +85,7 @@ def cancel_job(scene) -> None:
     job = _active.get(scene.name)
     if job is None:
         raise KeyframeWorldsError("no job is running for this scene")
-    job.client.cancel_job(job.job_id)
+    job.client.cancel(job.job_id)
     scene.keyframe_worlds.stage = "cancelling"
 
 
@@ -99,24 +98,23 @@ def _poll() -> float | None:
             continue
         props = scene.keyframe_worlds
         try:
-            status = job.client.job_status(job.job_id)
+            status = job.client.status(job.job_id)
         except KeyframeWorldsError as exc:
             props.state, props.message = "failed", f"lost the engine: {exc}"
             _active.pop(scene_name, None)
             continue
-        props.state = status["state"]
-        props.stage = status.get("stage") or ""
-        props.progress = float(status.get("progress") or 0.0)
-        props.frames_done = int(status.get("frames_done") or 0)
-        props.frames_total = int(status.get("frames_total") or 0)
-        eta = status.get("eta_s")
-        props.seconds_left = -1.0 if eta is None else float(eta)
-        if status["state"] in FINISHED_STATES:
+        props.state = status.state
+        props.stage = status.stage or ""
+        props.progress = float(status.progress)
+        props.frames_done = int(status.frames_done)
+        props.frames_total = int(status.frames_total)
+        props.seconds_left = -1.0 if status.eta_s is None else float(status.eta_s)
+        if status.finished_state:
             _active.pop(scene_name, None)
-            if status["state"] == "completed":
+            if status.state == "completed":
                 _finish(scene, job)
             else:
-                props.message = status.get("error") or status["state"]
+                props.message = status.error or status.state
     _redraw()
     return POLL_INTERVAL_S if _active else None
 
@@ -150,7 +148,7 @@ def stop_all() -> None:
     process = _engine["process"]
     if process is not None:
         process.stop()
-    _engine["process"] = _engine["client"] = None
+    _engine["process"] = None
 
 
 class KFW_OT_generate(bpy.types.Operator):

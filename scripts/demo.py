@@ -1,8 +1,8 @@
 """`make demo`: build a small previs scene, generate its world along the cameras, and bring it back into Blender.
 
 Runs with the `bpy` module from PyPI, through the same functions the add-on's
-operators and headless commands call (prepare_job, the engine in its own
-process, import_bundle). Each step prints what it computed. Writes into
+operators and headless commands call (prepare_job, the engine service
+started through the bridge's process manager, the client, import_bundle). Each step prints what it computed. Writes into
 --out: job/ (job.json, reference, bundle/), trajectories/, demo.blend,
 videos/, contact_sheet.png and world.png.
 
@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     import bpy
 
     from keyframe_worlds.addon.importers import import_bundle
-    from keyframe_worlds.addon.jobs import JobSettings, prepare_job, run_engine_offline
+    from keyframe_worlds.addon.jobs import JobSettings, format_status, prepare_job, run_through_engine
     from keyframe_worlds.bridge.formats import FORMATS, write_trajectories
 
     t0 = time.perf_counter()
@@ -146,7 +146,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[trajectories] written as {', '.join(FORMATS)} under {out / 'trajectories'}")
 
     t0 = time.perf_counter()
-    bundle = run_engine_offline(prepared.spec_path, out / "job" / "bundle", device="cpu")
+    shown = [""]
+
+    def progress(status) -> None:
+        line = format_status(status)
+        if line != shown[0]:
+            print(f"\r[engine] {line}", end="", flush=True)
+            shown[0] = line
+
+    bundle = run_through_engine(prepared.spec_path, out / "job" / "bundle", device="cpu", on_status=progress)
+    print()
     frames_total = sum(len(t) for t in trajectories)
     gen_s = time.perf_counter() - t0
     print(f"[engine] {frames_total} frames generated with 'preview' in {gen_s:.1f} s ({frames_total / gen_s:.1f} frames/s)")

@@ -1,0 +1,85 @@
+"""The UI's Generate/Cancel against a real engine service subprocess, with the real operators.
+
+Headless bpy has no event loop, so the test calls the timer's own callback
+(``jobs_ui._poll``) as Blender's loop would, and checks what it writes into
+the scene's properties.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from test_headless import load_demo
+
+
+@pytest.fixture
+def addon_scene(blank_blend, tmp_path):
+    bpy = blank_blend
+    import keyframe_worlds
+    from keyframe_worlds.addon import jobs_ui
+
+    load_demo().build_scene(24, 64, 36)
+    keyframe_worlds.register()
+    props = bpy.context.scene.keyframe_worlds
+    props.output_dir = str(tmp_path / "jobs")
+    props.job_name = "ui"
+    props.cameras = "SCENE"
+    yield bpy, props
+    jobs_ui.stop_all()
+    keyframe_worlds.unregister()
+
+
+def poll_until(props, states, timeout=180.0):
+    from keyframe_worlds.addon import jobs_ui
+
+    seen = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        jobs_ui._poll()
+        seen.append((props.state, props.stage, props.frames_done))
+        if props.state in states:
+            return seen
+        time.sleep(0.1)
+    raise AssertionError(f"job did not reach {states}: last {seen[-3:]}")
+
+
+def test_generate_runs_in_the_background_and_imports(addon_scene):
+    bpy, props = addon_scene
+    t0 = time.monotonic()
+    assert bpy.ops.keyframe_worlds.generate() == {"FINISHED"}
+    submitted_after = time.monotonic() - t0
+    assert props.state == "pending"  # the operator returned before the engine finished anything
+    seen = poll_until(props, ("completed", "failed", "cancelled"))
+    assert props.state == "completed", props.message
+    assert any(state == "running" for state, _, _ in seen) or seen[0][0] in ("pending", "running")
+    assert props.frames_done == props.frames_total == 24 and props.progress == pytest.approx(1.0)
+    assert props.message.startswith("imported into KFW ui")
+    collection = bpy.data.collections["KFW ui"]
+    assert any(o.type == "POINTCLOUD" for o in collection.objects)
+    assert submitted_after < 60  # preparing the job (reference render) and starting the engine, not the job
+
+
+def test_cancel_mid_job(addon_scene):
+    bpy, props = addon_scene
+    bpy.context.scene.frame_end = 400  # long enough that the cancel lands mid-job
+    assert bpy.ops.keyframe_worlds.generate() == {"FINISHED"}
+    poll_until(props, ("running",))
+    assert bpy.ops.keyframe_worlds.cancel() == {"FINISHED"}
+    poll_until(props, ("cancelled", "completed", "failed"))
+    assert props.state == "cancelled", props.message
+    assert props.frames_done < 400
+    assert "KFW ui" not in bpy.data.collections  # nothing imported from a cancelled job
+    with pytest.raises(RuntimeError, match="no job is running"):
+        bpy.ops.keyframe_worlds.cancel()
+
+
+def test_engine_error_is_shown_not_raised(addon_scene):
+    bpy, props = addon_scene
+    props.reference = "FILE"
+    props.reference_path = "/nonexistent/ref.png"
+    props.depth = "NONE"
+    with pytest.raises(RuntimeError, match="reference image not found"):
+        bpy.ops.keyframe_worlds.generate()  # the operator reports the error (bpy raises it as RuntimeError in scripts)
+    assert props.state == ""
