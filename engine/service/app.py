@@ -385,7 +385,7 @@ def create_app(manager: JobManager, settings: AppSettings) -> FastAPI:
     # --- read and cancel ---------------------------------------------------------------
 
     @api.get("/jobs", response_model=JobListModel, tags=["jobs"], summary="Every job, oldest first")
-    def list_jobs() -> dict:
+    async def list_jobs() -> dict:  # in-memory reads under a short lock: no thread hop
         jobs = []
         for status in manager.list():
             doc = status.to_json()
@@ -396,7 +396,7 @@ def create_app(manager: JobManager, settings: AppSettings) -> FastAPI:
     not_found = {404: {"model": ErrorModel, "description": "no such job"}}
 
     @api.get("/jobs/{job_id}", response_model=JobStatusModel, tags=["jobs"], summary="A job's state", responses=not_found)
-    def get_job(job_id: str) -> dict:
+    async def get_job(job_id: str) -> dict:
         return status_of(job_id_checked(job_id))
 
     @api.post("/jobs/{job_id}/cancel", response_model=JobStatusModel, tags=["jobs"], summary="Cancel a job",

@@ -232,6 +232,7 @@ class _Job:
     folder: Path
     cancel: threading.Event = field(default_factory=threading.Event)
     last_write: float = 0.0
+    write_lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 class JobManager:
@@ -420,20 +421,35 @@ class JobManager:
     def _write_status(self, job: _Job) -> None:
         """status.json through a temporary file; a failed write keeps the previous file whole."""
         job.last_write = time.monotonic()
-        try:
-            write_json_atomic(job.folder / STATUS_FILENAME, job.status.to_json())
-        except OSError as exc:
-            log.warning("job %s: cannot write %s: %s", job.status.id, STATUS_FILENAME, exc)
-            remove_temporary_files(job.folder)
+        doc = job.status.to_json()
+        with job.write_lock:
+            try:
+                write_json_atomic(job.folder / STATUS_FILENAME, doc)
+            except OSError as exc:
+                log.warning("job %s: cannot write %s: %s", job.status.id, STATUS_FILENAME, exc)
+                remove_temporary_files(job.folder)
 
     def _update(self, job_id: str, **changes: Any) -> None:
+        """Progress from the worker; written to disk on a stage change or every STATUS_WRITE_INTERVAL_S.
+
+        The file is written outside the manager's lock, so status reads never wait on the disk.
+        """
         with self._lock:
             job = self._jobs[job_id]
             stage_changed = "stage" in changes and changes["stage"] != job.status.stage
             for key, value in changes.items():
                 setattr(job.status, key, value)
-            if stage_changed or time.monotonic() - job.last_write >= STATUS_WRITE_INTERVAL_S:
-                self._write_status(job)
+            due = stage_changed or time.monotonic() - job.last_write >= STATUS_WRITE_INTERVAL_S
+            if due:
+                job.last_write = time.monotonic()
+                doc = job.status.to_json()
+        if due:
+            with job.write_lock:
+                try:
+                    write_json_atomic(job.folder / STATUS_FILENAME, doc)
+                except OSError as exc:
+                    log.warning("job %s: cannot write %s: %s", job_id, STATUS_FILENAME, exc)
+                    remove_temporary_files(job.folder)
 
     # --- workers ------------------------------------------------------------------------
 
