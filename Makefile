@@ -33,6 +33,7 @@ extension: setup
 	$(BLENDER_EXT) validate $(DIST)/keyframe_worlds-*.zip
 
 bench: setup
+	$(VPY) -m pip install --disable-pip-version-check -q -e ".[engine,blender,test,bench]"
 	@for b in bench/*.py; do echo "== $$b"; $(VPY) $$b || exit 1; done
 
 clean:

@@ -118,3 +118,15 @@ def test_trajectory_convert_errors(tmp_path):
     assert out.returncode == 2 and "Ghost" in out.stderr
     out = run("trajectory", "convert", example_camera_files()[0], "--to", "bogus", "--out", tmp_path / "x")
     assert out.returncode == 2 and "invalid choice" in out.stderr
+
+
+def test_every_package_folder_is_installed():
+    import tomllib
+
+    listed = set(tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    on_disk = {"keyframe_worlds"} | {
+        "keyframe_worlds." + ".".join(p.parent.relative_to(REPO_ROOT).parts)
+        for p in REPO_ROOT.rglob("__init__.py")
+        if p.parent != REPO_ROOT and not {".venv", "tests", "build", "dist"} & set(p.relative_to(REPO_ROOT).parts)
+    }
+    assert listed == on_disk
