@@ -22,7 +22,7 @@ import torch
 from ..bridge.errors import KeyframeWorldsError
 from ..bridge.spec import JobSpec, ResultManifest
 from ..bridge.trajectory import Trajectory
-from .bundle import BundleWriter, TrajectoryOutput
+from .bundle import BundleWriter, TrajectoryOutput, safe_name
 from .depth import MemoryDepthCompletion
 from .generators import Generator, ReferenceFrame, SegmentRequest, get_generator
 from .io.images import read_rgb
@@ -155,11 +155,15 @@ def run_job(
     progress: ProgressReporter | None = None,
     device: str | torch.device = "cpu",
     generator: Generator | None = None,
+    resume: bool = False,
 ) -> ResultManifest:
     """Run a validated job (reference paths absolute, see ``JobSpec.resolve``); write the bundle to ``out_dir``.
 
     generator: an already built generator (e.g. one a service keeps loaded);
     default: the one the job names, built from its options.
+    resume: continue from the checkpoint an interrupted run of the same spec left in
+    ``out_dir``. A checkpoint is written after every segment either way
+    (``engine/service/checkpoint.py``) and removed when the bundle is complete.
     """
     progress = progress or ProgressReporter()
     device = torch.device(device)
@@ -188,10 +192,30 @@ def run_job(
     done = 0
     global_index = 1
     every = spec.output.keyframe_every
-    for traj in spec.trajectories:
+    from .service import checkpoint
+
+    restored = None
+    if resume:
+        resumed_memory = PointMemory(device=device, max_points=spec.output.point_budget)
+        restored = checkpoint.load(out_dir, spec, resumed_memory, _History, CandidateView, ReferenceFrame)
+    if restored is not None:
+        saved, history = restored
+        memory, done, global_index = resumed_memory, saved.done, saved.global_index
+        for finished in saved.finished:
+            bundle.trajectories.append(finished)
+            safe_name(finished.trajectory.name, bundle._taken)  # the same file stems as the first run
+        bundle.meshes.extend(saved.finished_meshes)
+        progress.step("generate", done, total, f"resuming after {done} finished frames")
+    for traj_index, traj in enumerate(spec.trajectories):
+        if restored is not None and traj_index < saved.trajectory:
+            continue
         output = bundle.trajectory(traj)
+        first = 0
+        if restored is not None and traj_index == saved.trajectory:
+            checkpoint.replay_video(output, saved.frames)
+            output.meshes, first = list(saved.meshes), saved.next_start
         try:
-            for start in range(0, len(traj), generator.segment_length):
+            for start in range(first, len(traj), generator.segment_length):
                 stop = min(start + generator.segment_length, len(traj))
                 c2w = torch.from_numpy(traj.c2w_opencv[start:stop]).to(torch.float64)
                 intr = torch.from_numpy(np.stack([traj.fx, traj.fy, traj.cx, traj.cy], -1)[start:stop]).to(torch.float64)
@@ -225,6 +249,8 @@ def run_job(
                         history.frames.append(frame)
                     global_index += 1
                 done += stop - start
+                checkpoint.save(out_dir, spec, checkpoint.RunState(traj_index, stop, done, global_index, list(bundle.trajectories),
+                                                                   output.frames, output.meshes, list(bundle.meshes)), memory, history)
         except BaseException:
             output.abort()
             raise
@@ -236,5 +262,6 @@ def run_job(
         memory.confidence.cpu().numpy(), memory.frame_index.cpu().numpy(),
     )
     manifest = bundle.finish()
+    checkpoint.remove(out_dir)
     progress.step("done", total, total, f"{total} frames -> {out_dir}")
     return manifest

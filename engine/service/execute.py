@@ -44,4 +44,4 @@ def run_spec(spec_path: Path, out_dir: Path, progress: JobProgress, device: str)
             progress.check()
 
     spec = load_job(spec_path)
-    run_job(spec, out_dir, progress=Reporter(), device=device)
+    run_job(spec, out_dir, progress=Reporter(), device=device, resume=True)
