@@ -176,6 +176,10 @@ class TrajectoryOutput:
         while len(self._pending) > keep:
             self._pending.pop(0).result()
 
+    def flush(self) -> None:
+        """Return once every frame written so far is on disk (before recording it as done)."""
+        self._wait()
+
     def close(self) -> ResultTrajectory:
         self._wait()
         self._pool.shutdown()

@@ -249,6 +249,7 @@ def run_job(
                         history.frames.append(frame)
                     global_index += 1
                 done += stop - start
+                output.flush()  # the checkpoint may only list frames whose files exist
                 checkpoint.save(out_dir, spec, checkpoint.RunState(traj_index, stop, done, global_index, list(bundle.trajectories),
                                                                    output.frames, output.meshes, list(bundle.meshes)), memory, history)
         except BaseException:
