@@ -23,7 +23,7 @@ from ..bridge.errors import KeyframeWorldsError
 from ..bridge.spec import JobSpec, ResultManifest
 from ..bridge.trajectory import Trajectory
 from .bundle import BundleWriter, TrajectoryOutput, safe_name
-from .depth import MemoryDepthCompletion
+from .depth import DepthEstimator, MemoryDepthCompletion
 from .generators import Generator, ReferenceFrame, SegmentRequest, get_generator
 from .io.images import read_rgb
 from .memory import PointMemory
@@ -156,11 +156,14 @@ def run_job(
     device: str | torch.device = "cpu",
     generator: Generator | None = None,
     resume: bool = False,
+    depth_estimator: DepthEstimator | None = None,
 ) -> ResultManifest:
     """Run a validated job (reference paths absolute, see ``JobSpec.resolve``); write the bundle to ``out_dir``.
 
     generator: an already built generator (e.g. one a service keeps loaded);
     default: the one the job names, built from its options.
+    depth_estimator: depth for frames whose generator gives none (default:
+    :class:`MemoryDepthCompletion`; a learned estimator plugs in here).
     resume: continue from the checkpoint an interrupted run of the same spec left in
     ``out_dir``. A checkpoint is written after every segment either way
     (``engine/service/checkpoint.py``) and removed when the bundle is complete.
@@ -188,7 +191,7 @@ def run_job(
     progress.step("memory", 1, 1, f"{len(memory)} points")
 
     bundle = BundleWriter(out_dir, spec.name, generator.name, generator.label, spec.seed)
-    estimator = MemoryDepthCompletion()
+    estimator = depth_estimator or MemoryDepthCompletion()
     done = 0
     global_index = 1
     every = spec.output.keyframe_every

@@ -164,11 +164,22 @@ def test_generators_that_use_references_get_the_retrieved_earlier_frames(tmp_pat
 
         def generate(self, request, on_frame=None):
             self.seen.append(([r.key for r in request.references], request.pairs.tolist()))
-            return self.inner.generate(request, on_frame)
+            # Frames only: the job's depth estimator supplies the depth.
+            return SegmentResult(rgb=self.inner.generate(request, on_frame).rgb)
+
+    from keyframe_worlds.engine.depth import MemoryDepthCompletion
+
+    class CountingDepth(MemoryDepthCompletion):
+        calls = 0
+
+        def estimate(self, rgb, rendered):
+            CountingDepth.calls += 1
+            return super().estimate(rgb, rendered)
 
     spec = load_job(write_job(tmp_path, n=10))
     recording = Recording()
-    manifest = run_job(spec, tmp_path / "out", generator=recording)
+    manifest = run_job(spec, tmp_path / "out", generator=recording, depth_estimator=CountingDepth())
+    assert CountingDepth.calls == 5
     assert manifest.generator_label.startswith("test:")
     assert len(recording.seen) == 3 + 2  # segments: 10 frames / 4 and 5 frames / 4
     first_keys, first_pairs = recording.seen[0]
