@@ -1,0 +1,35 @@
+"""WorldStereo pipelines: from keyframe cameras, memory render and retrieved frames to keyframe video.
+
+- ``prep``: generation size, keyframe sub-sampling, cameras -> Pluecker maps and pose vectors,
+  render and references -> the networks' tensors (torch/numpy only).
+- ``components``: the Wan2.1 I2V companions (UMT5, CLIP, Wan VAE, UniPC) from a local folder.
+- ``worldstereo``: :class:`WorldStereoPipeline`, the sampling loop for the three variants.
+- ``tiny``: tiny model folders in the released layouts, for tests and CPU smoke runs.
+
+The names below load their module on first use (diffusers/transformers only when needed).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "WorldStereoPipeline": "worldstereo",
+    "PipelineOutput": "worldstereo",
+    "PipelineCancelled": "worldstereo",
+    "SegmentConditions": "prep",
+    "Reference": "prep",
+    "prepare_conditions": "prep",
+    "assign_generation_size": "prep",
+    "keyframe_indices": "prep",
+    "load_companions": "components",
+    "WanCompanions": "components",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,274 @@
+"""The WorldStereo pipelines: keyframe conditions in, keyframe video out, for the three variants.
+
+One class serves the three released variants; what differs is the sampler:
+
+- ``worldstereo-camera`` / ``worldstereo-memory``: UniPC multistep sampling of
+  the flow-matching velocity (the backbone folder's ``scheduler/`` config,
+  40 steps by default) with classifier-free guidance on the text: each step
+  runs the transformer on the prompt and on the negative prompt and moves
+  along ``v_neg + g (v_pos - v_neg)`` (g = 5 by default).
+- ``worldstereo-memory-dmd``: the distilled few-step Euler schedule
+  (:class:`~..models.dmd_scheduler.DMDScheduler`, 4 steps), no guidance.
+
+Steps of one call (``__call__``), as in the reference pipelines:
+
+1. ``check_inputs``: sizes, frames and the variant's inputs, with specific errors.
+2. Text: UMT5 embeddings of the prompt (and the negative prompt when guided).
+3. Image: CLIP embedding of the conditioning image.
+4. Latents: the I2V condition (first-frame mask + condition latent), the
+   memory render's keyframe latents and, for the memory variants, the
+   retrieved frames' keyframe latents as ``[latent | ones(4) | latent]``.
+5. Denoising from seeded Gaussian noise; after every step the callback gets
+   ``(step, total)`` and ``should_cancel()`` is asked (a True answer raises
+   :class:`PipelineCancelled` before the next step starts).
+6. Keyframe decoding (every latent frame on its own) to uint8 frames.
+
+Offload (``offload``): ``none`` keeps everything on the device; ``model``
+keeps every model in CPU memory and moves one at a time to the device in the
+order text encoder -> image encoder -> VAE -> transformer -> VAE;
+``sequential`` does the same for the companions and streams the transformer's
+blocks one by one (the rest of the transformer stays resident), which is what
+fits the 14B backbone on a 24 GB card.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ...bridge.errors import KeyframeWorldsError
+from ..models.dmd_scheduler import DMDScheduler, DMDSchedulerConfig
+from ..models.loading import OFFLOAD_MODES, enable_sequential_offload
+from ..models.worldstereo import CAMERA_VARIANT, MEMORY_DMD_VARIANT, MEMORY_VARIANT, VARIANTS
+from .components import (LATENT_COND_MODES, WanCompanions, condition_latent, encode_image, encode_prompt,
+                         make_unipc, vae_decode_keyframes, vae_encode_keyframes)
+from .prep import SegmentConditions, check_generation_size, video_to_uint8
+
+#: Sampling defaults of the reference scripts.
+DEFAULT_STEPS = {CAMERA_VARIANT: 40, MEMORY_VARIANT: 40}
+DEFAULT_GUIDANCE = 5.0
+MAX_STEPS = 1000
+
+
+class PipelineCancelled(KeyframeWorldsError):
+    """``should_cancel()`` answered True between two denoising steps."""
+
+
+@dataclass
+class PipelineOutput:
+    """frames: ``(F, H, W, 3)`` uint8 keyframes; latents: the final ``[1, 16, F, h, w]`` latents (float32)."""
+
+    frames: torch.Tensor
+    latents: torch.Tensor
+
+
+def _default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class WorldStereoPipeline:
+    """See the module docstring. ``transformer`` is a loaded WorldStereo network (``load_worldstereo``)."""
+
+    def __init__(self, transformer: torch.nn.Module, companions: WanCompanions, device: str | torch.device | None = None,
+                 offload: str = "none", negative_prompt: str = "", latent_cond_mode: str = "full_vae",
+                 dmd_config: DMDSchedulerConfig | None = None):
+        if offload not in OFFLOAD_MODES:
+            raise KeyframeWorldsError(f"unknown offload mode {offload!r}; expected one of {', '.join(OFFLOAD_MODES)}")
+        if latent_cond_mode not in LATENT_COND_MODES:
+            raise KeyframeWorldsError(f"latent_cond_mode {latent_cond_mode!r} is not one of {', '.join(LATENT_COND_MODES)}")
+        variant = getattr(transformer, "variant", None)
+        if variant is None or variant.model_type not in VARIANTS:
+            raise KeyframeWorldsError("the transformer is not a WorldStereo network (no variant config)")
+        self.transformer = transformer
+        self.companions = companions
+        self.variant = variant.model_type
+        self.device = torch.device(device) if device is not None else _default_device()
+        self.offload = offload
+        self.negative_prompt = negative_prompt
+        self.latent_cond_mode = latent_cond_mode
+        self.dmd_config = dmd_config or variant.dmd or DMDSchedulerConfig()
+        self._sequential_hooks = False
+        self._place_initially()
+
+    # -- construction --------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, variant_dir: str | Path, base_model_dir: str | Path | None = None, *,
+                        device: str | torch.device | None = None, dtype: torch.dtype | None = None,
+                        offload: str = "none", expect_variant: str | None = None, paths=None,
+                        companions_dir: str | Path | None = None) -> "WorldStereoPipeline":
+        """Load a variant folder and the Wan2.1 I2V companions (from ``companions_dir``, else the resolved
+        backbone folder). ``dtype`` defaults to bfloat16 on CUDA, float32 elsewhere."""
+        from ..models.loading import load_worldstereo, read_variant_folder, resolve_base_model
+        from .components import load_companions
+
+        device = torch.device(device) if device is not None else _default_device()
+        if dtype is None:
+            dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        home = device if offload == "none" else torch.device("cpu")
+        transformer = load_worldstereo(variant_dir, base_model_dir, device=device if offload != "model" else "cpu",
+                                       dtype=dtype, paths=paths, expect_variant=expect_variant, offload=offload,
+                                       free_memory_bytes=None)
+        if companions_dir is None:
+            report = transformer.load_report
+            companions_dir = report.base_model_dir or resolve_base_model(read_variant_folder(variant_dir), None, paths)
+        companions = load_companions(companions_dir, dtype=dtype, device=home)
+        extra = transformer.variant.extra
+        pipe = cls(transformer, companions, device=device, offload=offload,
+                   negative_prompt=str(extra.get("negative_prompt", "")),
+                   latent_cond_mode=str(extra.get("latent_cond_mode", "full_vae")))
+        pipe._sequential_hooks = offload == "sequential" and device.type != "cpu"  # load_worldstereo set them
+        return pipe
+
+    def _place_initially(self) -> None:
+        if self.offload == "none":
+            self.transformer.to(self.device)
+            for module in self.companions.modules().values():
+                module.to(self.device)
+        else:
+            for module in self.companions.modules().values():
+                module.to("cpu")
+            if self.offload == "model":
+                self.transformer.to("cpu")
+
+    def enable_sequential_offload(self) -> None:
+        """Stream the transformer's blocks (for a transformer built in memory rather than loaded)."""
+        if self.offload != "sequential" or self._sequential_hooks or self.device.type == "cpu":
+            return
+        self.transformer.to("cpu")
+        enable_sequential_offload(self.transformer, self.device)
+        self._sequential_hooks = True
+
+    @contextlib.contextmanager
+    def _on_device(self, module: torch.nn.Module, is_transformer: bool = False):
+        """Make ``module`` usable on the execution device for the block; move it back after when offloading."""
+        moved = self.offload == "model" or (self.offload == "sequential" and not is_transformer)
+        if moved and self.device.type != "cpu":
+            module.to(self.device)
+        try:
+            yield module
+        finally:
+            if moved and self.device.type != "cpu":
+                module.to("cpu")
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+
+    # -- checks ---------------------------------------------------------------------------------
+    @property
+    def is_memory(self) -> bool:
+        return self.variant in (MEMORY_VARIANT, MEMORY_DMD_VARIANT)
+
+    @property
+    def is_dmd(self) -> bool:
+        return self.variant == MEMORY_DMD_VARIANT
+
+    def check_inputs(self, cond: SegmentConditions, steps: int, guidance_scale: float) -> None:
+        check_generation_size(cond.height, cond.width)
+        f, h, w = cond.frames, cond.height, cond.width
+        expect = {"render_video": (1, 3, f, h, w), "render_mask": (1, 1, f, h, w), "camera_embedding": (1, 6, f, h, w),
+                  "image": (1, 3, h, w)}
+        for name, shape in expect.items():
+            got = tuple(getattr(cond, name).shape)
+            if got != shape:
+                raise KeyframeWorldsError(f"{name} must be {list(shape)}, got {list(got)}")
+        if self.is_memory:
+            if cond.reference_video is None or cond.ref_index is None or cond.camera_qt is None or cond.camera_qt_ref is None:
+                raise KeyframeWorldsError(f"{self.variant} needs reference_video, ref_index, camera_qt and camera_qt_ref")
+            refs = cond.reference_video.shape[2]
+            if tuple(cond.reference_video.shape) != (1, 3, refs, h, w) or tuple(cond.ref_index.shape) != (refs,):
+                raise KeyframeWorldsError(f"reference_video must be [1, 3, F_ref, {h}, {w}] with ref_index [F_ref], got "
+                                          f"{list(cond.reference_video.shape)} and {list(cond.ref_index.shape)}")
+            if refs and (int(cond.ref_index.min()) < 0 or int(cond.ref_index.max()) > f - 2):
+                raise KeyframeWorldsError(f"ref_index values must lie in [0, {f - 2}], got {cond.ref_index.tolist()}")
+        elif cond.reference_video is not None:
+            raise KeyframeWorldsError(f"{self.variant} takes no reference frames (use a memory variant)")
+        if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= MAX_STEPS:
+            raise KeyframeWorldsError(f"steps must be an integer from 1 to {MAX_STEPS}, got {steps!r}")
+        if not isinstance(guidance_scale, (int, float)) or isinstance(guidance_scale, bool) or not guidance_scale >= 0:
+            raise KeyframeWorldsError(f"guidance_scale must be a number >= 0, got {guidance_scale!r}")
+
+    # -- the call ---------------------------------------------------------------------------------
+    def default_steps(self) -> int:
+        return self.dmd_config.steps if self.is_dmd else DEFAULT_STEPS[self.variant]
+
+    @torch.no_grad()
+    def __call__(self, cond: SegmentConditions, prompt: str = "", negative_prompt: str | None = None,
+                 steps: int | None = None, guidance_scale: float | None = None, seed: int = 0,
+                 callback: Callable[[int, int], None] | None = None,
+                 should_cancel: Callable[[], bool] | None = None) -> PipelineOutput:
+        """Generate the ``F`` keyframes of ``cond``; deterministic for ``seed`` on a given device."""
+        if self.is_dmd:
+            if steps is not None and steps != self.dmd_config.steps:
+                raise KeyframeWorldsError(f"{self.variant} is distilled for {self.dmd_config.steps} steps; got steps={steps}")
+            if guidance_scale not in (None, 1, 1.0, 0, 0.0):
+                raise KeyframeWorldsError(f"{self.variant} runs without guidance; got guidance_scale={guidance_scale}")
+            steps, guidance_scale = self.dmd_config.steps, 1.0
+        steps = self.default_steps() if steps is None else steps
+        guidance_scale = DEFAULT_GUIDANCE if guidance_scale is None else guidance_scale
+        self.check_inputs(cond, steps, guidance_scale)
+        guided = guidance_scale > 1.0
+        negative_prompt = self.negative_prompt if negative_prompt is None else negative_prompt
+        device, comp = self.device, self.companions
+        dtype = next(self.transformer.parameters()).dtype
+
+        # 2. Text [1 or 2, 512, text_dim]
+        with self._on_device(comp.text_encoder):
+            context = encode_prompt(comp.tokenizer, comp.text_encoder, [prompt] + ([negative_prompt] if guided else []))
+        context = context.to(device, dtype)
+        # 3. Image [1, 257, image_dim]
+        with self._on_device(comp.image_encoder):
+            image_embeds = encode_image(comp.image_processor, comp.image_encoder, cond.image).to(device, dtype)
+        # 4. Latents: condition [1, 20, F, h, w], render [1, 16, F, h, w], references [1, 36, F_ref, h, w]
+        frames = cond.frames
+        with self._on_device(comp.vae) as vae:
+            condition = condition_latent(vae, cond.image, frames, comp.vae_temporal_factor, self.latent_cond_mode)
+            render_latent = vae_encode_keyframes(vae, cond.render_video)
+            reference_latent = None
+            if self.is_memory:
+                ref = vae_encode_keyframes(vae, cond.reference_video)
+                reference_latent = torch.cat([ref, torch.ones_like(ref[:, :4]), ref], dim=1)
+        condition = condition.to(device, dtype)
+        net_inputs = dict(render_latent=render_latent.to(device, dtype),
+                          render_mask=cond.render_mask.to(device, dtype),
+                          camera_embedding=cond.camera_embedding.to(device, dtype),
+                          encoder_hidden_states_image=image_embeds)
+        if self.is_memory:
+            net_inputs.update(reference_latent=reference_latent.to(device, dtype), ref_index=cond.ref_index.to(device),
+                              camera_qt=cond.camera_qt.to(device, torch.float32),
+                              camera_qt_ref=cond.camera_qt_ref.to(device, torch.float32))
+
+        # 5. Denoising; the noise is drawn on the CPU so a seed means the same start on every device
+        shape = (1, condition.shape[1] - comp.vae_temporal_factor, frames, *condition.shape[-2:])
+        latents = torch.randn(shape, generator=torch.Generator("cpu").manual_seed(int(seed)),
+                              dtype=torch.float32).to(device)
+        if self.is_dmd:
+            sampler = DMDScheduler(self.dmd_config)
+            timesteps = sampler.timesteps.to(device)
+        else:
+            sampler = make_unipc(comp.scheduler_config)
+            sampler.set_timesteps(steps, device=device)
+            timesteps = sampler.timesteps
+        total = len(timesteps)
+        with self._on_device(self.transformer, is_transformer=True) as net:
+            for i, t in enumerate(timesteps):
+                x = torch.cat([latents.to(dtype), condition], dim=1)
+                velocity = net(x, t.expand(1), context[:1], **net_inputs).float()
+                if guided:
+                    uncond = net(x, t.expand(1), context[1:], **net_inputs).float()
+                    velocity = uncond + guidance_scale * (velocity - uncond)
+                if self.is_dmd:
+                    latents = sampler.step(velocity, latents, i)
+                else:
+                    latents = sampler.step(velocity, t, latents, return_dict=False)[0]
+                if callback is not None:
+                    callback(i + 1, total)
+                if i + 1 < total and should_cancel is not None and should_cancel():
+                    raise PipelineCancelled(f"generation cancelled after step {i + 1} of {total}")
+
+        # 6. Keyframe decoding [1, 3, F, H, W] -> (F, H, W, 3) uint8
+        with self._on_device(comp.vae) as vae:
+            video = vae_decode_keyframes(vae, latents)
+        return PipelineOutput(frames=video_to_uint8(video.cpu()), latents=latents.float().cpu())
