@@ -1,0 +1,210 @@
+"""The ``worldstereo`` generator in the job runner: tiny models on the CPU, a synthetic scene, real bundles."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from keyframe_worlds.bridge.errors import KeyframeWorldsError
+from keyframe_worlds.bridge.spec import MANIFEST_FILENAME, load_job, load_manifest
+from keyframe_worlds.engine.generators import SegmentRequest, get_generator
+from keyframe_worlds.engine.generators.worldstereo import (WorldStereoGenerator, parse_options,
+                                                           segment_keyframes)
+from keyframe_worlds.engine.io.images import write_png
+from keyframe_worlds.engine.memory import PointMemory
+from keyframe_worlds.engine.models.loading import WrongVariantError
+from keyframe_worlds.engine.pipelines.tiny import write_tiny_variant, write_tiny_wan_folder
+from keyframe_worlds.engine.runner import JobCancelled, ProgressReporter, run_job
+from keyframe_worlds.engine.synthetic import demo_scene, intrinsics_for_fov, look_at_c2w_opencv, raycast
+
+W, H = 64, 48  # trajectories; generation at 64x48 too (6x8 latents) to keep the CPU run short
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny_gen")
+    wan = write_tiny_wan_folder(root / "wan")
+    dmd = write_tiny_variant(root / "worldstereo-memory-dmd", "worldstereo-memory-dmd", seed=21)
+    camera = write_tiny_variant(root / "worldstereo-camera", "worldstereo-camera", seed=22)
+    return root, wan, dmd, camera
+
+
+def options(folders, **extra):
+    _, wan, dmd, _ = folders
+    opts = {"checkpoint": str(dmd), "wan_dir": str(wan), "size": [H, W], "keyframes": 3, "keyframe_stride": 2,
+            "device": "cpu"}
+    opts.update(extra)
+    return opts
+
+
+@pytest.fixture(scope="module")
+def generator(folders):
+    return get_generator("worldstereo", options(folders))
+
+
+def test_options_are_checked_with_clear_messages(folders, tmp_path):
+    _, wan, dmd, camera = folders
+    with pytest.raises(KeyframeWorldsError, match="unknown worldstereo generator option.*segment_length"):
+        parse_options({"checkpoint": "x", "segment_length": 4})
+    for bad, message in [({"steps": 0}, "options.steps"), ({"size": [50, 64]}, "options.size"),
+                         ({"device": "gpu"}, "options.device"), ({"offload": "disk"}, "options.offload"),
+                         ({"variant": "worldstereo-2"}, "options.variant"), ({"guidance_scale": "high"}, "guidance"),
+                         ({"keyframes": 1}, "options.keyframes"), ({"keyframe_stride": 0}, "keyframe_stride")]:
+        with pytest.raises(KeyframeWorldsError, match=message):
+            parse_options({"checkpoint": "x", **bad})
+    with pytest.raises(KeyframeWorldsError, match="options.checkpoint.*KEYFRAME_WORLDS_WORLDSTEREO_DIR"):
+        parse_options({}, environ={})
+    from_env = parse_options({"variant": "worldstereo-memory"}, environ={"KEYFRAME_WORLDS_WORLDSTEREO_DIR": "/models"})
+    assert str(from_env.checkpoint) == "/models/worldstereo-memory"
+    assert parse_options({"checkpoint": "x"}).size is None and parse_options({"checkpoint": "x"}).keyframes == 21
+    with pytest.raises(WrongVariantError, match="worldstereo-camera"):
+        get_generator("worldstereo", options(folders, checkpoint=str(dmd), variant="worldstereo-camera"))
+    with pytest.raises(KeyframeWorldsError, match="checkpoint folder not found"):
+        get_generator("worldstereo", options(folders, checkpoint=str(tmp_path / "nothing")))
+
+
+def test_keyframes_follow_the_training_stride():
+    assert segment_keyframes(81, 21, 4).tolist() == list(range(0, 81, 4))
+    assert segment_keyframes(30, 21, 4).tolist() == np.linspace(0, 29, 9, dtype=int).tolist()
+    assert segment_keyframes(21, 21, 1).tolist() == list(range(21))
+    assert segment_keyframes(2, 21, 4).tolist() == [0, 1]
+    assert segment_keyframes(1, 21, 4).tolist() == [0]
+
+
+def test_generator_settings(generator, folders):
+    assert generator.segment_length == 5 and generator.uses_references
+    assert "worldstereo-memory-dmd" in generator.label and "re-projected" in generator.label
+    camera = get_generator("worldstereo", options(folders, checkpoint=str(folders[3]), steps=1))
+    assert not camera.uses_references and "1 steps" in camera.label
+
+
+def scene_request(count=5, step=0.05):
+    k = intrinsics_for_fov(W, H, 70.0)
+    ref = look_at_c2w_opencv((0.0, -4.0, 1.6), (0.0, 2.0, 0.8))
+    memory = PointMemory.from_rgbd(*raycast(demo_scene(), ref, k, W, H), ref, k, max_points=None)
+    c2w = torch.stack([look_at_c2w_opencv((step * i, -4.0, 1.6), (0.0, 2.0, 0.8)) for i in range(count)])
+    intr = k[None].repeat(count, 1).to(torch.float64)
+    return SegmentRequest(c2w, intr, W, H, memory.render(c2w, intr, W, H), memory, prompt="a room", seed=3)
+
+
+class SpyPipeline:
+    """The generator's pipeline, recording each call's conditions and output (and step callbacks)."""
+
+    def __init__(self, inner):
+        self.inner, self.calls, self.steps = inner, [], []
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def __call__(self, cond, callback=None, **kw):
+        def step(i, n):
+            self.steps.append(i)
+            if callback is not None:
+                callback(i, n)
+
+        out = self.inner(cond, callback=step, **kw)
+        self.calls.append((cond, out))
+        return out
+
+
+def test_a_segment_keyframes_generated_and_frames_between_reprojected(generator):
+    request = scene_request()
+    seen = []
+    generator.pipeline = spy = SpyPipeline(generator.pipeline)
+    try:
+        result = generator.generate(request, on_frame=seen.append)
+        again = generator.generate(request)
+    finally:
+        generator.pipeline = spy.inner
+    outputs = spy.calls
+    assert result.rgb.shape == (5, H, W, 3) and result.rgb.dtype == torch.uint8 and result.depth is None
+    assert torch.equal(result.rgb, again.rgb)  # deterministic for the job seed
+    assert seen == [0, 1, 2, 3, 4]  # after each of the 4 steps (a share of the frames), then all 5
+    cond, out = outputs[0]
+    assert cond.frames == 3 and cond.ref_index.tolist() == [0]  # keyframes 0, 2, 4; single-view reference
+    for j, t in enumerate([0, 2, 4]):
+        assert torch.equal(result.rgb[t], out.frames[j])  # generated at the trajectory size: kept as is
+    # the frame between comes from its generated neighbours, not from the memory render
+    to_keys = (result.rgb[1].float() - result.rgb[0].float()).abs().mean()
+    to_render = (result.rgb[1].float() - request.rendered.rgb[1].float()).abs().mean()
+    assert to_keys < 0.5 * to_render
+    # the conditioning image is keyframe 0's render (the reference view): covered where the memory is
+    covered = request.memory.render(request.c2w_opencv[:1], request.intrinsics[:1], W, H).mask[0]
+    image = ((cond.image[0].permute(1, 2, 0) + 1) * 127.5).round()
+    assert torch.allclose(image[covered], request.rendered.rgb[0][covered].float(), atol=1)
+
+
+def write_job(folder, opts, walk_n=10):
+    k = intrinsics_for_fov(W, H, 70.0)
+
+    def frames(eyes, target, first):
+        return [{"frame": first + i, "c2w_opencv": look_at_c2w_opencv(e, target).tolist(),
+                 "fx": float(k[0]), "fy": float(k[1]), "cx": float(k[2]), "cy": float(k[3])}
+                for i, e in enumerate(eyes)]
+
+    walk = frames([(-0.4 + 0.08 * i, -4.0, 1.6) for i in range(walk_n)], (0.0, 2.0, 0.8), 1)
+    turn = frames([(0.0, -3.5, 1.5)] * 5, (-1.0, 2.0, 0.8), 101)
+    rgb, z = raycast(demo_scene(), torch.tensor(walk[0]["c2w_opencv"], dtype=torch.float64), k, W, H)
+    write_png(folder / "ref.png", rgb.numpy())
+    np.save(folder / "ref_depth.npy", z.numpy())
+    job = {"version": 1, "name": "ws", "generator": "worldstereo", "prompt": "a room", "seed": 9,
+           "reference": {"image": "ref.png", "depth": "ref_depth.npy"},
+           "trajectories": [{"name": "Walk", "fps": 24.0, "width": W, "height": H, "frames": walk},
+                            {"name": "Turn", "fps": 24.0, "width": W, "height": H, "frames": turn}],
+           "output": {"keyframe_every": 2, "mesh_stride": 4, "point_budget": 50000}, "options": opts}
+    (folder / "job.json").write_text(json.dumps(job))
+    return load_job(folder / "job.json")
+
+
+class Recorder(ProgressReporter):
+    def __init__(self, cancel_after=None):
+        super().__init__()
+        self.reports, self.cancel_after = [], cancel_after
+
+    def report(self, stage, done, total, message=""):
+        self.reports.append((stage, done, total))
+
+    def cancelled(self):
+        steps = sum(1 for r in self.reports if r[0] == "generate")
+        return self.cancel_after is not None and steps >= self.cancel_after
+
+
+def test_run_job_segments_and_cameras_share_the_memory(folders, tmp_path):
+    spec = write_job(tmp_path, options(folders))
+    generator = get_generator("worldstereo", spec.options)
+    seen = []
+    inner = generator.generate
+
+    def spy(request, on_frame=None):
+        seen.append((len(request.memory), [r.key for r in request.references], request.pairs.tolist()))
+        return inner(request, on_frame)
+
+    generator.generate = spy
+    progress = Recorder()
+    manifest = run_job(spec, tmp_path / "out", progress=progress, generator=generator)
+    assert load_manifest(tmp_path / "out").generator == "worldstereo"
+    assert "WorldStereo" in manifest.generator_label
+    assert [len(t.frames) for t in manifest.trajectories] == [10, 5]
+    # walk: segments of 5 frames (2), turn: one segment; the memory grows after every segment
+    assert len(seen) == 3
+    sizes = [s[0] for s in seen]
+    assert sizes[0] < sizes[1] < sizes[2]
+    # the second walk segment and the other camera retrieve frames generated earlier, not only the reference
+    assert any(key != ("Walk", 1) for key in seen[1][1])
+    assert any(key[0] == "Walk" and key != ("Walk", 1) for key in seen[2][1])
+    generate = [r for r in progress.reports if r[0] == "generate"]
+    assert len(generate) == 3 * (4 + 1)  # every denoising step of every segment, then the frames
+    assert generate[-1][1] == 15 and all(a[1] <= b[1] for a, b in zip(generate, generate[1:]))
+
+
+def test_cancelling_stops_between_denoising_steps(folders, tmp_path):
+    spec = write_job(tmp_path, options(folders))
+    generator = get_generator("worldstereo", spec.options)
+    generator.pipeline = spy = SpyPipeline(generator.pipeline)
+    with pytest.raises(JobCancelled, match="generate"):
+        run_job(spec, tmp_path / "out", progress=Recorder(cancel_after=2), generator=generator)
+    assert spy.steps == [1, 2]  # stopped right after the second step of the first segment
+    assert not spy.calls and not (tmp_path / "out" / MANIFEST_FILENAME).exists()
