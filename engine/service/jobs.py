@@ -144,17 +144,36 @@ def describe_os_error(exc: OSError, where: Path) -> str:
     return f"cannot write{name} in {where}: {exc.strerror or exc}"
 
 
+LOW_SPACE_BYTES = 1024 * 1024
+
+
+def free_bytes(folder: Path) -> int:
+    """Space left for an unprivileged writer on the device holding ``folder`` (a large number if unknown)."""
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return 1 << 62
+
+
+def _chain(exc: BaseException):
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
 def failure_message(exc: BaseException, out_dir: Path) -> str:
     """What a failed job's status says: the project's own message, or plain words for system errors.
 
     A full disk is named as such even when it surfaces wrapped in another error.
     """
-    seen, cause = set(), exc
-    while cause is not None and id(cause) not in seen:
-        seen.add(id(cause))
+    for cause in _chain(exc):
         if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):
             return describe_os_error(cause, out_dir)
-        cause = cause.__cause__ or cause.__context__
+    if any(isinstance(c, OSError) for c in _chain(exc)) and free_bytes(out_dir) < LOW_SPACE_BYTES:
+        # Some writers report a short write without an errno (numpy: "N requested and M written").
+        return f"disk full: no space left on the device holding {out_dir} ({free_bytes(out_dir)} bytes free; {exc})"
     if isinstance(exc, KeyframeWorldsError):
         return str(exc)
     if isinstance(exc, OSError):
@@ -484,6 +503,10 @@ class JobManager:
         state, error, trace = JobState.COMPLETED, None, ""
         try:
             out_dir.mkdir(exist_ok=True)
+            # A killed earlier attempt may have left half-written temporary files; nothing else writes here now.
+            removed = remove_temporary_files(job.folder)
+            if removed:
+                self.log(job_id, f"removed {removed} temporary file(s) an interrupted attempt left")
             self.runner(job.folder / SPEC_FILENAME, out_dir, progress, device)
         except JobCancelled:
             state = JobState.CANCELLED

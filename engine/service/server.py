@@ -140,6 +140,10 @@ def serve(config: ServiceConfig) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     devices = list(config.devices) if config.devices else detect_devices()
+    from .faults import install_from_environment
+
+    if install_from_environment(config.job_root):
+        log.warning("fault injection on: the job root behaves as a full disk after a number of writes (tests only)")
     manager = JobManager(config.job_root, run_spec, devices, config.queue_size)
     settings = AppSettings(token=config.token, max_body_bytes=config.max_body_bytes,
                            generators=available_generators(), gpu_memory=gpu_memory)
