@@ -37,7 +37,8 @@ class JobSettings:
     generator: str = "preview"
     seed: int = 0
     samples: int = 16  # Cycles samples for a rendered reference
-    options: dict = field(default_factory=dict)
+    point_budget: int | None = None  # most points the world memory keeps (None: the engine's default)
+    options: dict = field(default_factory=dict)  # generator settings, checked by the generator
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,8 @@ def prepare_job(scene: bpy.types.Scene, settings: JobSettings, job_dir: str | Pa
         "trajectories": [t.to_json() for t in trajectories],
         "options": dict(settings.options),
     }
+    if settings.point_budget is not None:
+        doc["output"] = {"point_budget": int(settings.point_budget)}
     job = spec.JobSpec.from_json(doc, base_dir=out)
     path = out / "job.json"
     spec.write_json_atomic(path, doc)

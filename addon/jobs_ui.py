@@ -59,6 +59,23 @@ def engine_client(context):
     return process.client
 
 
+def settings_with_preferences(settings, context):
+    """The panel's settings plus what the preferences decide for every job (memory size, models)."""
+    from dataclasses import replace
+
+    from .preferences import preferences
+
+    prefs = preferences(context)
+    if prefs is None:
+        return settings
+    return replace(settings, point_budget=prefs.point_budget, options={**settings.options, **generator_options(prefs, settings.generator)})
+
+
+def generator_options(prefs, generator: str) -> dict:
+    """Generator settings that come from the preferences."""
+    return {}
+
+
 def start_job(context) -> ActiveJob:
     """Prepare the scene's job and submit it; the timer takes over from here."""
     from .jobs import prepare_job
@@ -69,7 +86,8 @@ def start_job(context) -> ActiveJob:
         raise KeyframeWorldsError("a job is already running for this scene; cancel it first")
     stamp = time.strftime("%Y%m%d-%H%M%S")
     job_dir = Path(bpy.path.abspath(props.output_dir)) / f"{props.job_name}-{stamp}"
-    prepared = prepare_job(scene, props.to_settings(scene), job_dir, selected=context.selected_objects)
+    prepared = prepare_job(scene, settings_with_preferences(props.to_settings(scene), context), job_dir,
+                           selected=context.selected_objects)
     client = engine_client(context)
     job = ActiveJob(scene.name, client.submit(prepared.spec_path).id, job_dir, client)
     _active[scene.name] = job

@@ -196,3 +196,29 @@ def test_scale_is_removed_and_non_uniform_scale_warned(blank_blend):
     skewed = extract_trajectory(scene, cam, [1], warnings)
     assert len(warnings) == 1 and "non-uniform scale" in warnings[0] and "Scaled" in warnings[0]
     assert skewed.problems() == []
+
+
+def test_drivers_and_nla_are_evaluated(blank_blend):
+    """A driver on the lens and an NLA strip moving the camera: both must be in the extracted trajectory."""
+    bpy = blank_blend
+    from keyframe_worlds.addon.scene_cameras import extract_trajectory
+
+    scene = bpy.context.scene
+    cam = _camera(bpy, "Driven", (0, 0, 0))
+    # NLA: an action pushed down into a strip (no active action left on the object).
+    for frame, x in ((1, 0.0), (11, 10.0)):
+        cam.location = (x, 0, 0)
+        cam.keyframe_insert("location", frame=frame)
+    action = cam.animation_data.action
+    track = cam.animation_data.nla_tracks.new()
+    track.strips.new("move", 1, action)
+    cam.animation_data.action = None
+    # Driver: lens = 20 + 3 * frame.
+    fcurve = cam.data.driver_add("lens")
+    fcurve.driver.type = "SCRIPTED"
+    fcurve.driver.use_self = False
+    fcurve.driver.expression = "20 + 3 * frame"
+    traj = extract_trajectory(scene, cam, [1, 6, 11])
+    np.testing.assert_allclose(traj.c2w_opencv[:, 0, 3], [0.0, 5.0, 10.0], atol=1e-5)
+    w = scene.render.resolution_x * scene.render.resolution_percentage // 100
+    np.testing.assert_allclose(traj.fx, [(20 + 3 * f) * w / cam.data.sensor_width for f in (1, 6, 11)], rtol=1e-5)
