@@ -173,3 +173,19 @@ def test_variant_dmd_settings_are_read_from_config(tmp_path, folders):
     calls = []
     pipe(conditions(pipe), seed=0, callback=lambda i, n: calls.append(n))
     assert calls == [3, 3, 3]
+
+
+def test_condition_mode_and_negative_prompt_come_from_the_variant_config(tmp_path, folders, pipes):
+    wan, _ = folders
+    same_weights = dict(seed=11)  # as the module's camera variant
+    folder = write_tiny_variant(tmp_path / "cam", "worldstereo-camera", **same_weights,
+                                extra={"latent_cond_mode": "first_frame_only", "negative_prompt": "blurry"})
+    pipe = WorldStereoPipeline.from_pretrained(folder, wan, device="cpu")
+    assert pipe.latent_cond_mode == "first_frame_only" and pipe.negative_prompt == "blurry"
+    cond = conditions(pipe)
+    first_only = pipe(cond, steps=1, seed=0).latents
+    full = pipes["worldstereo-camera"](cond, steps=1, seed=0, negative_prompt="blurry").latents
+    assert torch.isfinite(first_only).all() and (first_only - full).abs().max() > 1e-4
+    bad = write_tiny_variant(tmp_path / "bad", "worldstereo-camera", seed=1, extra={"latent_cond_mode": "half_vae"})
+    with pytest.raises(KeyframeWorldsError, match="latent_cond_mode 'half_vae'"):
+        WorldStereoPipeline.from_pretrained(bad, wan, device="cpu")

@@ -112,6 +112,12 @@ class WorldStereoPipeline:
         transformer = load_worldstereo(variant_dir, base_model_dir, device=device if offload != "model" else "cpu",
                                        dtype=dtype, paths=paths, expect_variant=expect_variant, offload=offload,
                                        free_memory_bytes=None)
+        if offload == "model" and device.type == "cuda":
+            # loaded into CPU memory, so load_worldstereo did not check the GPU: do it for this mode here
+            from ..models.loading import check_gpu_memory, estimate_memory
+
+            check_gpu_memory(estimate_memory(transformer, base_dir=transformer.load_report.base_model_dir),
+                             torch.cuda.mem_get_info(device)[0], offload, what=transformer.variant.model_type)
         if companions_dir is None:
             report = transformer.load_report
             companions_dir = report.base_model_dir or resolve_base_model(read_variant_folder(variant_dir), None, paths)
