@@ -13,7 +13,7 @@ from keyframe_worlds.bridge.spec import MANIFEST_FILENAME, load_job, load_manife
 from keyframe_worlds.engine.generators import SegmentRequest, get_generator
 from keyframe_worlds.engine.generators.worldstereo import (WorldStereoGenerator, parse_options,
                                                            segment_keyframes)
-from keyframe_worlds.engine.io.images import write_png
+from keyframe_worlds.engine.io.images import read_rgb, write_png
 from keyframe_worlds.engine.memory import PointMemory
 from keyframe_worlds.engine.models.loading import WrongVariantError
 from keyframe_worlds.engine.pipelines.tiny import write_tiny_variant, write_tiny_wan_folder
@@ -183,6 +183,7 @@ def test_run_job_segments_and_cameras_share_the_memory(folders, tmp_path):
         return inner(request, on_frame)
 
     generator.generate = spy
+    generator.pipeline = pipe_spy = SpyPipeline(generator.pipeline)
     progress = Recorder()
     manifest = run_job(spec, tmp_path / "out", progress=progress, generator=generator)
     assert load_manifest(tmp_path / "out").generator == "worldstereo"
@@ -198,6 +199,21 @@ def test_run_job_segments_and_cameras_share_the_memory(folders, tmp_path):
     generate = [r for r in progress.reports if r[0] == "generate"]
     assert len(generate) == 3 * (4 + 1)  # every denoising step of every segment, then the frames
     assert generate[-1][1] == 15 and all(a[1] <= b[1] for a, b in zip(generate, generate[1:]))
+    # the second walk segment is conditioned on what the first one added to the memory: fewer holes in
+    # its render than the reference alone leaves at the same cameras
+    k = intrinsics_for_fov(W, H, 70.0)
+    walk = spec.trajectories[0]
+    c2w0 = torch.from_numpy(walk.c2w_opencv[0])
+    initial = PointMemory.from_rgbd(*raycast(demo_scene(), c2w0, k, W, H), c2w0, k, max_points=None)
+    keys = segment_keyframes(5, 3, 2) + 5
+    alone = initial.render(torch.from_numpy(walk.c2w_opencv[keys]), k[None].repeat(3, 1).double(), W, H)
+    cond = pipe_spy.calls[1][0]
+    assert cond.render_mask[0, 0, 1:].mean() < 0.5 * (~alone.mask[1:]).float().mean()
+    # the same job and seed give the same frames
+    again = run_job(spec, tmp_path / "again", generator=generator)
+    for first, second in zip(manifest.trajectories, again.trajectories):
+        for a, b in zip(first.frames, second.frames):
+            assert np.array_equal(read_rgb(tmp_path / "out" / a.image), read_rgb(tmp_path / "again" / b.image))
 
 
 def test_cancelling_stops_between_denoising_steps(folders, tmp_path):
