@@ -48,21 +48,31 @@ def generator(folders):
 def test_options_are_checked_with_clear_messages(folders, tmp_path):
     _, wan, dmd, camera = folders
     with pytest.raises(KeyframeWorldsError, match="unknown worldstereo generator option.*segment_length"):
-        parse_options({"checkpoint": "x", "segment_length": 4})
+        parse_options({"checkpoint": "x", "segment_length": 4}, check_paths=False)
     for bad, message in [({"steps": 0}, "options.steps"), ({"size": [50, 64]}, "options.size"),
                          ({"device": "gpu"}, "options.device"), ({"offload": "disk"}, "options.offload"),
                          ({"variant": "worldstereo-2"}, "options.variant"), ({"guidance_scale": "high"}, "guidance"),
                          ({"keyframes": 1}, "options.keyframes"), ({"keyframe_stride": 0}, "keyframe_stride")]:
         with pytest.raises(KeyframeWorldsError, match=message):
-            parse_options({"checkpoint": "x", **bad})
+            parse_options({"checkpoint": "x", **bad}, check_paths=False)
     with pytest.raises(KeyframeWorldsError, match="options.checkpoint.*KEYFRAME_WORLDS_WORLDSTEREO_DIR"):
         parse_options({}, environ={})
-    from_env = parse_options({"variant": "worldstereo-memory"}, environ={"KEYFRAME_WORLDS_WORLDSTEREO_DIR": "/models"})
+    from_env = parse_options({"variant": "worldstereo-memory"}, environ={"KEYFRAME_WORLDS_WORLDSTEREO_DIR": "/models"},
+                             check_paths=False)
     assert str(from_env.checkpoint) == "/models/worldstereo-memory"
-    assert parse_options({"checkpoint": "x"}).size is None and parse_options({"checkpoint": "x"}).keyframes == 21
+    defaults = parse_options({"checkpoint": str(dmd)})
+    assert defaults.size is None and defaults.keyframes == 21 and defaults.keyframe_stride == 4
+    with pytest.raises(KeyframeWorldsError, match=r"options.checkpoint: .* \(no config.json\)"):
+        parse_options({"checkpoint": str(tmp_path)})
+    with pytest.raises(KeyframeWorldsError, match="options.wan_dir: folder not found"):
+        parse_options({"checkpoint": str(dmd), "wan_dir": str(tmp_path / "nowhere")})
     with pytest.raises(WrongVariantError, match="worldstereo-camera"):
         get_generator("worldstereo", options(folders, checkpoint=str(dmd), variant="worldstereo-camera"))
-    with pytest.raises(KeyframeWorldsError, match="checkpoint folder not found"):
+    with pytest.raises(KeyframeWorldsError, match="options.steps: worldstereo-memory-dmd is distilled for 4 steps"):
+        get_generator("worldstereo", options(folders, steps=40))
+    with pytest.raises(KeyframeWorldsError, match="options.guidance_scale: .* without guidance"):
+        get_generator("worldstereo", options(folders, guidance_scale=5))
+    with pytest.raises(KeyframeWorldsError, match=r"\(no config.json\)"):
         get_generator("worldstereo", options(folders, checkpoint=str(tmp_path / "nothing")))
 
 

@@ -84,8 +84,12 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def parse_options(options: dict, environ=None) -> WorldStereoOptions:
-    """Check every option and return them typed; raises :class:`KeyframeWorldsError` naming the option."""
+def parse_options(options: dict, environ=None, check_paths: bool = True) -> WorldStereoOptions:
+    """Check every option and return them typed; raises :class:`KeyframeWorldsError` naming the option.
+
+    Cheap (no model is loaded), so a service can check a job before queueing it. With ``check_paths``
+    the checkpoint folder must hold a ``config.json`` and ``wan_dir``, when given, must be a folder.
+    """
     env = os.environ if environ is None else environ
     allowed = {f for f in WorldStereoOptions.__dataclass_fields__}
     unknown = sorted(set(options) - allowed - RUNNER_OPTIONS)
@@ -142,6 +146,12 @@ def parse_options(options: dict, environ=None) -> WorldStereoOptions:
     stride = options.get("keyframe_stride", 4)
     if not _is_int(stride) or not 1 <= stride <= 16:
         problems.append("options.keyframe_stride: must be an integer from 1 to 16 (the released models use 4)")
+    if check_paths and not problems:
+        folder = Path(checkpoint).expanduser()
+        if not (folder / "config.json").is_file():
+            problems.append(f"options.checkpoint: {folder} is not a WorldStereo variant folder (no config.json)")
+        if wan_dir and not Path(wan_dir).expanduser().is_dir():
+            problems.append(f"options.wan_dir: folder not found: {wan_dir}")
     if problems:
         raise KeyframeWorldsError("; ".join(problems))
     return WorldStereoOptions(checkpoint=Path(checkpoint).expanduser(), variant=variant,
@@ -184,6 +194,14 @@ class WorldStereoGenerator(Generator):
 
     def __init__(self, pipeline, keyframes: int = 21, keyframe_stride: int = 4, size: tuple[int, int] | None = None,
                  steps: int | None = None, guidance_scale: float | None = None, negative_prompt: str | None = None):
+        if pipeline.is_dmd:  # say so when the job is set up, not after the first segment's encodes
+            if steps is not None and steps != pipeline.default_steps():
+                raise KeyframeWorldsError(f"options.steps: {pipeline.variant} is distilled for "
+                                          f"{pipeline.default_steps()} steps, got {steps}")
+            if guidance_scale is not None and guidance_scale > 1:
+                raise KeyframeWorldsError(f"options.guidance_scale: {pipeline.variant} runs without guidance, "
+                                          f"got {guidance_scale}")
+            guidance_scale = None
         self.pipeline = pipeline
         self.keyframes = keyframes
         self.keyframe_stride = keyframe_stride
