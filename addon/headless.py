@@ -62,6 +62,9 @@ def add_scene_commands(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--depth-file", help="reference depth file (.npy z-depth in metres, or .exr)")
     g.add_argument("--samples", type=int, default=16, help="Cycles samples for the reference render")
     g.add_argument("--engine-python", help="the engine's Python (default: $KEYFRAME_WORLDS_ENGINE_PYTHON, else this Python)")
+    g.add_argument("--model-dir", help="worldstereo: folder with one folder per variant (and the Wan2.1 I2V folder)")
+    g.add_argument("--variant", default="worldstereo-memory-dmd", help="worldstereo: the model variant")
+    g.add_argument("--offload", default="none", choices=("none", "model", "sequential"), help="worldstereo: GPU offload mode")
     g.add_argument("--device", default="auto", help="engine device: auto (every CUDA GPU, else cpu), cpu, cuda:0 ...")
     g.add_argument("--import", dest="import_result", action="store_true", help="import the result and save the file")
     g.set_defaults(scene_handler=cmd_generate)
@@ -186,7 +189,7 @@ def cmd_trajectory(args) -> int:
 def cmd_generate(args) -> int:
     import bpy
 
-    from .jobs import JobSettings, format_status, prepare_job, run_through_engine
+    from .jobs import JobSettings, format_status, prepare_job, run_through_engine, worldstereo_options
 
     scene = bpy.context.scene
     out = Path(args.out).resolve()
@@ -197,6 +200,7 @@ def cmd_generate(args) -> int:
         reference="FILE" if args.reference else "RENDER", reference_path=args.reference or "",
         depth="FILE" if args.depth_file else ("SCENE" if args.depth == "scene" and not args.reference else "NONE"),
         depth_path=args.depth_file or "", prompt=args.prompt, generator=args.generator, seed=args.seed, samples=args.samples,
+        options=worldstereo_options(args.model_dir, args.variant, args.offload) if args.generator == "worldstereo" else {},
     )
     prepared = prepare_job(scene, settings, out, selected=selected)
     _print_warnings(prepared.warnings)

@@ -101,6 +101,31 @@ def _copy_into(source: str, out: Path, stem: str, what: str) -> str:
     return target.name
 
 
+WORLDSTEREO_VARIANTS = ("worldstereo-memory-dmd", "worldstereo-memory", "worldstereo-camera")
+
+
+def worldstereo_options(model_dir: str | None, variant: str, offload: str = "none") -> dict:
+    """The ``worldstereo`` generator's options from a model folder laid out as the README says.
+
+    ``model_dir`` holds one folder per variant (``worldstereo-memory-dmd`` ...) and,
+    optionally, the Wan2.1 image-to-video diffusers folder (any sub-folder whose
+    name contains ``Wan2.1`` and that has a ``model_index.json``). Without a model
+    folder the engine falls back to its environment (``$KEYFRAME_WORLDS_WORLDSTEREO_DIR``).
+    """
+    if variant not in WORLDSTEREO_VARIANTS:
+        raise KeyframeWorldsError(f"WorldStereo variant must be one of {', '.join(WORLDSTEREO_VARIANTS)}, got {variant!r}")
+    options: dict = {"variant": variant, "offload": offload}
+    if model_dir:
+        root = Path(bpy.path.abspath(model_dir))
+        if not root.is_dir():
+            raise KeyframeWorldsError(f"model folder not found: {root}")
+        options["checkpoint"] = str(root / variant)
+        wan = sorted(p for p in root.iterdir() if p.is_dir() and "wan2.1" in p.name.lower() and (p / "model_index.json").is_file())
+        if wan:
+            options["wan_dir"] = str(wan[0])
+    return options
+
+
 def engine_python(configured: str | None = None) -> Path:
     """The engine environment's Python: the preference / flag, else ``$KEYFRAME_WORLDS_ENGINE_PYTHON``;
     outside Blender (the bpy module in the engine's own venv) this interpreter when neither is set."""

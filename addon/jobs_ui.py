@@ -65,15 +65,16 @@ def settings_with_preferences(settings, context):
 
     from .preferences import preferences
 
+    from .jobs import worldstereo_options
+
     prefs = preferences(context)
+    props = context.scene.keyframe_worlds
+    options = dict(settings.options)
+    if settings.generator == "worldstereo":
+        options.update(worldstereo_options(prefs.model_dir if prefs else None, props.variant, prefs.offload if prefs else "none"))
     if prefs is None:
-        return settings
-    return replace(settings, point_budget=prefs.point_budget, options={**settings.options, **generator_options(prefs, settings.generator)})
-
-
-def generator_options(prefs, generator: str) -> dict:
-    """Generator settings that come from the preferences."""
-    return {}
+        return replace(settings, options=options)
+    return replace(settings, point_budget=prefs.point_budget, options=options)
 
 
 def start_job(context) -> ActiveJob:

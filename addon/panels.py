@@ -57,6 +57,8 @@ class KFW_PT_main(bpy.types.Panel):
         col.separator()
         col.prop(props, "prompt")
         col.prop(props, "generator")
+        if props.generator == "worldstereo":
+            col.prop(props, "variant")
         col.prop(props, "seed")
         col.prop(props, "job_name")
         col.prop(props, "output_dir")

@@ -41,6 +41,11 @@ class KFW_JobProperties(bpy.types.PropertyGroup):
     depth_path: StringProperty(name="Depth File", subtype="FILE_PATH")
     prompt: StringProperty(name="Prompt", description="What the world looks like (used by WorldStereo)")
     generator: EnumProperty(name="Generator", items=GENERATOR_ITEMS, default="preview")
+    variant: EnumProperty(name="Variant", default="worldstereo-memory-dmd", items=[
+        ("worldstereo-memory-dmd", "Memory DMD (4 steps)", "Spatial-stereo memory, distilled to 4 steps: fastest"),
+        ("worldstereo-memory", "Memory", "Spatial-stereo memory, full sampling"),
+        ("worldstereo-camera", "Camera", "Camera and point-cloud control only"),
+    ])
     seed: IntProperty(name="Seed", default=0, min=0)
     output_dir: StringProperty(name="Output", subtype="DIR_PATH", default="//keyframe_worlds/",
                                description="Job folders are made here (relative to the .blend)")

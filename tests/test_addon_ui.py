@@ -83,3 +83,28 @@ def test_engine_error_is_shown_not_raised(addon_scene):
     with pytest.raises(RuntimeError, match="reference image not found"):
         bpy.ops.keyframe_worlds.generate()  # the operator reports the error (bpy raises it as RuntimeError in scripts)
     assert props.state == ""
+
+
+def test_preferences_reach_the_worldstereo_options(addon_scene, tmp_path):
+    bpy, props = addon_scene
+    from keyframe_worlds.addon.jobs import worldstereo_options
+    from keyframe_worlds.addon.jobs_ui import settings_with_preferences
+    from keyframe_worlds.bridge.errors import KeyframeWorldsError
+
+    models = tmp_path / "models"
+    (models / "worldstereo-memory").mkdir(parents=True)
+    wan = models / "Wan2.1-I2V-14B-480P-Diffusers"
+    wan.mkdir()
+    (wan / "model_index.json").write_text("{}")
+    options = worldstereo_options(str(models), "worldstereo-memory", "sequential")
+    assert options == {"variant": "worldstereo-memory", "offload": "sequential",
+                       "checkpoint": str(models / "worldstereo-memory"), "wan_dir": str(wan)}
+    with pytest.raises(KeyframeWorldsError, match="variant"):
+        worldstereo_options(str(models), "worldstereo-huge")
+    with pytest.raises(KeyframeWorldsError, match="model folder not found"):
+        worldstereo_options(str(tmp_path / "nowhere"), "worldstereo-memory")
+    props.generator, props.variant = "worldstereo", "worldstereo-camera"
+    settings = settings_with_preferences(props.to_settings(bpy.context.scene), bpy.context)
+    assert settings.options["variant"] == "worldstereo-camera"
+    props.generator = "preview"
+    assert settings_with_preferences(props.to_settings(bpy.context.scene), bpy.context).options == {}

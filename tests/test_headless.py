@@ -111,3 +111,10 @@ def test_blender_command_is_registered_with_the_addon():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["1", "2", "0"]
+
+
+def test_worldstereo_without_models_is_a_clear_error(scene_blend, tmp_path):
+    out = run("scene", "--blend", scene_blend, "generate", "--generator", "worldstereo", "--frames", "1-4", "--samples", "1",
+              "--model-dir", tmp_path, "--out", tmp_path / "j")
+    assert out.returncode == 2
+    assert "options.checkpoint" in out.stderr and "Traceback" not in out.stderr
