@@ -120,7 +120,7 @@ def test_invalid_spec_gets_the_validators_field_paths(engine, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["not-json", "bad-content-type", "no-image", "unknown-part", "depth-missing", "image-not-an-image",
-                                  "spec-not-object", "garbage-multipart", "worldstereo-unavailable", "two-specs"])
+                                  "spec-not-object", "garbage-multipart", "two-specs"])
 def test_bad_submissions_get_a_json_4xx(engine, tmp_path, case):
     spec = write_preview_job(tmp_path, frames=3)
     doc = json.loads(spec.read_text())
@@ -147,17 +147,29 @@ def test_bad_submissions_get_a_json_4xx(engine, tmp_path, case):
             files["image"] = ("ref.png", b"this is not a png")
         elif case == "spec-not-object":
             files["spec"] = (None, "[1, 2, 3]")
-        elif case == "worldstereo-unavailable":
-            files["spec"] = (None, json.dumps({**doc, "generator": "worldstereo"}))
         response = requests.post(url, files=files, headers=headers, timeout=TIMEOUT)
     assert 400 <= response.status_code < 500, response.text
     body = response.json()
     assert isinstance(body["error"], str) and body["error"] and isinstance(body["problems"], list)
     if case == "image-not-an-image":
         assert [p["path"] for p in body["problems"]] == ["reference.image"]
-    if case == "worldstereo-unavailable" and "worldstereo" not in engine.client.health().generators:
-        assert [p["path"] for p in body["problems"]] == ["generator"]
     assert requests.get(f"{engine.url}/v1/health", timeout=TIMEOUT).status_code == 200
+
+
+def test_a_generator_that_cannot_run_here_fails_the_job_with_a_message(engine, tmp_path):
+    """worldstereo without its weights: refused up front where it is not installed, else a failed job that says why."""
+    spec = write_preview_job(tmp_path, frames=3)
+    doc = {**json.loads(spec.read_text()), "generator": "worldstereo", "options": {}}
+    files = {"spec": (None, json.dumps(doc)), "image": ("ref.png", (tmp_path / "ref.png").read_bytes()),
+             "depth": ("d.npy", (tmp_path / "ref_depth.npy").read_bytes())}
+    response = requests.post(f"{engine.url}/v1/jobs", files=files, headers=auth(engine), timeout=TIMEOUT)
+    if "worldstereo" not in engine.client.health().generators:
+        assert response.status_code == 400 and [p["path"] for p in response.json()["problems"]] == ["generator"]
+        return
+    assert response.status_code == 201, response.text
+    final = engine.client.wait(response.json()["id"], timeout=60, poll_s=0.05)
+    assert final.state == "failed" and final.error and not final.error.startswith("internal error"), final.error
+    assert engine.client.health().version
 
 
 def test_body_limit(engine):
