@@ -71,3 +71,14 @@ def test_unipc_follows_the_wan_flow_schedule():
     assert sched.config.prediction_type == "flow_prediction" and sched.config.flow_shift == 3.0
     # a fresh scheduler per call: state from one run does not leak into the next
     assert make_unipc(WAN_UNIPC_CONFIG) is not sched
+
+
+def test_a_missing_diffusers_is_reported_as_such(monkeypatch, tmp_path):
+    from keyframe_worlds.engine.pipelines.components import MissingDependencyError
+
+    import sys
+
+    for name in [n for n in sys.modules if n == "diffusers" or n.startswith("diffusers.")]:
+        monkeypatch.setitem(sys.modules, name, None)  # also the already imported submodules
+    with pytest.raises(MissingDependencyError, match="diffusers==0.36.0.*keyframe-worlds\\[engine\\]"):
+        load_companions(tmp_path)

@@ -47,8 +47,19 @@ def wan_vae_class():
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="CUDA is not available or torch_xla is imported")
-        from diffusers.models.autoencoders.autoencoder_kl_wan import AutoencoderKLWan
+        try:
+            from diffusers.models.autoencoders.autoencoder_kl_wan import AutoencoderKLWan
+        except ImportError as exc:
+            raise MissingDependencyError(exc) from None
     return AutoencoderKLWan
+
+
+class MissingDependencyError(CheckpointError):
+    """diffusers or transformers is not installed in the engine's environment."""
+
+    def __init__(self, exc: ImportError):
+        super().__init__(f"the WorldStereo pipelines need diffusers==0.36.0 and transformers>=4.57,<5 in the engine's "
+                         f"environment ({exc}); install the engine extra: pip install 'keyframe-worlds[engine]'")
 
 
 def _require_folder(base: Path, name: str) -> Path:
@@ -91,9 +102,11 @@ class WanCompanions:
 def load_companions(base_dir: str | Path, dtype: torch.dtype = torch.float32, vae_dtype: torch.dtype | None = None,
                     device: str | torch.device = "cpu") -> WanCompanions:
     """Load the companions from a local Wan2.1 I2V diffusers folder (local files only, safetensors only)."""
-    from transformers import AutoTokenizer, CLIPImageProcessor, CLIPVisionModel, UMT5EncoderModel
-
     AutoencoderKLWan = wan_vae_class()
+    try:
+        from transformers import AutoTokenizer, CLIPImageProcessor, CLIPVisionModel, UMT5EncoderModel
+    except ImportError as exc:
+        raise MissingDependencyError(exc) from None
     base = Path(base_dir).expanduser()
     if not base.is_dir():
         raise CheckpointError(f"Wan2.1 image-to-video folder not found: {base}")
