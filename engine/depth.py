@@ -72,7 +72,8 @@ class MemoryDepthCompletion(DepthEstimator):
         if rgb is not None:
             guide = rgb.permute(0, 3, 1, 2).to(torch.float32) / 255.0
         weight = far_bias_weight(depth_z_m, visible, self.far_bias) if self.far_bias else None
-        filled = push_pull_fill(log_d, visible, guide=guide, guide_sigma=self.color_sigma / 255.0, weight=weight)
+        filled = push_pull_fill(log_d, visible, guide=guide, guide_sigma=self.color_sigma / 255.0, weight=weight,
+                                push_bias=self.far_bias)
         out = torch.where(visible, depth_z_m, torch.exp(filled[:, 0]))
         # A frame with nothing visible has nothing to complete from.
         empty = ~visible.flatten(1).any(dim=1)

@@ -40,6 +40,7 @@ def push_pull_fill(
     guide_sigma: float = 0.1,
     weight: torch.Tensor | None = None,
     min_size: int = 2,
+    push_bias: float = 0.0,
 ) -> torch.Tensor:
     """Fill the invalid pixels of ``values`` from the valid ones.
 
@@ -49,6 +50,10 @@ def push_pull_fill(
     weight falls to 1/e.
     weight: (B, H, W) extra confidence of each valid pixel in the pull (e.g. to
     favour far depths); defaults to 1.
+    push_bias: in the push, each coarse tap's weight is also multiplied by
+    ``exp(push_bias * value[0])``: with log-depth as channel 0, a positive bias
+    fills from the farther side of a hole's border (the background a
+    disocclusion reveals) instead of blending it with the foreground edge.
     Returns (B, C, H, W): ``values`` where valid, filled elsewhere. Pixels stay
     0 only if the whole image is invalid.
     """
@@ -102,13 +107,17 @@ def push_pull_fill(
             base = bi * (hc * wc)
             acc = torch.zeros(bi.numel(), c, dtype=vw.dtype, device=vw.device)
             acc_w = torch.zeros(bi.numel(), dtype=vw.dtype, device=vw.device)
+            ref = flat_v[:, 0].max() if push_bias else None
             for ys, wy in ((y0, 1 - fy), (y1, fy)):
                 for xs, wx in ((x0, 1 - fx), (x1, fx)):
                     tap = base + ys[yi] * wc + xs[xi]
                     tap_w = flat_w[tap] * wy[yi] * wx[xi]
                     if g_fine is not None:
                         dist = (g_fine - flat_g[tap]).square().sum(dim=1)
-                        tap_w = tap_w * torch.exp(-dist * inv_sigma_sq)
+                        # The floor keeps a plain bilinear fill where no tap's guide is close.
+                        tap_w = tap_w * (torch.exp(-dist * inv_sigma_sq) + 1e-6)
+                    if push_bias:
+                        tap_w = tap_w * (torch.exp(push_bias * (flat_v[tap, 0] - ref)) + 1e-12)
                     acc.addcmul_(flat_v[tap], tap_w[:, None])
                     acc_w += tap_w
             own[bi, :, yi, xi] = acc / acc_w.clamp_min(1e-30)[:, None]

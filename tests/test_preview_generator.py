@@ -49,6 +49,7 @@ def test_visible_pixels_are_the_render_and_holes_take_the_background(setup):
     assert torch.equal(out.depth.depth_z_m[mask], request.rendered.depth_z_m[mask])
     holes = ~mask[-1]
     assert holes.sum() > 50  # the last camera uncovers wall and floor left of the box
+    assert torch.all(out.rgb[~mask].int().sum(-1) > 0)  # every hole is filled (the scene has no black)
     true_rgb, true_depth = raycast(s, request.c2w_opencv[-1], k, W, H)
     filled = out.rgb[-1][holes].float()
     to_truth = (filled - true_rgb[holes].float()).norm(dim=1).mean()
