@@ -156,20 +156,24 @@ def test_bad_submissions_get_a_json_4xx(engine, tmp_path, case):
     assert requests.get(f"{engine.url}/v1/health", timeout=TIMEOUT).status_code == 200
 
 
-def test_a_generator_that_cannot_run_here_fails_the_job_with_a_message(engine, tmp_path):
-    """worldstereo without its weights: refused up front where it is not installed, else a failed job that says why."""
+def test_generator_options_are_checked_before_queueing(engine, tmp_path):
+    """The generator's own option check answers 400 with options.* paths; nothing is queued."""
     spec = write_preview_job(tmp_path, frames=3)
-    doc = {**json.loads(spec.read_text()), "generator": "worldstereo", "options": {}}
-    files = {"spec": (None, json.dumps(doc)), "image": ("ref.png", (tmp_path / "ref.png").read_bytes()),
-             "depth": ("d.npy", (tmp_path / "ref_depth.npy").read_bytes())}
-    response = requests.post(f"{engine.url}/v1/jobs", files=files, headers=auth(engine), timeout=TIMEOUT)
-    if "worldstereo" not in engine.client.health().generators:
-        assert response.status_code == 400 and [p["path"] for p in response.json()["problems"]] == ["generator"]
-        return
-    assert response.status_code == 201, response.text
-    final = engine.client.wait(response.json()["id"], timeout=60, poll_s=0.05)
-    assert final.state == "failed" and final.error and not final.error.startswith("internal error"), final.error
-    assert engine.client.health().version
+    before = len(engine.client.jobs())
+    for generator, options, expected in (("preview", {"segment_length": 0}, "options.segment_length"),
+                                         ("preview", {"magic": 1}, "options"),
+                                         ("worldstereo", {"checkpoint": str(tmp_path / "no-weights"), "steps": 0}, "options.steps")):
+        doc = {**json.loads(spec.read_text()), "generator": generator, "options": options}
+        files = {"spec": (None, json.dumps(doc)), "image": ("ref.png", (tmp_path / "ref.png").read_bytes()),
+                 "depth": ("d.npy", (tmp_path / "ref_depth.npy").read_bytes())}
+        response = requests.post(f"{engine.url}/v1/jobs", files=files, headers=auth(engine), timeout=TIMEOUT)
+        assert response.status_code == 400, response.text
+        paths = [p["path"] for p in response.json()["problems"]]
+        if generator in engine.client.health().generators:
+            assert expected in paths and all(p.startswith("options") for p in paths), paths
+        else:
+            assert paths == ["generator"]
+    assert len(engine.client.jobs()) == before
 
 
 def test_body_limit(engine):

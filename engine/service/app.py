@@ -132,12 +132,15 @@ class HealthModel(BaseModel):
 
 @dataclass(frozen=True)
 class AppSettings:
-    """token: the bearer token; max_body_bytes: request body limit; generators: the ones this engine can run."""
+    """token: the bearer token; max_body_bytes: request body limit; generators: the ones this engine can run;
+    gpu_memory: what health reports; check_options: the generators' own option checks."""
 
     token: str
     max_body_bytes: int = 512 * 1024 * 1024
     generators: tuple[str, ...] = ("preview",)
     gpu_memory: Callable[[], list[dict]] = lambda: []
+    # The generator's own check of the job's options before queueing: (generator, options) -> problems.
+    check_options: Callable[[str, dict], list[Problem]] = lambda generator, options: []
 
 
 class BodyLimitMiddleware:
@@ -313,6 +316,9 @@ def create_app(manager: JobManager, settings: AppSettings) -> FastAPI:
             raise ApiError(400, "job spec is invalid (1 problem(s))",
                            [Problem("generator", f"generator {doc['generator']!r} is not available in this engine; "
                                                  f"available: {', '.join(settings.generators)}")])
+        problems = await run_in_threadpool(settings.check_options, doc["generator"], doc.get("options", {}))
+        if problems:
+            raise ApiError(400, f"job spec is invalid ({len(problems)} problem(s))", problems)
         try:
             status = await run_in_threadpool(manager.submit, doc, inputs)
         except ValidationError as exc:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ...bridge.errors import KeyframeWorldsError, Problem
 from ...bridge.spec import load_job
 from .jobs import JobProgress
 
@@ -45,3 +46,30 @@ def run_spec(spec_path: Path, out_dir: Path, progress: JobProgress, device: str)
 
     spec = load_job(spec_path)
     run_job(spec, out_dir, progress=Reporter(), device=device, resume=True)
+
+
+def check_options(generator: str, options: dict) -> list[Problem]:
+    """The generator's own check of a job's ``options``, before the job is queued (cheap: no model loads).
+
+    Returns problems with their ``options.<name>`` field paths; empty when the options are fine.
+    """
+    try:
+        if generator == "preview":
+            from ..generators.preview import PreviewGenerator
+
+            PreviewGenerator.from_options(options)
+        elif generator == "worldstereo":
+            from ..generators.worldstereo import parse_options
+
+            parse_options(options)
+    except KeyframeWorldsError as exc:
+        problems = []
+        for line in str(exc).splitlines():
+            line = line.strip().lstrip("- ").strip()
+            path, sep, reason = line.partition(": ")
+            if sep and path.startswith("options"):
+                problems.append(Problem(path, reason))
+            elif line:
+                problems.append(Problem("options", line))
+        return problems or [Problem("options", str(exc))]
+    return []

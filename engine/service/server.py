@@ -129,7 +129,7 @@ def serve(config: ServiceConfig) -> int:
     import uvicorn
 
     from .app import AppSettings, create_app
-    from .execute import run_spec
+    from .execute import check_options, run_spec
     from .jobs import JobManager
     from .watchdog import watch_parent
 
@@ -146,7 +146,8 @@ def serve(config: ServiceConfig) -> int:
         log.warning("fault injection on: the job root behaves as a full disk after a number of writes (tests only)")
     manager = JobManager(config.job_root, run_spec, devices, config.queue_size)
     settings = AppSettings(token=config.token, max_body_bytes=config.max_body_bytes,
-                           generators=available_generators(), gpu_memory=gpu_memory)
+                           generators=available_generators(), gpu_memory=gpu_memory,
+                           check_options=check_options)
     app = create_app(manager, settings)
     sock = bind(config.host, config.port)
     port = sock.getsockname()[1]
