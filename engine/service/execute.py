@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ...bridge.errors import KeyframeWorldsError, Problem
 from ...bridge.spec import load_job
-from .jobs import JobProgress
+from .jobs import EngineStopping, JobCancelled, JobProgress
 
 # The runner's stage names, as a person reads them in a status.
 STAGE_WORDS = {
@@ -25,6 +25,7 @@ STAGE_WORDS = {
 
 
 def run_spec(spec_path: Path, out_dir: Path, progress: JobProgress, device: str) -> None:
+    from ..runner import JobCancelled as RunnerCancelled
     from ..runner import ProgressReporter, run_job
 
     class Reporter(ProgressReporter):
@@ -44,8 +45,19 @@ def run_spec(spec_path: Path, out_dir: Path, progress: JobProgress, device: str)
                 progress.frames(done, total)
             progress.check()
 
+        def cancelled(self) -> bool:
+            try:
+                progress.check()
+            except (JobCancelled, EngineStopping):
+                return True
+            return False
+
     spec = load_job(spec_path)
-    run_job(spec, out_dir, progress=Reporter(), device=device, resume=True)
+    try:
+        run_job(spec, out_dir, progress=Reporter(), device=device, resume=True)
+    except RunnerCancelled:
+        progress.check()  # the runner stopped on our word: say why (cancelled, or the engine stopping)
+        raise
 
 
 def check_options(generator: str, options: dict) -> list[Problem]:
