@@ -59,3 +59,13 @@ def make_trajectory(name: str = "Camera", n: int = 5, seed: int = 0, width: int 
         height=height,
         fps=fps,
     )
+
+
+def add_camera(bpy, name: str, location=(0.0, 0.0, 0.0), kind: str = "PERSP"):
+    """A camera object of type ``kind`` linked to the current scene."""
+    data = bpy.data.cameras.new(name)
+    data.type = kind
+    cam = bpy.data.objects.new(name, data)
+    bpy.context.scene.collection.objects.link(cam)
+    cam.location = location
+    return cam

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
+from conftest import add_camera
 from PIL import Image
 
 
@@ -68,9 +70,6 @@ def test_reference_needs_a_perspective_camera(blank_blend, tmp_path):
     from keyframe_worlds.addon.reference import render_reference
     from keyframe_worlds.bridge.errors import KeyframeWorldsError
 
-    data = bpy.data.cameras.new("Ortho")
-    data.type = "ORTHO"
-    cam = bpy.data.objects.new("Ortho", data)
-    bpy.context.scene.collection.objects.link(cam)
+    cam = add_camera(bpy, "Ortho", kind="ORTHO")
     with pytest.raises(KeyframeWorldsError, match="Ortho"):
         render_reference(bpy.context.scene, cam, 1, tmp_path)

@@ -8,7 +8,7 @@ import pytest
 from keyframe_worlds.bridge import cameras as conv
 from keyframe_worlds.bridge import formats
 
-from conftest import make_trajectory
+from conftest import add_camera, make_trajectory
 
 CASES = {
     "auto-landscape": dict(fit="AUTO", res=(640, 360), pct=100, shift=(0, 0), aspect=(1, 1)),
@@ -123,19 +123,9 @@ def test_orthographic_camera_is_refused(blank_blend):
     from keyframe_worlds.addon.scene_cameras import extract_trajectory
     from keyframe_worlds.bridge.errors import KeyframeWorldsError
 
-    data = bpy.data.cameras.new("Ortho")
-    data.type = "ORTHO"
-    cam = bpy.data.objects.new("Ortho", data)
-    bpy.context.scene.collection.objects.link(cam)
+    cam = addadd_camera(bpy, "Ortho", kind="ORTHO")
     with pytest.raises(KeyframeWorldsError, match="Ortho"):
         extract_trajectory(bpy.context.scene, cam, [1])
-
-
-def _camera(bpy, name, location):
-    cam = bpy.data.objects.new(name, bpy.data.cameras.new(name))
-    bpy.context.scene.collection.objects.link(cam)
-    cam.location = location
-    return cam
 
 
 def test_marker_cameras_in_marker_order_with_their_shots(blank_blend):
@@ -144,7 +134,7 @@ def test_marker_cameras_in_marker_order_with_their_shots(blank_blend):
 
     scene = bpy.context.scene
     scene.frame_start, scene.frame_end = 1, 30
-    a, b, c = (_camera(bpy, n, (i, 0, 0)) for i, n in enumerate(("A", "B", "C")))
+    a, b, c = (add_camera(bpy, n, (i, 0, 0)) for i, n in enumerate(("A", "B", "C")))
     scene.timeline_markers.new("m3", frame=20).camera = a  # A again, later
     scene.timeline_markers.new("m1", frame=5).camera = b
     scene.timeline_markers.new("m2", frame=12).camera = c
@@ -172,7 +162,7 @@ def test_camera_sources_and_errors(blank_blend):
         choose_cameras(scene, "SCENE", [1])
     with pytest.raises(KeyframeWorldsError, match="no timeline marker"):
         choose_cameras(scene, "MARKERS", [1])
-    z, y = _camera(bpy, "Zed", (0, 0, 0)), _camera(bpy, "Why", (0, 0, 0))
+    z, y = add_camera(bpy, "Zed", (0, 0, 0)), add_camera(bpy, "Why", (0, 0, 0))
     assert [c.name for c, _ in choose_cameras(scene, "ALL", [1])] == ["Why", "Zed"]
     assert [c.name for c, _ in choose_cameras(scene, "SELECTED", [1], selected=[z])] == ["Zed"]
     with pytest.raises(KeyframeWorldsError, match="no camera is selected"):
@@ -184,7 +174,7 @@ def test_scale_is_removed_and_non_uniform_scale_warned(blank_blend):
     from keyframe_worlds.addon.scene_cameras import extract_trajectory
 
     scene = bpy.context.scene
-    cam = _camera(bpy, "Scaled", (1, 2, 3))
+    cam = add_camera(bpy, "Scaled", (1, 2, 3))
     cam.rotation_euler = (0.3, 0.2, 0.1)
     plain = extract_trajectory(scene, cam, [1])
     cam.scale = (2, 2, 2)
@@ -204,7 +194,7 @@ def test_drivers_and_nla_are_evaluated(blank_blend):
     from keyframe_worlds.addon.scene_cameras import extract_trajectory
 
     scene = bpy.context.scene
-    cam = _camera(bpy, "Driven", (0, 0, 0))
+    cam = add_camera(bpy, "Driven", (0, 0, 0))
     # NLA: an action pushed down into a strip (no active action left on the object).
     for frame, x in ((1, 0.0), (11, 10.0)):
         cam.location = (x, 0, 0)
