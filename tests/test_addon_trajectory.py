@@ -123,7 +123,7 @@ def test_orthographic_camera_is_refused(blank_blend):
     from keyframe_worlds.addon.scene_cameras import extract_trajectory
     from keyframe_worlds.bridge.errors import KeyframeWorldsError
 
-    cam = addadd_camera(bpy, "Ortho", kind="ORTHO")
+    cam = add_camera(bpy, "Ortho", kind="ORTHO")
     with pytest.raises(KeyframeWorldsError, match="Ortho"):
         extract_trajectory(bpy.context.scene, cam, [1])
 
