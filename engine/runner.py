@@ -105,6 +105,22 @@ def _resize(array: np.ndarray, width: int, height: int, nearest: bool) -> np.nda
     return np.asarray(Image.fromarray(array).resize((width, height), mode))
 
 
+# Reference pixels where the depth map has no surface (sky, the far background) become a backdrop this
+# many times further than the scene's far depth, so later frames see the reference's sky, not a guess.
+BACKDROP_DISTANCE_FACTOR = 4.0
+BACKDROP_CONFIDENCE = 0.05
+
+
+def add_backdrop(memory: PointMemory, rgb: torch.Tensor, depth_z_m: torch.Tensor, c2w: torch.Tensor, k: torch.Tensor) -> int:
+    """Add the reference's no-surface pixels as a far, low-confidence backdrop; returns how many points."""
+    surface = depth_z_m > 0
+    if bool(surface.all()) or not bool(surface.any()):
+        return 0
+    far = float(torch.quantile(depth_z_m[surface].float().cpu(), 0.98)) * BACKDROP_DISTANCE_FACTOR
+    return memory.add_rgbd(rgb, torch.full_like(depth_z_m, far), c2w, k, frame_index=0, confidence=BACKDROP_CONFIDENCE,
+                           where=~surface)
+
+
 def load_reference(spec: JobSpec) -> tuple[Trajectory, int, np.ndarray, np.ndarray | None]:
     """The reference trajectory, frame index, RGB (H, W, 3) uint8 and z-depth (H, W) or None, at the trajectory's size."""
     traj, index = spec.reference_view()
@@ -186,6 +202,7 @@ def run_job(
     ref_rgb = torch.from_numpy(ref_rgb_np).to(device)
     ref_depth = torch.from_numpy(ref_depth_np).to(device)
     memory.add_rgbd(ref_rgb, ref_depth, ref_c2w, ref_k, frame_index=0, confidence=ref_conf)
+    add_backdrop(memory, ref_rgb, ref_depth, ref_c2w, ref_k)
     cand, frame = _candidate((ref_traj.name, int(ref_traj.frames[ref_index])), ref_rgb, ref_depth, ref_c2w, ref_k, ref_traj.width, ref_traj.height)
     history = _History([cand], [frame])
     progress.step("memory", 1, 1, f"{len(memory)} points")
