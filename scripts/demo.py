@@ -4,7 +4,8 @@ Runs with the `bpy` module from PyPI, through the same functions the add-on's
 operators and headless commands call (prepare_job, the engine service
 started through the bridge's process manager, the client, import_bundle). Each step prints what it computed. Writes into
 --out: job/ (job.json, reference, bundle/), trajectories/, demo.blend,
-videos/, contact_sheet.png and world.png.
+videos/, contact_sheet.png (reference, memory renders, generated frames, depth)
+and world.png.
 
     .venv/bin/python scripts/demo.py --out demo_out [--frames 120] [--size 480x270]
 """
@@ -184,30 +185,51 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def contact_sheet(bundle: Path, reference: str, path: Path, rows: int = 4) -> None:
-    """Reference, then for a few frames: generated frame and its depth, side by side."""
+    """For a few frames: the reference (first row), the memory render, the generated frame and its depth, side by side.
+
+    The memory render shows the fused cloud's points that came from earlier frames
+    (the reference and every frame generated before this one), rendered along this
+    frame's camera with the engine's renderer: what the generator was conditioned on,
+    less what the point budget later thinned out. Black is where the memory saw nothing.
+    """
+    import torch
     from PIL import Image
 
+    from keyframe_worlds.bridge.ply import read_ply
     from keyframe_worlds.bridge.spec import load_manifest
+    from keyframe_worlds.engine.render import render_points
 
     manifest = load_manifest(bundle)
-    picks = []
+    cloud = read_ply(bundle / manifest.point_cloud)
+    positions = torch.from_numpy(cloud.positions().astype(np.float32))
+    colours = torch.from_numpy(cloud.colors_u8())
+    source = cloud.vertex["frame"]
+    picks, global_index = [], 1  # 0 is the reference; generated frames count on in trajectory order
     for rt in manifest.trajectories:
-        for i in np.linspace(0, len(rt.frames) - 1, max(1, rows // len(manifest.trajectories)), dtype=int):
-            picks.append((rt.trajectory.name, rt.frames[i]))
+        chosen = set(np.linspace(0, len(rt.frames) - 1, max(1, rows // len(manifest.trajectories)), dtype=int).tolist())
+        for i, f in enumerate(rt.frames):
+            if i in chosen:
+                picks.append((rt.trajectory, i, f, global_index))
+            global_index += 1
     ref = Image.open(reference).convert("RGB")
     w, h = ref.size
-    sheet = Image.new("RGB", (w * 3, h * len(picks)), (20, 20, 20))
-    for row, (name, f) in enumerate(picks):
+    sheet = Image.new("RGB", (w * 4, h * len(picks)), (20, 20, 20))
+    for row, (traj, i, f, g) in enumerate(picks):
         if row == 0:
             sheet.paste(ref, (0, 0))
-        sheet.paste(Image.open(bundle / f.image).convert("RGB").resize((w, h)), (w, row * h))
+        earlier = torch.from_numpy(source < g)
+        intr = torch.tensor([[traj.fx[i], traj.fy[i], traj.cx[i], traj.cy[i]]], dtype=torch.float64)
+        c2w = torch.from_numpy(traj.c2w_opencv[i : i + 1])
+        memory = render_points(positions[earlier], colours[earlier], c2w, intr, traj.width, traj.height)
+        sheet.paste(Image.fromarray(memory.rgb[0].numpy()).resize((w, h)), (w, row * h))
+        sheet.paste(Image.open(bundle / f.image).convert("RGB").resize((w, h)), (2 * w, row * h))
         d = np.load(bundle / f.depth_npy)
         valid = d > 0
         lo, hi = (np.percentile(d[valid], 2), np.percentile(d[valid], 98)) if valid.any() else (0.0, 1.0)
         norm = np.clip((d - lo) / max(hi - lo, 1e-6), 0, 1)
         # Near is bright, far is dark; no depth is black.
         gray = np.where(valid, 255 * (1 - norm) * 0.9 + 25, 0).astype(np.uint8)
-        sheet.paste(Image.fromarray(gray).convert("RGB").resize((w, h)), (2 * w, row * h))
+        sheet.paste(Image.fromarray(gray).convert("RGB").resize((w, h)), (3 * w, row * h))
     path.parent.mkdir(parents=True, exist_ok=True)
     sheet.save(path)
 
