@@ -21,6 +21,7 @@ from pathlib import Path
 import bpy
 import numpy as np
 
+from ..bridge.atomic import atomic_write
 from ..bridge.errors import KeyframeWorldsError
 
 # Cycles writes this (1e10) where a ray hits nothing.
@@ -154,6 +155,5 @@ def _render_depth(scene: bpy.types.Scene, depth_path: Path) -> None:
     finally:
         bpy.data.node_groups.remove(tree)
     depth[~np.isfinite(depth) | (depth > _NO_HIT_DEPTH)] = 0.0
-    tmp_path = depth_path.with_name(f".{depth_path.name}.tmp.npy")
-    np.save(tmp_path, depth.astype(np.float32))
-    os.replace(tmp_path, depth_path)
+    with atomic_write(depth_path) as tmp:
+        np.save(tmp, depth.astype(np.float32))

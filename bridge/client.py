@@ -24,6 +24,7 @@ from typing import Any, Callable
 
 import requests
 
+from .atomic import atomic_write
 from .errors import KeyframeWorldsError, Problem, ValidationError
 from .spec import MANIFEST_FILENAME, read_json, validate_job, validate_manifest
 
@@ -194,20 +195,15 @@ class EngineClient:
     def download(self, job_id: str, path: str, target: str | os.PathLike) -> Path:
         """Stream one bundle file to ``target`` (temporary name, then rename)."""
         target = Path(target)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
         response = self._request("GET", f"/jobs/{_job(job_id)}/files/{_bundle_path(path)}", stream=True)
         try:
-            with open(tmp, "wb") as fh:
+            with atomic_write(target) as tmp, open(tmp, "wb") as fh:
                 for chunk in response.iter_content(1024 * 1024):
                     fh.write(chunk)
-            os.replace(tmp, target)
         except requests.RequestException as exc:
             raise EngineUnavailable(f"download of {path} from the engine broke off: {_root_cause(exc)}") from None
         finally:
             response.close()
-            if tmp.exists():
-                tmp.unlink()
         return target
 
     def download_bundle(self, job_id: str, target_dir: str | os.PathLike) -> Path:

@@ -32,6 +32,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from . import cameras
+from .atomic import atomic_write
 from .errors import KeyframeWorldsError, ValidationError
 from .imageinfo import image_info
 from .trajectory import Trajectory
@@ -122,10 +123,8 @@ def _read_json(path: Path) -> Any:
 
 
 def _write_text(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
     return path
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .atomic import atomic_write
 from .errors import KeyframeWorldsError
 
 _TYPES = {
@@ -81,14 +82,11 @@ def write_ply(path: str | os.PathLike, vertex: dict[str, np.ndarray], faces: np.
         face_table["idx"] = faces
         lines += [f"element face {len(faces)}", "property list uchar int vertex_indices"]
     lines.append("end_header")
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(tmp, "wb") as fh:
+    with atomic_write(path) as tmp, open(tmp, "wb") as fh:
         fh.write(("\n".join(lines) + "\n").encode("ascii"))
         fh.write(table.tobytes())
         if face_table is not None:
             fh.write(face_table.tobytes())
-    os.replace(tmp, path)
 
 
 def read_ply(path: str | os.PathLike) -> PlyData:

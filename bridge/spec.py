@@ -31,12 +31,12 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from .atomic import atomic_write
 from .errors import KeyframeWorldsError, Problem, ValidationError
 from .imageinfo import image_info
 from .trajectory import (
     Trajectory,
     check_integer,
-    check_number,
     check_object,
     check_string,
     check_unknown_keys,
@@ -480,11 +480,6 @@ def _validate_manifest(doc: Any, bundle_dir) -> list[Problem]:
 
 def write_json_atomic(path: str | os.PathLike, doc: Any) -> None:
     """Write JSON through a temporary file and a rename, so a reader never sees half a file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as fh:
+    with atomic_write(path, fsync=True) as tmp, open(tmp, "w", encoding="utf-8") as fh:
         json.dump(doc, fh, indent=1)
         fh.write("\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)

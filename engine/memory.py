@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
+from ..bridge.atomic import atomic_write
 from .geometry import unproject_pixels
 from .render import PointRenderer, RenderOutput
 
@@ -336,9 +336,7 @@ class PointMemory:
     # ------------------------------------------------------------- save / load
     def save(self, path: str | os.PathLike) -> None:
         """Write the memory to ``path`` (.npz), atomically (temp file + rename)."""
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as f:
+        with atomic_write(path) as tmp, open(tmp, "wb") as f:
             np.savez(
                 f,
                 version=np.int32(MEMORY_FILE_VERSION),
@@ -347,7 +345,6 @@ class PointMemory:
                 frame_index=self.frame_index.cpu().numpy(),
                 confidence=self.confidence.cpu().numpy(),
             )
-        os.replace(tmp, path)
 
     @classmethod
     def load(cls, path: str | os.PathLike, **kwargs) -> "PointMemory":

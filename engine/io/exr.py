@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ...bridge.atomic import atomic_write
 from ...bridge.errors import KeyframeWorldsError
 
 _MAGIC = 20000630
@@ -94,14 +95,11 @@ def write_exr(path: str | os.PathLike, channels: dict[str, np.ndarray], compress
     for chunk in chunks:
         offsets.append(position)
         position += len(chunk)
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as fh:
+    with atomic_write(path) as tmp, open(tmp, "wb") as fh:
         fh.write(header)
         fh.write(np.asarray(offsets, dtype="<u8").tobytes())
         for chunk in chunks:
             fh.write(chunk)
-    os.replace(tmp, path)
 
 
 def write_depth_exr(path: str | os.PathLike, depth_z_m: np.ndarray) -> None:

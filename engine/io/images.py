@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import numpy as np
 
+from ...bridge.atomic import atomic_write
 from ...bridge.errors import KeyframeWorldsError
 
 
@@ -17,15 +17,13 @@ def write_png(path: str | os.PathLike, rgb: np.ndarray, compress_level: int = 1,
     """
     from PIL import Image, PngImagePlugin
 
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
     info = None
     if text:
         info = PngImagePlugin.PngInfo()
         for key, value in text.items():
             info.add_text(key, value)
-    Image.fromarray(np.ascontiguousarray(rgb), "RGB").save(tmp, format="PNG", compress_level=compress_level, pnginfo=info)
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        Image.fromarray(np.ascontiguousarray(rgb), "RGB").save(tmp, format="PNG", compress_level=compress_level, pnginfo=info)
 
 
 def read_rgb(path: str | os.PathLike) -> np.ndarray:
@@ -42,7 +40,5 @@ def read_rgb(path: str | os.PathLike) -> np.ndarray:
 
 
 def write_npy(path: str | os.PathLike, array: np.ndarray) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.npy")
-    np.save(tmp, array)
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        np.save(tmp, array)

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
+from ...bridge.atomic import atomic_write
 from ...bridge.errors import KeyframeWorldsError
 from ...bridge.spec import JobSpec, ResultFrame, ResultMesh, ResultTrajectory, write_json_atomic
 
@@ -101,11 +101,8 @@ def save(out_dir: str | os.PathLike, spec: JobSpec, state: RunState, memory, his
     previous = _read_state(folder)
     number = (previous or {}).get("number", 0) + 1
     name = f"state-{number:06d}.safetensors"
-    tmp = folder / f".{name}.tmp-{os.getpid()}"
-    save_file(tensors, str(tmp))
-    with open(tmp, "rb+") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, folder / name)
+    with atomic_write(folder / name, fsync=True) as tmp:
+        save_file(tensors, str(tmp))
     doc = {
         "version": CHECKPOINT_VERSION,
         "spec": spec_digest(spec),

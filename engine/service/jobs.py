@@ -38,6 +38,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, Callable
 
+from ...bridge.atomic import TEMPORARY_GLOB
 from ...bridge.errors import KeyframeWorldsError, Problem, ValidationError
 from ...bridge.spec import validate_job, write_json_atomic
 
@@ -186,7 +187,7 @@ def failure_message(exc: BaseException, out_dir: Path) -> str:
 def remove_temporary_files(folder: Path) -> int:
     """Delete the temporary files of interrupted atomic writes (``.<name>.tmp-<pid>...``); returns how many."""
     count = 0
-    for path in folder.rglob(".*.tmp-*"):
+    for path in folder.rglob(TEMPORARY_GLOB):
         try:
             if path.is_file():
                 path.unlink()
