@@ -35,6 +35,7 @@ from . import cameras
 from .atomic import atomic_write
 from .errors import KeyframeWorldsError, ValidationError
 from .imageinfo import image_info
+from .spec import read_json
 from .trajectory import Trajectory
 
 FORMATS = ("keyframe-worlds", "worldstereo", "nerfstudio", "colmap")
@@ -62,7 +63,7 @@ def detect_format(path: str | os.PathLike) -> str:
         raise KeyframeWorldsError(f"trajectory file not found: {p}")
     if p.name in ("cameras.txt", "images.txt"):
         return "colmap"
-    doc = _read_json(p)
+    doc = read_json(p, "trajectory file")
     if isinstance(doc, dict):
         if doc.get("format") == KW_FORMAT_TAG or "trajectories" in doc:
             return "keyframe-worlds"
@@ -109,17 +110,6 @@ def write_trajectories(trajectories: Sequence[Trajectory], path: str | os.PathLi
     if len(set(names)) != len(names):
         raise KeyframeWorldsError(f"camera names must be unique, got {names}")
     return writers[fmt](trajectories, Path(path))
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise KeyframeWorldsError(f"file not found: {path}") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise KeyframeWorldsError(f"cannot read {path}: {exc}") from None
-    except json.JSONDecodeError as exc:
-        raise KeyframeWorldsError(f"{path} is not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}") from None
 
 
 def _write_text(path: Path, text: str) -> Path:
@@ -190,7 +180,7 @@ def _group_sorted(entries: list[tuple[str, int, np.ndarray, tuple]], fps: dict[s
 
 
 def read_keyframe_worlds(path: Path) -> list[Trajectory]:
-    doc = _read_json(path)
+    doc = read_json(path, "trajectory file")
     if isinstance(doc, dict) and "trajectories" in doc:
         if doc.get("version", 1) != 1:
             raise KeyframeWorldsError(f"{path}: unsupported keyframe-worlds trajectory file version {doc.get('version')!r}")
@@ -219,7 +209,7 @@ def read_worldstereo(path: Path) -> list[Trajectory]:
             if not files:
                 raise KeyframeWorldsError(f"{path}: no camera.json in the folder or its sub-folders")
             return [t for f in files for t in read_worldstereo(f)]
-    doc = _read_json(path)
+    doc = read_json(path, "trajectory file")
     if not isinstance(doc, dict) or "extrinsic" not in doc or "intrinsic" not in doc:
         raise KeyframeWorldsError(f"{path}: a WorldStereo camera.json needs 'extrinsic' and 'intrinsic' lists")
     ext, intr = doc["extrinsic"], doc["intrinsic"]
@@ -282,7 +272,7 @@ _NERFSTUDIO_DISTORTION = ("k1", "k2", "k3", "k4", "p1", "p2")
 def read_nerfstudio(path: Path) -> list[Trajectory]:
     if path.is_dir():
         path = path / "transforms.json"
-    doc = _read_json(path)
+    doc = read_json(path, "trajectory file")
     if not isinstance(doc, dict) or not isinstance(doc.get("frames"), list) or not doc["frames"]:
         raise KeyframeWorldsError(f"{path}: a nerfstudio transforms.json needs a non-empty 'frames' list")
     model = doc.get("camera_model", "OPENCV")

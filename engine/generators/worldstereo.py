@@ -49,14 +49,14 @@ from ...bridge.errors import KeyframeWorldsError
 from ..depth import MemoryDepthCompletion
 from ..inpaint import fill_rgb
 from ..memory import PointMemory
+from ..models.loading import OFFLOAD_MODES
+from ..models.worldstereo import MEMORY_DMD_VARIANT, VARIANTS
 from ..render import RenderOutput
 from .base import Generator, SegmentRequest, SegmentResult
 
-VARIANTS = ("worldstereo-camera", "worldstereo-memory", "worldstereo-memory-dmd")
-DEFAULT_VARIANT = "worldstereo-memory-dmd"
+DEFAULT_VARIANT = MEMORY_DMD_VARIANT
 #: Folder holding one sub-folder per variant (named as the variant), used when ``checkpoint`` is not given.
 CHECKPOINT_ROOT_ENV = "KEYFRAME_WORLDS_WORLDSTEREO_DIR"
-OFFLOAD_MODES = ("none", "model", "sequential")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 MAX_SIZE = 2048
 RUNNER_OPTIONS = {"reference_depth_m"}  # read by the job runner, not by the generator
