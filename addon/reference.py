@@ -22,6 +22,7 @@ import bpy
 import numpy as np
 
 from ..bridge.atomic import atomic_write
+from ..bridge.cameras import render_resolution
 from ..bridge.errors import KeyframeWorldsError
 
 # Cycles writes this (1e10) where a ray hits nothing.
@@ -120,16 +121,28 @@ def render_reference(
     out.mkdir(parents=True, exist_ok=True)
     image_path = out / f"{name}.png"
     depth_path = out / f"{name}_depth.npy" if with_depth else None
-    width = scene.render.resolution_x * scene.render.resolution_percentage // 100
-    height = scene.render.resolution_y * scene.render.resolution_percentage // 100
-    settings = scene.render.image_settings
+    width, height = render_resolution(scene.render.resolution_x, scene.render.resolution_y, scene.render.resolution_percentage)
     with _render_setup(scene, camera, frame, samples):
-        scene.render.use_compositing = False
-        settings.file_format, settings.color_mode, settings.color_depth = "PNG", "RGB", "8"
-        _render_to(scene, image_path)
+        _render_png(scene, image_path)
         if depth_path is not None:
             _render_depth(scene, depth_path)
     return ReferenceRender(image_path, depth_path, int(frame), width, height)
+
+
+def render_still(scene: bpy.types.Scene, camera: bpy.types.Object, frame: int, path: str | os.PathLike, samples: int = 16) -> Path:
+    """Render ``camera`` at ``frame`` to a PNG with Cycles on the CPU; every scene setting is restored."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _render_setup(scene, camera, frame, samples):
+        _render_png(scene, path)
+    return path
+
+
+def _render_png(scene: bpy.types.Scene, path: Path) -> None:
+    settings = scene.render.image_settings
+    scene.render.use_compositing = False
+    settings.file_format, settings.color_mode, settings.color_depth = "PNG", "RGB", "8"
+    _render_to(scene, path)
 
 
 def _render_depth(scene: bpy.types.Scene, depth_path: Path) -> None:

@@ -13,7 +13,6 @@ and world.png.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
@@ -178,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     contact_sheet(bundle, prepared.spec.reference.image, out / "contact_sheet.png")
     print(f"[contact sheet] {out / 'contact_sheet.png'}")
     t0 = time.perf_counter()
-    render_world(scene, result.collection, out / "world.png", width, height, samples=args.samples)
+    render_world(scene, result.collection, out / "world.png", samples=args.samples)
     print(f"[world] {out / 'world.png'}: the imported point cloud and meshes from a third viewpoint ({time.perf_counter() - t0:.1f} s)")
     print(f"[done] {time.perf_counter() - started:.1f} s in all")
     return 0
@@ -234,38 +233,24 @@ def contact_sheet(bundle: Path, reference: str, path: Path, rows: int = 4) -> No
     sheet.save(path)
 
 
-def render_world(scene, collection, path: Path, width: int, height: int, samples: int) -> None:
+def render_world(scene, collection, path: Path, samples: int) -> None:
     """Render only the imported world (points and meshes) from a high three-quarter view, with Cycles on the CPU."""
     import bpy
 
+    from keyframe_worlds.addon.reference import render_still
+
     shown = set(collection.all_objects)
     hidden = [o for o in scene.objects if o not in shown and o.type != "CAMERA" and not o.hide_render]
-    for o in hidden:
-        o.hide_render = True
     cam = bpy.data.objects.new("World View", bpy.data.cameras.new("World View"))
     scene.collection.objects.link(cam)
     cam.data.lens = 22
     cam.location = (-26.0, -30.0, 24.0)
     cam.rotation_euler = (math.radians(58), 0.0, math.radians(-38))
-    saved = (scene.camera, scene.render.engine, scene.render.filepath, scene.cycles.samples, scene.render.resolution_x,
-             scene.render.resolution_y)
-    markers = [(m, m.camera) for m in scene.timeline_markers if m.camera is not None]
     try:
-        for m, _ in markers:
-            m.camera = None
-        scene.camera = cam
-        scene.render.engine = "CYCLES"
-        scene.cycles.device = "CPU"
-        scene.cycles.samples = samples
-        scene.render.resolution_x, scene.render.resolution_y = width, height
-        scene.render.image_settings.file_format = "PNG"
-        scene.render.filepath = str(path)
-        bpy.ops.render.render(write_still=True)
+        for o in hidden:
+            o.hide_render = True
+        render_still(scene, cam, scene.frame_current, path, samples=samples)
     finally:
-        (scene.camera, scene.render.engine, scene.render.filepath, scene.cycles.samples, scene.render.resolution_x,
-         scene.render.resolution_y) = saved
-        for m, c in markers:
-            m.camera = c
         for o in hidden:
             o.hide_render = False
         bpy.data.objects.remove(cam)
