@@ -94,6 +94,7 @@ def start_job(context) -> ActiveJob:
     _active[scene.name] = job
     props.state, props.stage, props.progress, props.message = "pending", "queued", 0.0, ""
     props.frames_done, props.frames_total, props.seconds_left = 0, 0, -1.0
+    props.step, props.steps = 0, 0
     props.last_job_dir = str(job_dir)
     if not bpy.app.timers.is_registered(_poll):
         bpy.app.timers.register(_poll, first_interval=POLL_INTERVAL_S)
@@ -127,6 +128,7 @@ def _poll() -> float | None:
         props.progress = float(status.progress)
         props.frames_done = int(status.frames_done)
         props.frames_total = int(status.frames_total)
+        props.step, props.steps = int(status.step or 0), int(status.steps or 0)
         props.seconds_left = -1.0 if status.eta_s is None else float(status.eta_s)
         if status.finished_state:
             _active.pop(scene_name, None)

@@ -4,18 +4,15 @@ from __future__ import annotations
 
 import bpy
 
+from .jobs import describe_progress
+
 RUNNING_STATES = ("pending", "running")
 
 
 def progress_text(props) -> str:
-    """``"generate 12/96 frames, 0:41 left"``: the stage, frames done and time left of the job."""
-    parts = [props.stage or props.state]
-    if props.frames_total:
-        parts.append(f"{props.frames_done}/{props.frames_total} frames")
-    if props.seconds_left >= 0:
-        minutes, seconds = divmod(int(props.seconds_left + 0.5), 60)
-        parts.append(f"{minutes}:{seconds:02d} left")
-    return ", ".join(p for p in parts if p)
+    """``"generate, 12/96 frames, step 2/4, 0:41 left"``: stage, frames done, denoising step and time left."""
+    return describe_progress(props.stage or props.state, props.frames_done, props.frames_total, props.step,
+                             props.steps, props.seconds_left)
 
 
 def draw_progress(layout, props) -> None:

@@ -57,6 +57,8 @@ class KFW_JobProperties(bpy.types.PropertyGroup):
     progress: FloatProperty(name="Progress", default=0.0, min=0.0, max=1.0, subtype="FACTOR")
     frames_done: IntProperty(default=0)
     frames_total: IntProperty(default=0)
+    step: IntProperty(default=0)  # denoising step of the segment in flight; steps 0: not denoising
+    steps: IntProperty(default=0)
     seconds_left: FloatProperty(default=-1.0)
     message: StringProperty(default="")
     last_job_dir: StringProperty(default="", subtype="DIR_PATH")

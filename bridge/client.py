@@ -50,7 +50,10 @@ class JobStatus:
     """A job's state as the engine reports it.
 
     state: pending, running, completed, failed or cancelled; progress 0-1 over
-    all frames; eta_s: estimated seconds left (None until known); times in Unix seconds.
+    all frames (moving within a segment as it is denoised); frames_done: final
+    frames; step / steps: denoising step of the segment being generated (None
+    when not denoising); eta_s: estimated seconds left (None until known);
+    times in Unix seconds.
     """
 
     id: str
@@ -64,6 +67,8 @@ class JobStatus:
     eta_s: float | None
     error: str | None
     seq: int = 0
+    step: int | None = None
+    steps: int | None = None
     created: float = 0.0
     started: float | None = None
     finished: float | None = None

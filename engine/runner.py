@@ -38,10 +38,11 @@ class JobCancelled(KeyframeWorldsError):
 
 
 class ProgressReporter:
-    """Receives progress; says whether to stop. Subclass and override :meth:`report`.
+    """Receives progress; says whether to stop. Subclass and override :meth:`report`
+    (and :meth:`report_denoise` to see the denoising steps within a segment).
 
     stage: "reference", "memory", "generate", "export", "done".
-    done / total: frames (for "generate") or steps of the stage.
+    done / total: frames (for "generate") or steps of the stage; frames count once final.
     A ``cancel_event`` (threading.Event) set from another thread cancels the job.
     """
 
@@ -57,8 +58,26 @@ class ProgressReporter:
     def step(self, stage: str, done: int, total: int, message: str = "") -> None:
         """Report, then stop the job if it was cancelled."""
         self.report(stage, done, total, message)
+        self._stop_if_cancelled(stage, done, total)
+
+    def denoise(self, done: int, total: int, in_flight: float, step: int, steps: int, message: str = "") -> None:
+        """A denoising step of the segment being generated, then stop the job if it was cancelled.
+
+        done / total: frames finished / all frames (as in ``report``); step / steps: the step just
+        finished (1-based) of the segment's steps; in_flight: the segment's share of that work in
+        frames (segment frames x step / steps), for a progress fraction that moves between
+        segments. The default reports stage "generate" with the step in the message; override
+        :meth:`report_denoise` to show the fraction.
+        """
+        self.report_denoise(done, total, in_flight, step, steps, message)
+        self._stop_if_cancelled("generate", done, total, f", denoising step {step}/{steps}")
+
+    def report_denoise(self, done: int, total: int, in_flight: float, step: int, steps: int, message: str = "") -> None:
+        self.report("generate", done, total, f"{message} denoising step {step}/{steps}".strip())
+
+    def _stop_if_cancelled(self, stage: str, done: int, total: int, where: str = "") -> None:
         if self.cancelled():
-            raise JobCancelled(f"job cancelled during {stage} ({done}/{total})")
+            raise JobCancelled(f"job cancelled during {stage} ({done}/{total}{where})")
 
 
 class TerminalProgress(ProgressReporter):
@@ -72,11 +91,17 @@ class TerminalProgress(ProgressReporter):
         self._last_stage = None
 
     def report(self, stage: str, done: int, total: int, message: str = "") -> None:
-        fraction = done / total if total else 1.0
-        filled = int(round(self.width * fraction))
         elapsed = time.perf_counter() - self.start
         rate = f" {done / elapsed:5.1f} frames/s" if stage == "generate" and elapsed > 0 else ""
-        line = f"\r{stage:>9} [{'#' * filled}{'.' * (self.width - filled)}] {done}/{total}{rate} {message}"
+        self._draw(stage, done / total if total else 1.0, f"{done}/{total}{rate} {message}")
+
+    def report_denoise(self, done: int, total: int, in_flight: float, step: int, steps: int, message: str = "") -> None:
+        fraction = (done + in_flight) / total if total else 1.0
+        self._draw("generate", fraction, f"{done}/{total} {message} step {step}/{steps}")
+
+    def _draw(self, stage: str, fraction: float, text: str) -> None:
+        filled = int(round(self.width * min(max(fraction, 0.0), 1.0)))
+        line = f"\r{stage:>9} [{'#' * filled}{'.' * (self.width - filled)}] {text}"
         if self._last_stage not in (None, stage):
             self.stream.write("\n")
         self._last_stage = stage
@@ -252,7 +277,11 @@ def run_job(
                 def on_frame(i: int, _start=start) -> None:
                     progress.step("generate", done + i + 1, total, f"{traj.name} frame {int(traj.frames[_start + i])}")
 
-                result = generator.generate(request, on_frame)
+                def on_step(step: int, steps: int, _count=stop - start,
+                            _span=f"{traj.name} frames {int(traj.frames[start])}-{int(traj.frames[stop - 1])}") -> None:
+                    progress.denoise(done, total, _count * step / steps, step, steps, _span)
+
+                result = generator.generate(request, on_frame, on_step=on_step)
                 depth = result.depth or estimator.estimate(result.rgb, rendered)
                 for t in range(stop - start):
                     i = start + t

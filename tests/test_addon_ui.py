@@ -108,3 +108,20 @@ def test_preferences_reach_the_worldstereo_options(addon_scene, tmp_path):
     assert settings.options["variant"] == "worldstereo-camera"
     props.generator = "preview"
     assert settings_with_preferences(props.to_settings(bpy.context.scene), bpy.context).options == {}
+
+
+def test_progress_shows_the_denoising_step_of_the_segment_in_flight(addon_scene):
+    from keyframe_worlds.addon.jobs import format_status
+    from keyframe_worlds.addon.panels import progress_text
+    from keyframe_worlds.bridge.client import JobStatus
+
+    _, props = addon_scene
+    props.stage, props.frames_done, props.frames_total, props.seconds_left = "generating frames", 10, 24, 75.4
+    props.step, props.steps = 3, 4
+    assert progress_text(props) == "generating frames, 10/24 frames, step 3/4, 1:15 left"
+    props.step, props.steps, props.seconds_left = 0, 0, -1.0  # not denoising, time left not known yet
+    assert progress_text(props) == "generating frames, 10/24 frames"
+    status = JobStatus.from_json({"id": "j", "name": "n", "generator": "worldstereo", "state": "running",
+                                  "stage": "generating frames", "progress": 0.5, "frames_done": 10, "frames_total": 24,
+                                  "step": 2, "steps": 40, "eta_s": 3.0, "error": None, "unknown_field": 1})
+    assert format_status(status).endswith(" 50% generating frames, 10/24 frames, step 2/40, 0:03 left")

@@ -162,10 +162,10 @@ def test_generators_that_use_references_get_the_retrieved_earlier_frames(tmp_pat
             self.inner = PreviewGenerator(segment_length=4)
             self.seen = []
 
-        def generate(self, request, on_frame=None):
+        def generate(self, request, on_frame=None, on_step=None):
             self.seen.append(([r.key for r in request.references], request.pairs.tolist()))
             # Frames only: the job's depth estimator supplies the depth.
-            return SegmentResult(rgb=self.inner.generate(request, on_frame).rgb)
+            return SegmentResult(rgb=self.inner.generate(request, on_frame, on_step).rgb)
 
     from keyframe_worlds.engine.depth import MemoryDepthCompletion
 
@@ -191,3 +191,21 @@ def test_generators_that_use_references_get_the_retrieved_earlier_frames(tmp_pat
     # The turned camera looks at the left of the room: whatever it gets must overlap what it sees.
     turn_keys, turn_pairs = recording.seen[3]
     assert len(turn_keys) >= 1 and all(p >= 0 for p in turn_pairs)
+
+
+def test_terminal_progress_bar_moves_with_denoising_steps():
+    import io
+
+    from keyframe_worlds.engine.runner import TerminalProgress
+
+    out = io.StringIO()
+    bar = TerminalProgress(stream=out, width=20)
+    bar.step("generate", 10, 40, "Walk frame 10")
+    assert "[#####...............] 10/40" in out.getvalue()
+    bar.denoise(10, 40, 10 * 2 / 4, 2, 4, "Walk frames 11-20")  # half of the next 10 frames' denoising
+    line = out.getvalue().rsplit("\r", 1)[1]
+    assert "[########............] 10/40 Walk frames 11-20 step 2/4" in line  # 15 of 40 frames' worth
+    cancel = threading.Event()
+    cancel.set()
+    with pytest.raises(JobCancelled, match=r"generate \(10/40, denoising step 3/4\)"):
+        TerminalProgress(stream=io.StringIO(), cancel_event=cancel).denoise(10, 40, 7.5, 3, 4)

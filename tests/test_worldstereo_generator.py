@@ -122,17 +122,18 @@ class SpyPipeline:
 
 def test_a_segment_keyframes_generated_and_frames_between_reprojected(generator):
     request = scene_request()
-    seen = []
+    seen, steps = [], []
     generator.pipeline = spy = SpyPipeline(generator.pipeline)
     try:
-        result = generator.generate(request, on_frame=seen.append)
+        result = generator.generate(request, on_frame=seen.append, on_step=lambda i, n: steps.append((i, n)))
         again = generator.generate(request)
     finally:
         generator.pipeline = spy.inner
     outputs = spy.calls
     assert result.rgb.shape == (5, H, W, 3) and result.rgb.dtype == torch.uint8 and result.depth is None
     assert torch.equal(result.rgb, again.rgb)  # deterministic for the job seed
-    assert seen == [0, 1, 2, 3, 4]  # after each of the 4 steps (a share of the frames), then all 5
+    assert steps == [(1, 4), (2, 4), (3, 4), (4, 4)]  # every denoising step of the distilled schedule
+    assert seen == [4]  # then all 5 frames at once, once they are assembled
     cond, out = outputs[0]
     assert cond.frames == 3 and cond.ref_index.tolist() == [0]  # keyframes 0, 2, 4; single-view reference
     for j, t in enumerate([0, 2, 4]):
@@ -172,10 +173,14 @@ def write_job(folder, opts, walk_n=10):
 class Recorder(ProgressReporter):
     def __init__(self, cancel_after=None):
         super().__init__()
-        self.reports, self.cancel_after = [], cancel_after
+        self.reports, self.denoising, self.cancel_after = [], [], cancel_after
 
     def report(self, stage, done, total, message=""):
         self.reports.append((stage, done, total))
+
+    def report_denoise(self, done, total, in_flight, step, steps, message=""):
+        self.reports.append(("generate", done, total))
+        self.denoising.append((done, in_flight, step, steps, message))
 
     def cancelled(self):
         steps = sum(1 for r in self.reports if r[0] == "generate")
@@ -188,9 +193,9 @@ def test_run_job_segments_and_cameras_share_the_memory(folders, tmp_path):
     seen = []
     inner = generator.generate
 
-    def spy(request, on_frame=None):
+    def spy(request, on_frame=None, on_step=None):
         seen.append((len(request.memory), [r.key for r in request.references], request.pairs.tolist()))
-        return inner(request, on_frame)
+        return inner(request, on_frame, on_step)
 
     generator.generate = spy
     generator.pipeline = pipe_spy = SpyPipeline(generator.pipeline)
@@ -209,6 +214,10 @@ def test_run_job_segments_and_cameras_share_the_memory(folders, tmp_path):
     generate = [r for r in progress.reports if r[0] == "generate"]
     assert len(generate) == 3 * (4 + 1)  # every denoising step of every segment, then the frames
     assert generate[-1][1] == 15 and all(a[1] <= b[1] for a, b in zip(generate, generate[1:]))
+    # each step: the frames finished before the segment, and the segment's share of the work so far
+    assert [(d[0], d[2]) for d in progress.denoising] == [(done, s) for done in (0, 5, 10) for s in (1, 2, 3, 4)]
+    assert [d[1] for d in progress.denoising] == [5 * s / 4 for s in (1, 2, 3, 4)] * 3
+    assert progress.denoising[0][4] == "Walk frames 1-5" and progress.denoising[-1][4] == "Turn frames 101-105"
     # the second walk segment is conditioned on what the first one added to the memory: fewer holes in
     # its render than the reference alone leaves at the same cameras
     k = intrinsics_for_fov(W, H, 70.0)
@@ -234,3 +243,44 @@ def test_cancelling_stops_between_denoising_steps(folders, tmp_path):
         run_job(spec, tmp_path / "out", progress=Recorder(cancel_after=2), generator=generator)
     assert spy.steps == [1, 2]  # stopped right after the second step of the first segment
     assert not spy.calls and not (tmp_path / "out" / MANIFEST_FILENAME).exists()
+
+
+def test_the_service_status_moves_with_the_denoising_steps(folders, tmp_path):
+    """A worldstereo job through the engine's job manager and runner: the status a client polls shows
+    each denoising step, its progress moves within a segment, and frames count only once final."""
+    import shutil
+    import time
+
+    from keyframe_worlds.engine.service.execute import run_spec
+    from keyframe_worlds.engine.service.jobs import JobManager
+
+    snapshots = []
+
+    class Watched(JobManager):
+        def _update(self, job_id, **changes):
+            super()._update(job_id, **changes)
+            if "progress" in changes:
+                s = self.get(job_id)
+                snapshots.append((s.frames_done, s.progress, s.step, s.steps))
+
+    write_job(tmp_path, options(folders))
+    doc = json.loads((tmp_path / "job.json").read_text())
+    manager = Watched(tmp_path / "jobs", run_spec, ["cpu"])
+    manager.start()
+    try:
+        status = manager.submit(doc, {key: (lambda path, key=key: shutil.copy(tmp_path / doc["reference"][key], path))
+                                      for key in ("image", "depth")})
+        deadline = time.monotonic() + 120
+        while not manager.get(status.id).state.finished and time.monotonic() < deadline:
+            time.sleep(0.05)
+        final = manager.get(status.id)
+    finally:
+        manager.stop()
+    assert final.state.value == "completed", final.error
+    assert final.step is None and final.steps is None and final.frames_done == 15
+    stepping = [s for s in snapshots if s[3] is not None]
+    assert [(s[0], s[2], s[3]) for s in stepping] == [(done, k, 4) for done in (0, 5, 10) for k in (1, 2, 3, 4)]
+    # progress counts the denoised share of the segment in flight: 5 frames x k/4 of 15
+    assert [s[1] for s in stepping] == pytest.approx([(done + 5 * k / 4) / 15 for done in (0, 5, 10) for k in (1, 2, 3, 4)])
+    progress = [s[1] for s in snapshots]
+    assert progress == sorted(progress)

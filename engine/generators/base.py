@@ -75,5 +75,12 @@ class Generator(ABC):
     uses_references: bool = False
 
     @abstractmethod
-    def generate(self, request: SegmentRequest, on_frame: Callable[[int], None] | None = None) -> SegmentResult:
-        """Generate the segment; call ``on_frame(i)`` after frame ``i`` (progress, cancellation)."""
+    def generate(self, request: SegmentRequest, on_frame: Callable[[int], None] | None = None,
+                 on_step: Callable[[int, int], None] | None = None) -> SegmentResult:
+        """Generate the segment.
+
+        ``on_frame(i)``: call after frame ``i`` is final. ``on_step(step, steps)``: a generator
+        that works on the whole segment at once (denoising) calls it after each of its ``steps``
+        steps (1-based), so progress moves, and a cancel takes effect, before any frame is final.
+        Either callback may raise to stop the segment (cancellation); let that propagate.
+        """

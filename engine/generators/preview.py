@@ -64,7 +64,9 @@ class PreviewGenerator(Generator):
             raise KeyframeWorldsError("options.temporal: must be true or false")
         return cls(**kwargs)
 
-    def generate(self, request: SegmentRequest, on_frame: Callable[[int], None] | None = None) -> SegmentResult:
+    def generate(self, request: SegmentRequest, on_frame: Callable[[int], None] | None = None,
+                 on_step: Callable[[int, int], None] | None = None) -> SegmentResult:
+        # frame by frame: on_frame is the progress; there are no steps within a frame (on_step unused)
         rendered = request.rendered
         count, height, width = rendered.mask.shape
         device = rendered.mask.device

@@ -26,10 +26,9 @@ the geometry module's estimator) becomes:
    neither covers is filled classically. Every output frame is therefore
    either generated or re-projected from generated keyframes.
 
-Progress: the runner's ``on_frame`` is called after every denoising step (the
-frame count it reports grows with the steps) and after the frames are
-assembled; it is also where the runner cancels, so a cancelled job stops
-between two steps.
+Progress: ``on_step(step, steps)`` after every denoising step of the segment's
+keyframes, ``on_frame`` once all its frames are assembled. ``on_step`` is also
+where the runner cancels, so a cancelled job stops between two steps.
 """
 
 from __future__ import annotations
@@ -253,7 +252,8 @@ class WorldStereoGenerator(Generator):
         depth = self.depth.complete(depth[None], mask[None], rgb[None])[0]
         return fill_rgb(rgb[None], mask[None], depth[None])[0]
 
-    def generate(self, request: SegmentRequest, on_frame: Callable[[int], None] | None = None) -> SegmentResult:
+    def generate(self, request: SegmentRequest, on_frame: Callable[[int], None] | None = None,
+                 on_step: Callable[[int, int], None] | None = None) -> SegmentResult:
         from ..pipelines.prep import Reference, attach_references, prepare_conditions, rescale_intrinsics_vec
 
         count, height0, width0 = request.rendered.mask.shape
@@ -274,14 +274,9 @@ class WorldStereoGenerator(Generator):
                 references.append(Reference(frame.rgb, frame.c2w_opencv, attach_to))
         cond = prepare_conditions(image, render.rgb, render.mask, c2w[index], intr_gen, (width, height), height, width,
                                   memory=self.pipeline.is_memory, references=references)
-
-        def step_done(step: int, total: int) -> None:
-            if on_frame is not None:
-                on_frame(max(int(step / total * (count - 1)) - 1, 0))
-
         out = self.pipeline(cond, prompt=request.prompt, negative_prompt=self.negative_prompt, steps=self.steps,
                             guidance_scale=self.guidance_scale, seed=_segment_seed(request.seed, request),
-                            callback=step_done)
+                            callback=on_step)
         key_rgb = _resize_uint8(out.frames, height0, width0).to(out_device)
         rgb = self._assemble(request, keys, key_rgb)
         if on_frame is not None:

@@ -95,6 +95,9 @@ class JobStatusModel(BaseModel):
     progress: float = Field(ge=0.0, le=1.0)
     frames_done: int
     frames_total: int
+    step: int | None = Field(default=None, description="denoising step (1-based) of the segment being generated; "
+                                                       "null when the generator does not denoise or between segments")
+    steps: int | None = Field(default=None, description="denoising steps of that segment")
     eta_s: float | None = Field(description="estimated seconds left; null until it can be estimated")
     error: str | None
     created: float

@@ -35,15 +35,22 @@ def run_spec(spec_path: Path, out_dir: Path, progress: JobProgress, device: str)
             super().__init__()
             self._stage: str | None = None
 
-        def report(self, stage: str, done: int, total: int, message: str = "") -> None:
+        def _enter(self, stage: str, message: str) -> None:
             if stage != self._stage:
                 self._stage = stage
                 progress.stage(STAGE_WORDS.get(stage, stage))
                 if message:
                     progress.log(f"{stage}: {message}")
+
+        def report(self, stage: str, done: int, total: int, message: str = "") -> None:
+            self._enter(stage, message)
             if stage == "generate":
                 progress.frames(done, total)
             progress.check()
+
+        def report_denoise(self, done: int, total: int, in_flight: float, step: int, steps: int, message: str = "") -> None:
+            self._enter("generate", message)
+            progress.frames(done, total, in_flight, step, steps)
 
         def cancelled(self) -> bool:
             try:

@@ -94,8 +94,11 @@ class EngineStopping(Exception):
 class JobStatus:
     """What ``GET /v1/jobs/{id}`` answers; also the content of ``status.json``.
 
-    progress is 0-1 over the frames of all trajectories; eta_s the estimated
-    seconds left (None until the first frame is done); times are Unix seconds.
+    progress is 0-1 over the frames of all trajectories, including the part of
+    the segment being denoised that is done; frames_done counts final frames;
+    step / steps the denoising step of that segment (None when the generator
+    does not denoise); eta_s the estimated seconds left (None until the rate
+    is known); times are Unix seconds.
     """
 
     id: str
@@ -107,6 +110,8 @@ class JobStatus:
     progress: float = 0.0
     frames_done: int = 0
     frames_total: int = 0
+    step: int | None = None  # denoising step (1-based) of the segment being generated; None when not denoising
+    steps: int | None = None
     eta_s: float | None = None
     error: str | None = None
     created: float = 0.0
@@ -228,18 +233,23 @@ class JobProgress:
         self._manager._update(self.job_id, stage=str(name))
         self.check()
 
-    def frames(self, done: int, total: int) -> None:
+    def frames(self, done: int, total: int, in_flight: float = 0.0, step: int | None = None,
+               steps: int | None = None) -> None:
+        """``done`` of ``total`` frames are final; ``in_flight``: frames' worth of work done on the segment
+        being generated (see ``ProgressReporter.denoise``), at denoising ``step`` of ``steps`` (None: not denoising)."""
         now = time.monotonic()
         done, total = int(done), int(total)
+        work = done + max(0.0, float(in_flight))  # in frames; what progress and the rate are measured in
         eta = None
         if self._first_frame_time is None:
-            # Frames done before this attempt (a resume) do not count towards the rate.
-            self._first_frame_time, self._first_frame_done = now, done
-        elif done > self._first_frame_done:
-            rate = (now - self._first_frame_time) / (done - self._first_frame_done)
-            eta = max(0.0, rate * (total - done))
-        progress = min(1.0, done / total) if total > 0 else 0.0
-        self._manager._update(self.job_id, frames_done=done, frames_total=total, progress=progress, eta_s=eta)
+            # Work done before this attempt (a resume) does not count towards the rate.
+            self._first_frame_time, self._first_frame_done = now, work
+        elif work > self._first_frame_done:
+            rate = (now - self._first_frame_time) / (work - self._first_frame_done)
+            eta = max(0.0, rate * (total - work))
+        progress = min(1.0, work / total) if total > 0 else 0.0
+        self._manager._update(self.job_id, frames_done=done, frames_total=total, progress=progress, eta_s=eta,
+                              step=None if steps is None else int(step), steps=None if steps is None else int(steps))
         self.check()
 
     def log(self, message: str) -> None:
@@ -527,7 +537,7 @@ class JobManager:
             self.log(job_id, "completed")
         with self._lock:
             s = job.status
-            s.state, s.error, s.finished, s.eta_s = state, error, time.time(), None
+            s.state, s.error, s.finished, s.eta_s, s.step, s.steps = state, error, time.time(), None, None, None
             s.stage = {"completed": "done", "cancelled": "cancelled", "failed": "failed"}[state.value]
             if state is JobState.COMPLETED:
                 s.progress, s.frames_done = 1.0, s.frames_total
