@@ -28,15 +28,26 @@ def test_prompt_embeddings_are_zero_after_the_prompt(comp):
 
 
 def test_image_features_are_the_penultimate_clip_layer(comp):
+    from PIL import Image
+
     image = torch.rand(1, 3, 48, 64) * 2 - 1
     feats = encode_image(comp.image_processor, comp.image_encoder, image)
     assert feats.shape == (1, 17, 20)  # 32 px / 8 px patches = 16 tokens + class token
-    pixels = comp.image_processor(images=list(((image + 1) / 2).permute(0, 2, 3, 1).numpy()), do_rescale=False,
-                                  return_tensors="pt").pixel_values
-    assert pixels.abs().max() < 3  # standard CLIP normalisation of [0, 1] pixels, not of 0-255 values
-    states = comp.image_encoder(pixel_values=pixels, output_hidden_states=True).hidden_states
+    # the released inference: a PIL image into a processor built with do_rescale=False
+    pil = Image.fromarray(((image[0] + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy())
+    released = comp.image_processor(images=[pil], do_rescale=False, return_tensors="pt").pixel_values
+    assert released.max() > 100  # CLIP's normalisation applied to 0-255 values
+    states = comp.image_encoder(pixel_values=released, output_hidden_states=True).hidden_states
     torch.testing.assert_close(feats, states[-2])
     assert not torch.allclose(feats, states[-1])
+    # "unit": CLIP's own convention, pixels divided by 255 before the normalisation
+    unit = encode_image(comp.image_processor, comp.image_encoder, image, clip_pixels="unit")
+    standard = comp.image_processor(images=[pil], do_rescale=True, return_tensors="pt").pixel_values
+    assert standard.abs().max() < 3
+    torch.testing.assert_close(unit, comp.image_encoder(pixel_values=standard, output_hidden_states=True).hidden_states[-2])
+    assert not torch.allclose(unit, feats)
+    with pytest.raises(Exception, match="clip_pixels must be one of uint8, unit"):
+        encode_image(comp.image_processor, comp.image_encoder, image, clip_pixels="float")
 
 
 def test_keyframe_latents_encode_each_frame_on_its_own(comp):

@@ -52,7 +52,8 @@ def test_options_are_checked_with_clear_messages(folders, tmp_path):
     for bad, message in [({"steps": 0}, "options.steps"), ({"size": [50, 64]}, "options.size"),
                          ({"device": "gpu"}, "options.device"), ({"offload": "disk"}, "options.offload"),
                          ({"variant": "worldstereo-2"}, "options.variant"), ({"guidance_scale": "high"}, "guidance"),
-                         ({"keyframes": 1}, "options.keyframes"), ({"keyframe_stride": 0}, "keyframe_stride")]:
+                         ({"keyframes": 1}, "options.keyframes"), ({"keyframe_stride": 0}, "keyframe_stride"),
+                         ({"clip_pixels": "0-1"}, "options.clip_pixels: must be one of uint8, unit")]:
         with pytest.raises(KeyframeWorldsError, match=message):
             parse_options({"checkpoint": "x", **bad}, check_paths=False)
     with pytest.raises(KeyframeWorldsError, match="options.checkpoint.*KEYFRAME_WORLDS_WORLDSTEREO_DIR"):
@@ -89,6 +90,8 @@ def test_generator_settings(generator, folders):
     assert "worldstereo-memory-dmd" in generator.label and "re-projected" in generator.label
     camera = get_generator("worldstereo", options(folders, checkpoint=str(folders[3]), steps=1))
     assert not camera.uses_references and "1 steps" in camera.label
+    assert generator.pipeline.clip_pixels == "uint8"  # as the released inference feeds CLIP
+    assert get_generator("worldstereo", options(folders, clip_pixels="unit")).pipeline.clip_pixels == "unit"
 
 
 def scene_request(count=5, step=0.05):

@@ -50,6 +50,7 @@ from ..inpaint import fill_rgb
 from ..memory import PointMemory
 from ..models.loading import OFFLOAD_MODES
 from ..models.worldstereo import MEMORY_DMD_VARIANT, VARIANTS
+from ..pipelines.components import CLIP_PIXELS
 from ..render import RenderOutput
 from .base import Generator, SegmentRequest, SegmentResult
 
@@ -77,6 +78,7 @@ class WorldStereoOptions:
     size: tuple[int, int] | None = None
     keyframes: int = 21
     keyframe_stride: int = 4
+    clip_pixels: str | None = None
 
 
 def _is_int(value) -> bool:
@@ -145,6 +147,10 @@ def parse_options(options: dict, environ=None, check_paths: bool = True) -> Worl
     stride = options.get("keyframe_stride", 4)
     if not _is_int(stride) or not 1 <= stride <= 16:
         problems.append("options.keyframe_stride: must be an integer from 1 to 16 (the released models use 4)")
+    clip_pixels = options.get("clip_pixels")
+    if clip_pixels is not None and clip_pixels not in CLIP_PIXELS:
+        problems.append(f"options.clip_pixels: must be one of {', '.join(CLIP_PIXELS)} (uint8: as the released "
+                        f"inference scripts feed CLIP), got {clip_pixels!r}")
     if check_paths and not problems:
         folder = Path(checkpoint).expanduser()
         if not (folder / "config.json").is_file():
@@ -157,7 +163,7 @@ def parse_options(options: dict, environ=None, check_paths: bool = True) -> Worl
                               wan_dir=Path(wan_dir).expanduser() if wan_dir else None, steps=steps,
                               guidance_scale=None if guidance is None else float(guidance), negative_prompt=negative,
                               offload=offload, device=device, dtype=dtype, size=size, keyframes=keyframes,
-                              keyframe_stride=stride)
+                              keyframe_stride=stride, clip_pixels=clip_pixels)
 
 
 def segment_keyframes(count: int, keyframes: int, stride: int) -> np.ndarray:
@@ -232,7 +238,7 @@ class WorldStereoGenerator(Generator):
         dtype = None if opts.dtype == "auto" else getattr(torch, opts.dtype)
         pipeline = WorldStereoPipeline.from_pretrained(opts.checkpoint, opts.wan_dir, device=device, dtype=dtype,
                                                        offload=opts.offload, expect_variant=opts.variant,
-                                                       companions_dir=opts.wan_dir)
+                                                       companions_dir=opts.wan_dir, clip_pixels=opts.clip_pixels)
         return cls(pipeline, keyframes=opts.keyframes, keyframe_stride=opts.keyframe_stride, size=opts.size,
                    steps=opts.steps, guidance_scale=opts.guidance_scale, negative_prompt=opts.negative_prompt)
 

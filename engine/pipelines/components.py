@@ -9,10 +9,14 @@ The encoders follow the reference pipelines:
   positions after the prompt's length are zeroed (the transformer's
   cross-attention takes the last 512 context tokens as text).
 - Image: the CLIP vision tower's penultimate hidden state (257 tokens for
-  ViT-H/14 at 224 px) of the conditioning image. The image is handed to the
-  processor as floats in [0, 1] with rescaling off, i.e. the standard CLIP
-  normalisation. (The reference script passes a PIL image with rescaling off,
-  which feeds CLIP 0-255 values; that looks like an accident and is not copied.)
+  ViT-H/14 at 224 px) of the conditioning image, as 8-bit pixels. How they are
+  scaled is ``clip_pixels`` (:data:`CLIP_PIXELS`): ``"uint8"`` (default) hands
+  CLIP's mean/std normalisation the 0-255 values themselves, which is what the
+  released inference scripts do (a PIL image into a processor built with
+  ``do_rescale=False``), so embeddings match theirs; ``"unit"`` divides by 255
+  first, CLIP's own convention (and the Wan2.1 backbone's). Which one the
+  released checkpoints were trained with is not published; the default
+  reproduces the released inference.
 - Keyframe latents: every frame VAE-encoded on its own (the distribution's
   mode), normalised ``(z - mean) / std``; decoding is the inverse, per frame.
 - The I2V condition latent: the conditioning image followed by
@@ -32,11 +36,14 @@ from typing import Any
 
 import torch
 
+from ...bridge.errors import KeyframeWorldsError
 from ..models.loading import CheckpointError, PICKLE_SUFFIXES
 
 #: Text tokens of the context (the I2V cross-attention's fixed text length).
 TEXT_TOKENS = 512
 LATENT_COND_MODES = ("full_vae", "first_frame_only")
+#: How 8-bit pixels reach CLIP's normalisation: as 0-255 values (the released inference) or divided by 255.
+CLIP_PIXELS = ("uint8", "unit")
 COMPANION_FOLDERS = ("tokenizer", "text_encoder", "image_encoder", "image_processor", "vae", "scheduler")
 
 
@@ -163,10 +170,18 @@ def encode_prompt(tokenizer, text_encoder: torch.nn.Module, prompts: list[str], 
 
 
 @torch.no_grad()
-def encode_image(image_processor, image_encoder: torch.nn.Module, image: torch.Tensor) -> torch.Tensor:
-    """``[B, tokens, image_dim]``: CLIP penultimate hidden states of ``image`` ``[B, 3, H, W]`` in [-1, 1]."""
-    pixels = ((image.float().clamp(-1, 1) + 1) / 2).cpu().permute(0, 2, 3, 1).numpy()  # [B, H, W, 3] in [0, 1]
-    inputs = image_processor(images=list(pixels), do_rescale=False, return_tensors="pt")
+def encode_image(image_processor, image_encoder: torch.nn.Module, image: torch.Tensor,
+                 clip_pixels: str = "uint8") -> torch.Tensor:
+    """``[B, tokens, image_dim]``: CLIP penultimate hidden states of ``image`` ``[B, 3, H, W]`` in [-1, 1].
+
+    The image goes to the processor as 8-bit ``[B, H, W, 3]`` pixels (what the reference pipelines
+    hand it), scaled as ``clip_pixels`` says (see the module docstring).
+    """
+    if clip_pixels not in CLIP_PIXELS:
+        raise KeyframeWorldsError(f"clip_pixels must be one of {', '.join(CLIP_PIXELS)}, got {clip_pixels!r}")
+    pixels = ((image.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().permute(0, 2, 3, 1).numpy()
+    inputs = image_processor(images=list(pixels), do_rescale=clip_pixels == "unit", rescale_factor=1 / 255,
+                             return_tensors="pt")
     pixel_values = inputs.pixel_values.to(_module_device(image_encoder), _module_dtype(image_encoder))
     return image_encoder(pixel_values=pixel_values, output_hidden_states=True).hidden_states[-2]
 

@@ -14,7 +14,8 @@ Steps of one call (``__call__``), as in the reference pipelines:
 
 1. ``check_inputs``: sizes, frames and the variant's inputs, with specific errors.
 2. Text: UMT5 embeddings of the prompt (and the negative prompt when guided).
-3. Image: CLIP embedding of the conditioning image.
+3. Image: CLIP embedding of the conditioning image (``clip_pixels``: how its
+   8-bit pixels are scaled, see ``components``).
 4. Latents: the I2V condition (first-frame mask + condition latent), the
    memory render's keyframe latents and, for the memory variants, the
    retrieved frames' keyframe latents as ``[latent | ones(4) | latent]``.
@@ -44,7 +45,7 @@ from ...bridge.errors import KeyframeWorldsError
 from ..models.dmd_scheduler import DMDScheduler, DMDSchedulerConfig
 from ..models.loading import OFFLOAD_MODES, enable_sequential_offload
 from ..models.worldstereo import CAMERA_VARIANT, MEMORY_DMD_VARIANT, MEMORY_VARIANT, VARIANTS
-from .components import (LATENT_COND_MODES, WanCompanions, condition_latent, encode_image, encode_prompt,
+from .components import (CLIP_PIXELS, LATENT_COND_MODES, WanCompanions, condition_latent, encode_image, encode_prompt,
                          make_unipc, vae_decode_keyframes, vae_encode_keyframes)
 from .prep import SegmentConditions, check_generation_size, video_to_uint8
 
@@ -75,11 +76,13 @@ class WorldStereoPipeline:
 
     def __init__(self, transformer: torch.nn.Module, companions: WanCompanions, device: str | torch.device | None = None,
                  offload: str = "none", negative_prompt: str = "", latent_cond_mode: str = "full_vae",
-                 dmd_config: DMDSchedulerConfig | None = None):
+                 dmd_config: DMDSchedulerConfig | None = None, clip_pixels: str = "uint8"):
         if offload not in OFFLOAD_MODES:
             raise KeyframeWorldsError(f"unknown offload mode {offload!r}; expected one of {', '.join(OFFLOAD_MODES)}")
         if latent_cond_mode not in LATENT_COND_MODES:
             raise KeyframeWorldsError(f"latent_cond_mode {latent_cond_mode!r} is not one of {', '.join(LATENT_COND_MODES)}")
+        if clip_pixels not in CLIP_PIXELS:
+            raise KeyframeWorldsError(f"clip_pixels {clip_pixels!r} is not one of {', '.join(CLIP_PIXELS)}")
         variant = getattr(transformer, "variant", None)
         if variant is None or variant.model_type not in VARIANTS:
             raise KeyframeWorldsError("the transformer is not a WorldStereo network (no variant config)")
@@ -90,6 +93,7 @@ class WorldStereoPipeline:
         self.offload = offload
         self.negative_prompt = negative_prompt
         self.latent_cond_mode = latent_cond_mode
+        self.clip_pixels = clip_pixels
         self.dmd_config = dmd_config or variant.dmd or DMDSchedulerConfig()
         self._sequential_hooks = False
         self._place_initially()
@@ -99,9 +103,11 @@ class WorldStereoPipeline:
     def from_pretrained(cls, variant_dir: str | Path, base_model_dir: str | Path | None = None, *,
                         device: str | torch.device | None = None, dtype: torch.dtype | None = None,
                         offload: str = "none", expect_variant: str | None = None, paths=None,
-                        companions_dir: str | Path | None = None) -> "WorldStereoPipeline":
+                        companions_dir: str | Path | None = None, clip_pixels: str | None = None
+                        ) -> "WorldStereoPipeline":
         """Load a variant folder and the Wan2.1 I2V companions (from ``companions_dir``, else the resolved
-        backbone folder). ``dtype`` defaults to bfloat16 on CUDA, float32 elsewhere."""
+        backbone folder). ``dtype`` defaults to bfloat16 on CUDA, float32 elsewhere; ``clip_pixels``
+        to the variant config's ``clip_pixels``, else ``"uint8"`` (the released inference's)."""
         from ..models.loading import load_worldstereo, read_variant_folder, resolve_base_model
         from .components import load_companions
 
@@ -125,7 +131,8 @@ class WorldStereoPipeline:
         extra = transformer.variant.extra
         pipe = cls(transformer, companions, device=device, offload=offload,
                    negative_prompt=str(extra.get("negative_prompt", "")),
-                   latent_cond_mode=str(extra.get("latent_cond_mode", "full_vae")))
+                   latent_cond_mode=str(extra.get("latent_cond_mode", "full_vae")),
+                   clip_pixels=clip_pixels or str(extra.get("clip_pixels", "uint8")))
         pipe._sequential_hooks = offload == "sequential" and device.type != "cpu"  # load_worldstereo set them
         return pipe
 
@@ -226,7 +233,8 @@ class WorldStereoPipeline:
         context = context.to(device, dtype)
         # 3. Image [1, 257, image_dim]
         with self._on_device(comp.image_encoder):
-            image_embeds = encode_image(comp.image_processor, comp.image_encoder, cond.image).to(device, dtype)
+            image_embeds = encode_image(comp.image_processor, comp.image_encoder, cond.image,
+                                        self.clip_pixels).to(device, dtype)
         # 4. Latents: condition [1, 20, F, h, w], render [1, 16, F, h, w], references [1, 36, F_ref, h, w]
         frames = cond.frames
         with self._on_device(comp.vae) as vae:
