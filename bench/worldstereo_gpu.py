@@ -18,6 +18,11 @@ VAE encodes, the denoising loop and the per-frame decode.
 - ``peak_gb_<mode>``: ``torch.cuda.max_memory_allocated`` over a DMD segment in each
   offload mode (none: everything resident; model: one model on the GPU at a time;
   sequential: transformer blocks streamed); ``peak_gb`` is the leanest mode's.
+- ``traced_act_gb``, ``traced_need_gb_<mode>``: measured without a GPU, on every machine:
+  the full-size forward run on the meta device with every live activation's bytes
+  tracked (``engine/models/memory_trace.py``), plus the weights each mode keeps on the
+  GPU and a 2 GiB allowance for the allocator and workspaces; printed beside the
+  analytic estimate the engine refuses modes with.
 - ``mfu``: analytic FLOPs of the denoising forwards (matmuls and attention, see
   ``forward_flops``) over their measured time, divided by the card's dense bf16 peak.
 
@@ -79,6 +84,30 @@ def forward_flops(backbone: dict, control: dict, frames: int, height: int, width
     control_block = 2 * 4 * c * c * tokens + 2 * 2 * tokens * tokens * c + 2 * 2 * c * cf * tokens + 2 * c * d * tokens
     patch = 2 * 36 * 4 * d * (2 * tokens + ref_tokens) + 2 * 16 * 4 * d * tokens
     return backbone["num_layers"] * block + control["num_layers"] * control_block + patch
+
+
+def traced_needs(frames: int, height: int, width: int, refs: int) -> dict:
+    """GiB per offload mode from the full-size forward traced on the meta device (no GPU needed,
+    ``engine/models/memory_trace.py``) beside the analytic estimate the engine checks cards with."""
+    from keyframe_worlds.engine.models.loading import GPU_OVERHEAD_BYTES, cast_for_inference, estimate_memory
+    from keyframe_worlds.engine.models.memory_trace import trace_forward
+    from keyframe_worlds.engine.models.wan_transformer import WanTransformerConfig
+    from keyframe_worlds.engine.models.worldstereo import WorldStereoConfig, build_worldstereo
+
+    variant = {"model_type": "worldstereo-memory-dmd", "base_model": "random",
+               "controlnet_cfg": {**FULL_CONTROL, **MEMORY_CFG}}
+    with torch.device("meta"):
+        net = build_worldstereo(WorldStereoConfig.from_dict(variant), WanTransformerConfig.from_dict(FULL_BACKBONE))
+    net = cast_for_inference(net, torch.bfloat16).eval().requires_grad_(False)
+    trace = trace_forward(net, frames, height, width, refs)
+    est = estimate_memory(net, frames, height, width, refs)
+    aux = max(est.aux_bytes.values())
+    traced = {"none": est.transformer_bytes + sum(est.aux_bytes.values()) + trace.peak_bytes,
+              "model": max(est.transformer_bytes + trace.peak_bytes, aux),
+              "sequential": max(est.resident_bytes + 2 * est.largest_block_bytes + trace.peak_bytes, aux)}
+    return {"traced_act_gb": trace.peak_bytes / GIB, "estimated_act_gb": est.activation_bytes / GIB,
+            **{f"traced_need_gb_{m}": (v + GPU_OVERHEAD_BYTES) / GIB for m, v in traced.items()},
+            **{f"estimated_need_gb_{m}": est.required(m) / GIB for m in traced}}
 
 
 def bf16_peak(name: str, override: float | None) -> float | None:
@@ -199,6 +228,14 @@ def main() -> int:
     args = parser.parse_args()
     modes = [m for m in args.modes.split(",") if m]
 
+    needs = traced_needs(args.frames, args.height, args.width, args.refs)
+    print(f"full-size forward traced on the meta device: activation peak {needs['traced_act_gb']:.2f} GiB "
+          f"(analytic estimate {needs['estimated_act_gb']:.2f} GiB)")
+    for m in ("none", "model", "sequential"):
+        print(f"  offload {m:>10}: needs {needs[f'traced_need_gb_{m}']:5.1f} GiB from the trace, "
+              f"{needs[f'estimated_need_gb_{m}']:5.1f} GiB estimated (both with "
+              "a 2 GiB allocator/workspace allowance)")
+    traced = {k: v for k, v in needs.items() if k == "traced_act_gb" or k.startswith("traced_need_gb_")}
     if args.tiny:
         device, dtype, name = torch.device("cpu"), torch.float32, "cpu (tiny configuration, not a benchmark)"
         args.frames, args.height, args.width, args.refs = 3, 128, 128, min(args.refs, 2)
@@ -208,7 +245,7 @@ def main() -> int:
               "17.6 G-parameter WorldStereo architecture and needs a GPU (see DEVELOPERS.md for running it on a lent one); "
               "`--tiny` checks the script on the CPU.")
         print_result(dmd_segment_s=float("nan"), memory_segment_s=float("nan"), peak_gb=float("nan"),
-                     mfu=float("nan"), device="none")
+                     mfu=float("nan"), **traced, device="none")
         return 0
     else:
         device, dtype = torch.device("cuda"), torch.bfloat16
@@ -264,6 +301,7 @@ def main() -> int:
     figures = dict(dmd_segment_s=dmd_total, memory_segment_s=results["memory"], peak_gb=peaks[leanest], mfu=mfu)
     figures.update({f"peak_gb_{m}": peaks[m] for m in modes})
     figures.update({f"dmd_segment_s_{m}": results[("dmd", m)][0] for m in modes[1:]})
+    figures.update(traced)
     figures["device"] = "cpu-tiny" if args.tiny else name
     print_result(**figures)
     return 0

@@ -8,6 +8,7 @@
 - ``dmd_scheduler``: the distilled variant's few-step schedule.
 - ``attention``: the attention backends.
 - ``loading``: variant folder + backbone loading, key checks, GPU memory check.
+- ``memory_trace``: peak activation bytes of a forward, measured on the meta device (no GPU).
 - ``commands``: ``keyframe-worlds model check``.
 
 This package imports without torch (the command line lists its commands
