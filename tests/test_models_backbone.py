@@ -26,6 +26,11 @@ def camera_inputs() -> dict[str, torch.Tensor]:
     return {k: v for k, v in load_file(FIXTURES / "camera" / "inputs.safetensors").items()}
 
 
+def memory_inputs() -> dict[str, torch.Tensor]:
+    """The memory fixture's forward inputs (its ``aux.*`` entries describe them, they are not inputs)."""
+    return {k: v for k, v in load_file(FIXTURES / "memory" / "inputs.safetensors").items() if not k.startswith("aux.")}
+
+
 def test_plain_backbone_equals_camera_model_without_control():
     """The backbone alone is the camera model with its control residuals switched off."""
     camera = load_worldstereo(FIXTURES / "camera")
@@ -51,8 +56,7 @@ def test_attention_backend_is_swappable():
         return torch.einsum("bhlm,bmhd->blhd", scores.softmax(-1), v.double()).to(q.dtype)
 
     model = load_worldstereo(FIXTURES / "memory")
-    inputs = {k: v for k, v in load_file(FIXTURES / "memory" / "inputs.safetensors").items()
-              if not k.startswith("aux.")}
+    inputs = memory_inputs()
     attention.register_attention_backend("explicit", explicit_softmax)
     attention.set_attention_backend("explicit")
     try:
@@ -75,6 +79,44 @@ def test_sequential_offload_hooks_keep_the_result():
     with torch.no_grad():
         out = model(**camera_inputs())
     assert torch.equal(out, load_file(FIXTURES / "camera" / "outputs.safetensors")["output"])
+
+
+def test_block_streaming_keeps_two_blocks_on_the_device_and_copies_nothing_back():
+    """Streaming to the CPU itself still makes a copy per visit, so the test sees which blocks hold a
+    device copy while each block runs, and that afterwards every block is back on its own CPU memory."""
+    model = load_worldstereo(FIXTURES / "memory")
+    host = [[t.data_ptr() for t in (*b.parameters(), *b.buffers())] for b in model.blocks]
+    streamer = enable_sequential_offload(model, torch.device("cpu"))
+    assert model.block_streamer is streamer
+    copied = lambda: {j for j, b in enumerate(model.blocks)  # noqa: E731
+                      if [t.data_ptr() for t in (*b.parameters(), *b.buffers())] != host[j]}
+    seen = []
+    for i, block in enumerate(model.blocks):  # registered after the streamer's hooks, so they run after them
+        block.register_forward_pre_hook(lambda module, args, i=i: seen.append((i, copied())))
+    with torch.no_grad():
+        out = model(**memory_inputs())
+    n = len(model.blocks)
+    assert [i for i, _ in seen] == list(range(n))
+    # while block i runs, it and the next one (block 0 again after the last: the next step's) are there
+    assert all(blocks == {i, (i + 1) % n} for i, blocks in seen) and streamer.max_on_device == 2
+    assert copied() == {0}
+    streamer.release()
+    assert copied() == set()  # back on the very same CPU memory: nothing was copied back
+    ref = load_file(FIXTURES / "memory" / "outputs.safetensors")["output"]
+    assert float((out - ref).abs().max() / ref.abs().max()) < 1e-5
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CI has none); the CPU test above covers the logic")
+def test_block_streaming_on_a_gpu_equals_the_resident_model():
+    inputs = {k: v.cuda() for k, v in memory_inputs().items()}
+    resident = load_worldstereo(FIXTURES / "memory").cuda()
+    streamed = load_worldstereo(FIXTURES / "memory")
+    enable_sequential_offload(streamed, torch.device("cuda"))
+    with torch.no_grad():
+        expected = resident(**inputs)
+        for _ in range(2):  # the second forward starts from the block prefetched by the first
+            torch.testing.assert_close(streamed(**inputs), expected)
+    assert all(p.is_pinned() for b in streamed.blocks for p in b.parameters() if not p.is_cuda)
 
 
 def test_rotary_tables_rotate_pairs_by_position():

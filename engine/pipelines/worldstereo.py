@@ -95,7 +95,6 @@ class WorldStereoPipeline:
         self.latent_cond_mode = latent_cond_mode
         self.clip_pixels = clip_pixels
         self.dmd_config = dmd_config or variant.dmd or DMDSchedulerConfig()
-        self._sequential_hooks = False
         self._place_initially()
 
     # -- construction --------------------------------------------------------------------------
@@ -133,7 +132,6 @@ class WorldStereoPipeline:
                    negative_prompt=str(extra.get("negative_prompt", "")),
                    latent_cond_mode=str(extra.get("latent_cond_mode", "full_vae")),
                    clip_pixels=clip_pixels or str(extra.get("clip_pixels", "uint8")))
-        pipe._sequential_hooks = offload == "sequential" and device.type != "cpu"  # load_worldstereo set them
         return pipe
 
     def _place_initially(self) -> None:
@@ -149,11 +147,11 @@ class WorldStereoPipeline:
 
     def enable_sequential_offload(self) -> None:
         """Stream the transformer's blocks (for a transformer built in memory rather than loaded)."""
-        if self.offload != "sequential" or self._sequential_hooks or self.device.type == "cpu":
+        if (self.offload != "sequential" or self.device.type == "cpu"
+                or getattr(self.transformer, "block_streamer", None) is not None):  # load_worldstereo set it up
             return
         self.transformer.to("cpu")
         enable_sequential_offload(self.transformer, self.device)
-        self._sequential_hooks = True
 
     @contextlib.contextmanager
     def _on_device(self, module: torch.nn.Module, is_transformer: bool = False):
@@ -164,6 +162,9 @@ class WorldStereoPipeline:
         try:
             yield module
         finally:
+            streamer = getattr(module, "block_streamer", None) if is_transformer else None
+            if streamer is not None:
+                streamer.release()  # the block prefetched for a next step: its memory goes to the VAE
             if moved and self.device.type != "cpu":
                 module.to("cpu")
                 if self.device.type == "cuda":
