@@ -215,6 +215,14 @@ class BundleWriter:
     def trajectory(self, trajectory: Trajectory, write_exr: bool = True) -> TrajectoryOutput:
         return TrajectoryOutput(self, trajectory, safe_name(trajectory.name, self._taken), write_exr)
 
+    def resume(self, finished: list[ResultTrajectory], meshes: list[ResultMesh]) -> None:
+        """Take back the trajectories (and their meshes) an interrupted run of the same job finished;
+        their file stems stay reserved, so the rest get the same names as in the first run."""
+        for done in finished:
+            self.trajectories.append(done)
+            safe_name(done.trajectory.name, self._taken)
+        self.meshes.extend(meshes)
+
     def add(self, output: TrajectoryOutput) -> None:
         self.trajectories.append(output.close())
         self.meshes.extend(output.meshes)

@@ -133,6 +133,15 @@ class PointMemory:
         self._frame = grow(self._frame, (new_capacity,), 0)
         self._confidence = grow(self._confidence, (new_capacity,), 0)
 
+    def restore(self, positions_world: torch.Tensor, colors: torch.Tensor, frame_index: torch.Tensor,
+                confidence: torch.Tensor, generation: int) -> None:
+        """Fill an empty memory with saved points and the removal generation of the saved
+        memory, so stamps taken before the save stay comparable (a resumed run)."""
+        if self._n:
+            raise ValueError("restore() needs an empty memory")
+        self.add_points(positions_world, colors, frame_index, confidence)
+        self._generation = int(generation)
+
     def add_points(
         self,
         positions_world: torch.Tensor,

@@ -22,7 +22,7 @@ import torch
 from ..bridge.errors import KeyframeWorldsError
 from ..bridge.spec import JobSpec, ResultManifest
 from ..bridge.trajectory import Trajectory
-from .bundle import BundleWriter, TrajectoryOutput, safe_name
+from .bundle import BundleWriter, TrajectoryOutput
 from .depth import DepthEstimator, MemoryDepthCompletion
 from .generators import Generator, ReferenceFrame, SegmentRequest, get_generator
 from .io.images import read_rgb
@@ -246,10 +246,7 @@ def run_job(
     if restored is not None:
         saved, history = restored
         memory, done, global_index = resumed_memory, saved.done, saved.global_index
-        for finished in saved.finished:
-            bundle.trajectories.append(finished)
-            safe_name(finished.trajectory.name, bundle._taken)  # the same file stems as the first run
-        bundle.meshes.extend(saved.finished_meshes)
+        bundle.resume(saved.finished, saved.finished_meshes)
         progress.step("generate", done, total, f"resuming after {done} finished frames")
     for traj_index, traj in enumerate(spec.trajectories):
         if restored is not None and traj_index < saved.trajectory:

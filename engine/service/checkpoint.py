@@ -149,8 +149,8 @@ def load(out_dir: str | os.PathLike, spec: JobSpec, memory, history_type, candid
         tensors = load_file(str(folder / doc["tensors"]), device="cpu")
     except (OSError, SafetensorError) as exc:
         raise KeyframeWorldsError(f"the job's checkpoint {folder / doc['tensors']} is unreadable ({exc}); delete {folder} to start over") from None
-    memory.add_points(tensors["memory.positions_world"], tensors["memory.colors"], tensors["memory.frame_index"], tensors["memory.confidence"])
-    memory._generation = int(doc["memory_generation"])
+    memory.restore(tensors["memory.positions_world"], tensors["memory.colors"], tensors["memory.frame_index"],
+                   tensors["memory.confidence"], int(doc["memory_generation"]))
     candidates, frames = [], []
     for i, c in enumerate(doc["candidates"]):
         candidates.append(candidate_type(tuple(c["key"]), tensors[f"candidate.{i}.c2w"], tensors[f"candidate.{i}.intrinsics"],
