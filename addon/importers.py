@@ -16,7 +16,7 @@ import numpy as np
 
 from ..bridge import cameras as conv
 from ..bridge.errors import KeyframeWorldsError
-from ..bridge.spec import ResultManifest, load_manifest
+from ..bridge.spec import load_manifest
 from ..bridge.trajectory import Trajectory
 
 COLLECTION_PREFIX = "KFW "

@@ -22,7 +22,7 @@ import torch
 from ..bridge.errors import KeyframeWorldsError
 from ..bridge.spec import JobSpec, ResultManifest
 from ..bridge.trajectory import Trajectory
-from .bundle import BundleWriter, TrajectoryOutput
+from .bundle import BundleWriter
 from .depth import DepthEstimator, MemoryDepthCompletion
 from .generators import Generator, ReferenceFrame, SegmentRequest, get_generator
 from .io.images import read_rgb

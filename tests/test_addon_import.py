@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from keyframe_worlds.bridge import cameras as conv
 from keyframe_worlds.bridge import spec
 from keyframe_worlds.bridge.ply import read_ply, write_ply
 from keyframe_worlds.bridge.trajectory import Trajectory

@@ -10,7 +10,6 @@ import http.client
 import json
 import os
 import subprocess
-import sys
 
 import pytest
 import requests

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import requests
 
 from keyframe_worlds.bridge.client import EngineError
 from keyframe_worlds.bridge.spec import MANIFEST_FILENAME, load_manifest

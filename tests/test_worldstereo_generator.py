@@ -11,8 +11,7 @@ import torch
 from keyframe_worlds.bridge.errors import KeyframeWorldsError
 from keyframe_worlds.bridge.spec import MANIFEST_FILENAME, load_job, load_manifest
 from keyframe_worlds.engine.generators import SegmentRequest, get_generator
-from keyframe_worlds.engine.generators.worldstereo import (WorldStereoGenerator, parse_options,
-                                                           segment_keyframes)
+from keyframe_worlds.engine.generators.worldstereo import parse_options, segment_keyframes
 from keyframe_worlds.engine.io.images import read_rgb, write_png
 from keyframe_worlds.engine.memory import PointMemory
 from keyframe_worlds.engine.models.loading import WrongVariantError

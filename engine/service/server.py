@@ -13,7 +13,6 @@ import os
 import socket
 import sys
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
