@@ -89,7 +89,7 @@ def forward_flops(backbone: dict, control: dict, frames: int, height: int, width
 def traced_needs(frames: int, height: int, width: int, refs: int) -> dict:
     """GiB per offload mode from the full-size forward traced on the meta device (no GPU needed,
     ``engine/models/memory_trace.py``) beside the analytic estimate the engine checks cards with."""
-    from keyframe_worlds.engine.models.loading import GPU_OVERHEAD_BYTES, cast_for_inference, estimate_memory
+    from keyframe_worlds.engine.models.loading import cast_for_inference, estimate_memory
     from keyframe_worlds.engine.models.memory_trace import trace_forward
     from keyframe_worlds.engine.models.wan_transformer import WanTransformerConfig
     from keyframe_worlds.engine.models.worldstereo import WorldStereoConfig, build_worldstereo
@@ -101,13 +101,11 @@ def traced_needs(frames: int, height: int, width: int, refs: int) -> dict:
     net = cast_for_inference(net, torch.bfloat16).eval().requires_grad_(False)
     trace = trace_forward(net, frames, height, width, refs)
     est = estimate_memory(net, frames, height, width, refs)
-    aux = max(est.aux_bytes.values())
-    traced = {"none": est.transformer_bytes + sum(est.aux_bytes.values()) + trace.peak_bytes,
-              "model": max(est.transformer_bytes + trace.peak_bytes, aux),
-              "sequential": max(est.resident_bytes + 2 * est.largest_block_bytes + trace.peak_bytes, aux)}
+    traced = dataclasses.replace(est, activation_bytes=trace.peak_bytes)  # the engine's per-mode sums, traced activations
+    modes = ("none", "model", "sequential")
     return {"traced_act_gb": trace.peak_bytes / GIB, "estimated_act_gb": est.activation_bytes / GIB,
-            **{f"traced_need_gb_{m}": (v + GPU_OVERHEAD_BYTES) / GIB for m, v in traced.items()},
-            **{f"estimated_need_gb_{m}": est.required(m) / GIB for m in traced}}
+            **{f"traced_need_gb_{m}": traced.required(m) / GIB for m in modes},
+            **{f"estimated_need_gb_{m}": est.required(m) / GIB for m in modes}}
 
 
 def bf16_peak(name: str, override: float | None) -> float | None:
