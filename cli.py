@@ -19,7 +19,7 @@ from .bridge.errors import KeyframeWorldsError
 # Modules (relative to this package) that contribute subcommands, in help order.
 COMMAND_MODULES = (
     ".bridge.commands",
-    ".engine.commands",
+    ".engine.run.commands",
     ".engine.models.commands",
     ".engine.service.commands",
     ".addon.headless",

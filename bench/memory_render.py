@@ -22,15 +22,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from keyframe_worlds.engine.render import PointRenderer, projection_matrices  # noqa: E402
-from keyframe_worlds.engine.synthetic import demo_scene, intrinsics_for_fov, look_at_c2w_opencv, raycast  # noqa: E402
+from keyframe_worlds.engine.world.render import PointRenderer, projection_matrices  # noqa: E402
+from keyframe_worlds.engine.testing.synthetic import demo_scene, intrinsics_for_fov, look_at_c2w_opencv, raycast  # noqa: E402
 
 W, H = 832, 480
 
 
 def make_cloud(n_points: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """About n_points world points with colours: a ray-cast RGB-D image lifted, topped up with jittered copies."""
-    from keyframe_worlds.engine.geometry import unproject_depth
+    from keyframe_worlds.engine.world.cameras import unproject_depth
 
     scene = demo_scene()
     side = int((n_points * 1.8) ** 0.5)

@@ -29,9 +29,9 @@ from keyframe_worlds.bridge.spec import load_job  # noqa: E402
 from keyframe_worlds.engine.generators import SegmentRequest  # noqa: E402
 from keyframe_worlds.engine.generators.preview import PreviewGenerator  # noqa: E402
 from keyframe_worlds.engine.io.images import write_png  # noqa: E402
-from keyframe_worlds.engine.memory import PointMemory  # noqa: E402
-from keyframe_worlds.engine.runner import run_job  # noqa: E402
-from keyframe_worlds.engine.synthetic import demo_scene, intrinsics_for_fov, look_at_c2w_opencv, raycast  # noqa: E402
+from keyframe_worlds.engine.world.memory import PointMemory  # noqa: E402
+from keyframe_worlds.engine.run.runner import run_job  # noqa: E402
+from keyframe_worlds.engine.testing.synthetic import demo_scene, intrinsics_for_fov, look_at_c2w_opencv, raycast  # noqa: E402
 
 W, H = 832, 480
 

@@ -71,8 +71,8 @@ def main() -> int:
     import requests
 
     from keyframe_worlds.bridge.spec import load_job
-    from keyframe_worlds.engine.runner import ProgressReporter, run_job
-    from keyframe_worlds.engine.service.testing import Engine, write_preview_job
+    from keyframe_worlds.engine.run.runner import ProgressReporter, run_job
+    from keyframe_worlds.engine.testing.service import Engine, write_preview_job
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

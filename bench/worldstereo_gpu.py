@@ -89,7 +89,8 @@ def forward_flops(backbone: dict, control: dict, frames: int, height: int, width
 def traced_needs(frames: int, height: int, width: int, refs: int) -> dict:
     """GiB per offload mode from the full-size forward traced on the meta device (no GPU needed,
     ``engine/models/memory_trace.py``) beside the analytic estimate the engine checks cards with."""
-    from keyframe_worlds.engine.models.loading import cast_for_inference, estimate_memory
+    from keyframe_worlds.engine.models.weights import cast_for_inference
+    from keyframe_worlds.engine.models.budget import estimate_memory
     from keyframe_worlds.engine.models.memory_trace import trace_forward
     from keyframe_worlds.engine.models.wan_transformer import WanTransformerConfig
     from keyframe_worlds.engine.models.worldstereo import WorldStereoConfig, build_worldstereo
@@ -121,10 +122,10 @@ def build(tiny: bool, device: torch.device, dtype: torch.dtype):
     """The memory network (random weights) and the companions, on ``device``."""
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, UMT5Config, UMT5EncoderModel
 
-    from keyframe_worlds.engine.models.loading import cast_for_inference
+    from keyframe_worlds.engine.models.weights import cast_for_inference
     from keyframe_worlds.engine.models.wan_transformer import WanTransformerConfig
     from keyframe_worlds.engine.models.worldstereo import WorldStereoConfig, build_worldstereo
-    from keyframe_worlds.engine.pipelines import tiny as tiny_cfg
+    from keyframe_worlds.engine.testing import tiny_models as tiny_cfg
     from keyframe_worlds.engine.pipelines.components import WanCompanions, wan_vae_class
 
     backbone = tiny_cfg.TINY_BACKBONE if tiny else FULL_BACKBONE

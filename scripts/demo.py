@@ -196,7 +196,7 @@ def contact_sheet(bundle: Path, reference: str, path: Path, rows: int = 4) -> No
 
     from keyframe_worlds.bridge.ply import read_ply
     from keyframe_worlds.bridge.spec import load_manifest
-    from keyframe_worlds.engine.render import render_points
+    from keyframe_worlds.engine.world.render import render_points
 
     manifest = load_manifest(bundle)
     cloud = read_ply(bundle / manifest.point_cloud)

@@ -15,11 +15,11 @@ import torch
 
 from keyframe_worlds.bridge import ply
 from keyframe_worlds.bridge.spec import load_job, load_manifest
-from keyframe_worlds.engine.bundle import BundleWriter
+from keyframe_worlds.engine.run.bundle import BundleWriter
 from keyframe_worlds.engine.io.images import write_png
-from keyframe_worlds.engine.memory import PointMemory
-from keyframe_worlds.engine.runner import run_job
-from keyframe_worlds.engine.synthetic import Box, Scene, intrinsics_for_fov, look_at_c2w_opencv, raycast
+from keyframe_worlds.engine.world.memory import PointMemory
+from keyframe_worlds.engine.run.runner import run_job
+from keyframe_worlds.engine.testing.synthetic import Box, Scene, intrinsics_for_fov, look_at_c2w_opencv, raycast
 
 W, H = 128, 96
 

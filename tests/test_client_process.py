@@ -12,7 +12,7 @@ import pytest
 from keyframe_worlds.bridge.client import EngineClient, EngineError, EngineUnavailable
 from keyframe_worlds.bridge.engine_process import EngineCrashed, EngineProcess, resolve_engine_python
 from keyframe_worlds.bridge.errors import KeyframeWorldsError
-from keyframe_worlds.engine.service.testing import Engine, write_preview_job
+from keyframe_worlds.engine.testing.service import Engine, write_preview_job
 
 
 def test_resolve_engine_python(tmp_path, monkeypatch):
@@ -80,7 +80,7 @@ def test_stop_on_interpreter_exit(tmp_path):
     import subprocess
 
     code = (
-        "from keyframe_worlds.engine.service.testing import Engine\n"
+        "from keyframe_worlds.engine.testing.service import Engine\n"
         f"e = Engine({str(tmp_path / 'jobs')!r}, extra_args=('--device', 'cpu'))\n"
         "e.start()\n"
         "print(e.process.pid, flush=True)\n"

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from keyframe_worlds.bridge.errors import KeyframeWorldsError
-from keyframe_worlds.engine.memory import PointMemory
-from keyframe_worlds.engine.synthetic import demo_scene, intrinsics_for_fov, look_at_c2w_opencv, raycast
+from keyframe_worlds.engine.world.memory import PointMemory
+from keyframe_worlds.engine.testing.synthetic import demo_scene, intrinsics_for_fov, look_at_c2w_opencv, raycast
 
 W, H = 64, 48
 

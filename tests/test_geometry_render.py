@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from keyframe_worlds.engine.render import PointRenderer, render_points
+from keyframe_worlds.engine.world.render import PointRenderer, render_points
 
 W, H = 40, 30
 K = torch.tensor([50.0, 60.0, 20.0, 15.0])  # fx, fy, cx, cy

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from keyframe_worlds.engine.memory import PointMemory
-from keyframe_worlds.engine.retrieval import CandidateView, retrieve, target_samples
-from keyframe_worlds.engine.synthetic import demo_scene, intrinsics_for_fov, look_at_c2w_opencv, raycast
+from keyframe_worlds.engine.world.memory import PointMemory
+from keyframe_worlds.engine.world.retrieval import CandidateView, retrieve, target_samples
+from keyframe_worlds.engine.testing.synthetic import demo_scene, intrinsics_for_fov, look_at_c2w_opencv, raycast
 
 W, H = 64, 48
 RED_BOX = (-0.25, 1.75, 0.6)

@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 from keyframe_worlds.bridge.errors import KeyframeWorldsError
 from keyframe_worlds.engine.models import attention
 from keyframe_worlds.engine.models.control_branch import ControlBranchConfig
-from keyframe_worlds.engine.models.loading import enable_sequential_offload, load_worldstereo
+from keyframe_worlds.engine.models.offload import enable_sequential_offload
+from keyframe_worlds.engine.models.weights import load_worldstereo
 from keyframe_worlds.engine.models.stereo_memory import StereoMemoryConfig
 from keyframe_worlds.engine.models.wan_transformer import (ModelConfigError, WanRotaryEmbedding,
                                                            WanTransformer3DModel, WanTransformerConfig)

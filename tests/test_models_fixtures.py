@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from keyframe_worlds.engine.models.loading import load_worldstereo
+from keyframe_worlds.engine.models.weights import load_worldstereo
 from keyframe_worlds.engine.models.wan_transformer import WAN21_I2V_14B_480P, WanTransformerConfig
 from keyframe_worlds.engine.models.worldstereo import (WorldStereoCameraModel, WorldStereoConfig,
                                                        WorldStereoMemoryModel, build_worldstereo)

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from keyframe_worlds.engine.models import attention
-from keyframe_worlds.engine.models.loading import (GPU_OVERHEAD_BYTES, OFFLOAD_MODES, InsufficientGPUMemoryError,
-                                                   MemoryEstimate, cast_for_inference, check_gpu_memory,
-                                                   estimate_memory, load_worldstereo)
+from keyframe_worlds.engine.models.budget import (GPU_OVERHEAD_BYTES, InsufficientGPUMemoryError, MemoryEstimate, check_gpu_memory, estimate_memory)
+from keyframe_worlds.engine.models.offload import OFFLOAD_MODES
+from keyframe_worlds.engine.models.weights import cast_for_inference, load_worldstereo
 from keyframe_worlds.engine.models.memory_trace import LiveBytes, trace_forward
 from keyframe_worlds.engine.models.wan_transformer import WAN21_I2V_14B_480P
 from keyframe_worlds.engine.models.worldstereo import WorldStereoConfig, build_worldstereo

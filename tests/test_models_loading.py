@@ -18,8 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from keyframe_worlds.bridge.errors import KeyframeWorldsError
 from keyframe_worlds.cli import main as cli_main
-from keyframe_worlds.engine.models.loading import (CheckpointError, KeyMismatchError, ModelPaths, WrongVariantError,
-                                                   default_hf_cache_dir, load_worldstereo, resolve_hf_cache)
+from keyframe_worlds.engine.models.weights import (CheckpointError, KeyMismatchError, ModelPaths, WrongVariantError, default_hf_cache_dir, load_worldstereo, resolve_hf_cache)
 from keyframe_worlds.engine.models.wan_transformer import ModelConfigError
 
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "worldstereo"

@@ -8,7 +8,7 @@ import torch
 from keyframe_worlds.engine.pipelines.components import (condition_latent, encode_image, encode_prompt, load_companions,
                                                          make_unipc, vae_decode_keyframes, vae_encode_keyframes,
                                                          vae_encode_video)
-from keyframe_worlds.engine.pipelines.tiny import WAN_UNIPC_CONFIG, write_tiny_wan_folder
+from keyframe_worlds.engine.testing.tiny_models import WAN_UNIPC_CONFIG, write_tiny_wan_folder
 
 
 @pytest.fixture(scope="module")

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from keyframe_worlds.bridge.errors import KeyframeWorldsError
-from keyframe_worlds.engine.models.loading import CheckpointError
+from keyframe_worlds.engine.models.weights import CheckpointError
 from keyframe_worlds.engine.pipelines.prep import prepare_conditions
-from keyframe_worlds.engine.pipelines.tiny import write_tiny_variant, write_tiny_wan_folder
+from keyframe_worlds.engine.testing.tiny_models import write_tiny_variant, write_tiny_wan_folder
 from keyframe_worlds.engine.pipelines.worldstereo import PipelineCancelled, WorldStereoPipeline
 
 VARIANTS = ("worldstereo-camera", "worldstereo-memory", "worldstereo-memory-dmd")

@@ -6,8 +6,8 @@ import torch
 from keyframe_worlds.bridge.errors import KeyframeWorldsError
 from keyframe_worlds.engine.generators import SegmentRequest, get_generator
 from keyframe_worlds.engine.generators.preview import PreviewGenerator
-from keyframe_worlds.engine.memory import PointMemory
-from keyframe_worlds.engine.synthetic import Box, Scene, intrinsics_for_fov, look_at_c2w_opencv, raycast
+from keyframe_worlds.engine.world.memory import PointMemory
+from keyframe_worlds.engine.testing.synthetic import Box, Scene, intrinsics_for_fov, look_at_c2w_opencv, raycast
 
 W, H = 96, 64
 WALL = (60, 90, 200)

@@ -2,7 +2,7 @@
 
 import torch
 
-from keyframe_worlds.engine.inpaint import fill_rgb, push_pull_fill
+from keyframe_worlds.engine.world.inpaint import fill_rgb, push_pull_fill
 
 H, W = 40, 60
 

@@ -11,7 +11,7 @@ from keyframe_worlds.bridge import spec as bridge_spec
 
 
 def test_reference_sky_survives_as_a_backdrop(tmp_path):
-    from keyframe_worlds.engine.runner import run_job
+    from keyframe_worlds.engine.run.runner import run_job
 
     w, h = 64, 48
     rgb = np.zeros((h, w, 3), np.uint8)

@@ -15,8 +15,8 @@ from keyframe_worlds.bridge.spec import MANIFEST_FILENAME, load_job, load_manife
 from keyframe_worlds.engine.io.exr import read_depth_exr
 from keyframe_worlds.engine.io.images import read_rgb, write_png
 from keyframe_worlds.engine.io.video import read_mp4
-from keyframe_worlds.engine.runner import JobCancelled, ProgressReporter, run_job
-from keyframe_worlds.engine.synthetic import demo_scene, intrinsics_for_fov, look_at_c2w_opencv, raycast
+from keyframe_worlds.engine.run.runner import JobCancelled, ProgressReporter, run_job
+from keyframe_worlds.engine.testing.synthetic import demo_scene, intrinsics_for_fov, look_at_c2w_opencv, raycast
 
 from conftest import VENV_BIN
 
@@ -167,7 +167,7 @@ def test_generators_that_use_references_get_the_retrieved_earlier_frames(tmp_pat
             # Frames only: the job's depth estimator supplies the depth.
             return SegmentResult(rgb=self.inner.generate(request, on_frame, on_step).rgb)
 
-    from keyframe_worlds.engine.depth import MemoryDepthCompletion
+    from keyframe_worlds.engine.world.depth import MemoryDepthCompletion
 
     class CountingDepth(MemoryDepthCompletion):
         calls = 0
@@ -196,7 +196,7 @@ def test_generators_that_use_references_get_the_retrieved_earlier_frames(tmp_pat
 def test_terminal_progress_bar_moves_with_denoising_steps():
     import io
 
-    from keyframe_worlds.engine.runner import TerminalProgress
+    from keyframe_worlds.engine.run.runner import TerminalProgress
 
     out = io.StringIO()
     bar = TerminalProgress(stream=out, width=20)

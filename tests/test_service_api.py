@@ -18,7 +18,7 @@ from conftest import VENV_BIN
 from keyframe_worlds.bridge.client import EngineClient, EngineError
 from keyframe_worlds.bridge.errors import ValidationError
 from keyframe_worlds.bridge.spec import load_manifest
-from keyframe_worlds.engine.service.testing import Engine, write_preview_job
+from keyframe_worlds.engine.testing.service import Engine, write_preview_job
 
 TIMEOUT = 20
 

@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from keyframe_worlds.bridge.spec import validate_job
-from keyframe_worlds.engine.service.testing import Engine, write_preview_job
+from keyframe_worlds.engine.testing.service import Engine, write_preview_job
 
 TIMEOUT = 20
 FUZZ = settings(max_examples=2000, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))

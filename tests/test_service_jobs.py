@@ -18,7 +18,7 @@ import pytest
 
 from keyframe_worlds.bridge.client import EngineError
 from keyframe_worlds.bridge.spec import MANIFEST_FILENAME, load_manifest
-from keyframe_worlds.engine.service.testing import Engine, tree_digest, write_preview_job
+from keyframe_worlds.engine.testing.service import Engine, tree_digest, write_preview_job
 
 TIMEOUT = 60
 
@@ -142,7 +142,7 @@ def mount_tmpfs(path: Path, size: str) -> bool:
 
 
 def test_full_disk_fails_the_job_cleanly(tmp_path):
-    """The job root on a 320 KiB tmpfs (root), else a documented injected ENOSPC (see engine/service/faults.py)."""
+    """The job root on a 320 KiB tmpfs (root), else a documented injected ENOSPC (see engine/testing/faults.py)."""
     spec = write_preview_job(tmp_path / "job", frames=60, segment_length=4)
     root = tmp_path / "small_disk"
     mounted = mount_tmpfs(root, "320k")
@@ -179,7 +179,7 @@ def test_engine_exits_when_its_parent_is_killed(tmp_path):
     """A parent (standing in for Blender) starts the engine through the process manager and is killed -9."""
     code = (
         "import sys, time\n"
-        "from keyframe_worlds.engine.service.testing import Engine\n"
+        "from keyframe_worlds.engine.testing.service import Engine\n"
         f"e = Engine({str(tmp_path / 'jobs')!r}, extra_args=('--device', 'cpu'))\n"
         "e.start()\n"
         "print(e.process.pid, flush=True)\n"

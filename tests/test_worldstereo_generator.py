@@ -13,11 +13,11 @@ from keyframe_worlds.bridge.spec import MANIFEST_FILENAME, load_job, load_manife
 from keyframe_worlds.engine.generators import SegmentRequest, get_generator
 from keyframe_worlds.engine.generators.worldstereo import parse_options, segment_keyframes
 from keyframe_worlds.engine.io.images import read_rgb, write_png
-from keyframe_worlds.engine.memory import PointMemory
-from keyframe_worlds.engine.models.loading import WrongVariantError
-from keyframe_worlds.engine.pipelines.tiny import write_tiny_variant, write_tiny_wan_folder
-from keyframe_worlds.engine.runner import JobCancelled, ProgressReporter, run_job
-from keyframe_worlds.engine.synthetic import demo_scene, intrinsics_for_fov, look_at_c2w_opencv, raycast
+from keyframe_worlds.engine.world.memory import PointMemory
+from keyframe_worlds.engine.models.weights import WrongVariantError
+from keyframe_worlds.engine.testing.tiny_models import write_tiny_variant, write_tiny_wan_folder
+from keyframe_worlds.engine.run.runner import JobCancelled, ProgressReporter, run_job
+from keyframe_worlds.engine.testing.synthetic import demo_scene, intrinsics_for_fov, look_at_c2w_opencv, raycast
 
 W, H = 64, 48  # trajectories; generation at 64x48 too (6x8 latents) to keep the CPU run short
 

@@ -8,9 +8,9 @@ from typing import Callable
 
 import torch
 
-from ..depth import DepthEstimate
-from ..memory import PointMemory
-from ..render import RenderOutput
+from ..world.depth import DepthEstimate
+from ..world.memory import PointMemory
+from ..world.render import RenderOutput
 
 
 @dataclass(frozen=True)

@@ -17,9 +17,9 @@ from typing import Callable
 
 import torch
 
-from ..depth import DepthEstimate, MemoryDepthCompletion
-from ..inpaint import fill_rgb
-from ..memory import PointMemory
+from ..world.depth import DepthEstimate, MemoryDepthCompletion
+from ..world.inpaint import fill_rgb
+from ..world.memory import PointMemory
 from .base import Generator, SegmentRequest, SegmentResult
 
 PREVIEW_LABEL = "geometric preview: the 3D memory rendered along the cameras with classically inpainted holes (no learned model)"

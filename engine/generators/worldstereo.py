@@ -45,13 +45,13 @@ import torch
 import torch.nn.functional as F
 
 from ...bridge.errors import KeyframeWorldsError
-from ..depth import MemoryDepthCompletion
-from ..inpaint import fill_rgb
-from ..memory import PointMemory
-from ..models.loading import OFFLOAD_MODES
+from ..world.depth import MemoryDepthCompletion
+from ..world.inpaint import fill_rgb
+from ..world.memory import PointMemory
+from ..models.offload import OFFLOAD_MODES
 from ..models.worldstereo import MEMORY_DMD_VARIANT, VARIANTS
 from ..pipelines.components import CLIP_PIXELS
-from ..render import RenderOutput
+from ..world.render import RenderOutput
 from .base import Generator, SegmentRequest, SegmentResult
 
 DEFAULT_VARIANT = MEMORY_DMD_VARIANT

@@ -7,7 +7,9 @@
 - ``camera``: camera normalisation, Pluecker maps, pose vectors.
 - ``dmd_scheduler``: the distilled variant's few-step schedule.
 - ``attention``: the attention backends.
-- ``loading``: variant folder + backbone loading, key checks, GPU memory check.
+- ``weights``: variant folder + backbone weights (safetensors only), key checks, dtype casting.
+- ``offload``: the offload modes and the block streamer of ``sequential``.
+- ``budget``: the GPU memory each offload mode needs, and the check that refuses one that will not fit.
 - ``memory_trace``: peak activation bytes of a forward, measured on the meta device (no GPU).
 - ``commands``: ``keyframe-worlds model check``.
 
@@ -20,11 +22,11 @@ from __future__ import annotations
 from ..lazy import lazy_exports
 
 _EXPORTS = {
-    "load_worldstereo": "loading",
-    "ModelPaths": "loading",
-    "estimate_memory": "loading",
-    "check_gpu_memory": "loading",
-    "OFFLOAD_MODES": "loading",
+    "load_worldstereo": "weights",
+    "ModelPaths": "weights",
+    "estimate_memory": "budget",
+    "check_gpu_memory": "budget",
+    "OFFLOAD_MODES": "offload",
     "WorldStereoConfig": "worldstereo",
     "WorldStereoCameraModel": "worldstereo",
     "WorldStereoMemoryModel": "worldstereo",

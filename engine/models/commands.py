@@ -64,7 +64,7 @@ def run_check(args: argparse.Namespace) -> int:
     import torch
     from safetensors.torch import save_file
 
-    from .loading import ModelPaths, load_worldstereo
+    from .weights import ModelPaths, load_worldstereo
 
     device = args.device
     if device == "auto":

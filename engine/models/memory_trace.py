@@ -5,7 +5,7 @@ under a dispatch mode that keeps the byte size of every storage an operation
 creates until Python frees it, exactly when a CUDA allocation would be
 returned to the caching allocator. The largest sum seen is the peak of live
 activation bytes for one forward; parameters and buffers are left out (the
-offload mode decides where they live; ``loading.MemoryEstimate`` adds them).
+offload mode decides where they live; ``budget.MemoryEstimate`` adds them).
 
 Attention is the one kernel whose memory differs by backend: on a GPU, torch's
 SDPA picks a fused kernel (flash or memory-efficient) that never holds the
@@ -13,7 +13,7 @@ SDPA picks a fused kernel (flash or memory-efficient) that never holds the
 fused kernels' footprint: the output, plus its float32 log-sum-exp row.
 
 Not counted: the caching allocator's rounding and fragmentation and the cuBLAS
-workspace (``loading.GPU_OVERHEAD_BYTES`` stands for them).
+workspace (``budget.GPU_OVERHEAD_BYTES`` stands for them).
 """
 
 from __future__ import annotations

@@ -4,7 +4,6 @@
   render and references -> the networks' tensors (torch/numpy only).
 - ``components``: the Wan2.1 I2V companions (UMT5, CLIP, Wan VAE, UniPC) from a local folder.
 - ``worldstereo``: :class:`WorldStereoPipeline`, the sampling loop for the three variants.
-- ``tiny``: tiny model folders in the released layouts, for tests and CPU smoke runs.
 
 The names below load their module on first use (diffusers/transformers only when needed).
 """

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 from ...bridge.errors import KeyframeWorldsError
-from ..models.loading import CheckpointError, PICKLE_SUFFIXES
+from ..models.weights import CheckpointError, PICKLE_SUFFIXES
 
 #: Text tokens of the context (the I2V cross-attention's fixed text length).
 TEXT_TOKENS = 512

@@ -43,7 +43,7 @@ import torch
 
 from ...bridge.errors import KeyframeWorldsError
 from ..models.dmd_scheduler import DMDScheduler, DMDSchedulerConfig
-from ..models.loading import OFFLOAD_MODES, enable_sequential_offload
+from ..models.offload import OFFLOAD_MODES, enable_sequential_offload
 from ..models.worldstereo import CAMERA_VARIANT, MEMORY_DMD_VARIANT, MEMORY_VARIANT, VARIANTS
 from .components import (CLIP_PIXELS, LATENT_COND_MODES, WanCompanions, condition_latent, encode_image, encode_prompt,
                          make_unipc, vae_decode_keyframes, vae_encode_keyframes)
@@ -107,7 +107,7 @@ class WorldStereoPipeline:
         """Load a variant folder and the Wan2.1 I2V companions (from ``companions_dir``, else the resolved
         backbone folder). ``dtype`` defaults to bfloat16 on CUDA, float32 elsewhere; ``clip_pixels``
         to the variant config's ``clip_pixels``, else ``"uint8"`` (the released inference's)."""
-        from ..models.loading import load_worldstereo, read_variant_folder, resolve_base_model
+        from ..models.weights import load_worldstereo, read_variant_folder, resolve_base_model
         from .components import load_companions
 
         device = torch.device(device) if device is not None else _default_device()
@@ -119,7 +119,7 @@ class WorldStereoPipeline:
                                        free_memory_bytes=None)
         if offload == "model" and device.type == "cuda":
             # loaded into CPU memory, so load_worldstereo did not check the GPU: do it for this mode here
-            from ..models.loading import check_gpu_memory, estimate_memory
+            from ..models.budget import check_gpu_memory, estimate_memory
 
             check_gpu_memory(estimate_memory(transformer, base_dir=transformer.load_report.base_model_dir),
                              torch.cuda.mem_get_info(device)[0], offload, what=transformer.variant.model_type)

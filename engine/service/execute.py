@@ -25,8 +25,8 @@ STAGE_WORDS = {
 
 
 def run_spec(spec_path: Path, out_dir: Path, progress: JobProgress, device: str) -> None:
-    from ..runner import JobCancelled as RunnerCancelled
-    from ..runner import ProgressReporter, run_job
+    from ..run.runner import JobCancelled as RunnerCancelled
+    from ..run.runner import ProgressReporter, run_job
 
     class Reporter(ProgressReporter):
         """Forwards every step to the job's progress, which raises there on cancel or shutdown."""

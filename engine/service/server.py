@@ -139,7 +139,7 @@ def serve(config: ServiceConfig) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     devices = list(config.devices) if config.devices else detect_devices()
-    from .faults import install_from_environment
+    from ..testing.faults import install_from_environment
 
     if install_from_environment(config.job_root):
         log.warning("fault injection on: the job root behaves as a full disk after a number of writes (tests only)")

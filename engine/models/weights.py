@@ -1,4 +1,4 @@
-"""Loading WorldStereo checkpoints: variant folder + Wan2.1 I2V backbone, safetensors only.
+"""Weights of the WorldStereo networks: variant folder + Wan2.1 I2V backbone, safetensors only.
 
 A variant folder holds ``config.json`` (``model_type``, ``base_model``,
 ``controlnet_cfg``) and ``model.safetensors``. The released files may hold
@@ -64,10 +64,6 @@ class KeyMismatchError(CheckpointError):
         self.missing = missing
         self.unexpected = unexpected
         self.mismatched = mismatched
-
-
-class InsufficientGPUMemoryError(KeyframeWorldsError):
-    """The GPU has too little free memory for the requested offload mode."""
 
 
 @dataclass(frozen=True)
@@ -360,6 +356,9 @@ def load_worldstereo(variant_dir: str | os.PathLike, base_model_dir: str | os.Pa
     """
     import torch
 
+    # The budget and the offload modes build on this module's key index, so they are imported here.
+    from .budget import check_gpu_memory, estimate_memory
+    from .offload import OFFLOAD_MODES, enable_sequential_offload
     from .worldstereo import build_worldstereo
 
     if offload not in OFFLOAD_MODES:
@@ -442,231 +441,3 @@ def _copy_weights(model: "WanTransformer3DModel", available: Mapping[str, Tensor
                 for key in keys:
                     target = targets[key]
                     target.copy_(handle.get_tensor(key).to(dtype=target.dtype))
-
-
-class BlockStreamer:
-    """Streams the transformer's blocks to ``device`` one ahead of use (``offload="sequential"``).
-
-    The blocks' weights live in CPU memory (page-locked on CUDA, so copies run
-    asynchronously). Just before block ``i`` runs, its weights are on the device
-    (the compute waits for their copy only) and the copy of block ``i + 1``
-    (wrapping to block 0 for the next forward) starts on a separate stream, so
-    the transfer overlaps block ``i``'s compute: at most two blocks are on the
-    device at a time. After block ``i`` the device copy is dropped, not copied
-    back: the CPU weights are unchanged, so leaving costs nothing.
-    Everything that is not a block (embeddings, control branch, head) stays
-    resident. :meth:`release` drops what is still on the device.
-    """
-
-    def __init__(self, model: "WanTransformer3DModel", device: "torch.device"):
-        import torch
-
-        self.device = torch.device(device)
-        self.blocks = [block for child in model.children() if isinstance(child, torch.nn.ModuleList) for block in child]
-        self._cuda = self.device.type == "cuda"
-        self._copy_stream = torch.cuda.Stream(self.device) if self._cuda else None
-        in_blocks = {id(t) for block in self.blocks for t in (*block.parameters(), *block.buffers())}
-        for child in model.children():
-            if not isinstance(child, torch.nn.ModuleList):
-                child.to(self.device)
-        for t in (*model.parameters(recurse=False), *model.buffers(recurse=False)):  # e.g. the head's scale_shift_table
-            if id(t) not in in_blocks:
-                t.data = t.data.to(self.device)
-        # per block: its tensors (parameters and buffers) and their CPU data
-        self._tensors = [list(block.parameters()) + list(block.buffers()) for block in self.blocks]
-        pin = self._cuda
-        for tensors in self._tensors:
-            for t in tensors:
-                t.data = t.data.to("cpu")
-                if pin:
-                    try:
-                        t.data = t.data.pin_memory()
-                    except RuntimeError:  # the system refused more page-locked memory: copy from pageable memory
-                        pin = False
-        self._host = [[t.data for t in tensors] for tensors in self._tensors]
-        self._in_flight: dict[int, object] = {}  # block index -> copy-done event (None off CUDA)
-        self.max_on_device = 0  # most blocks on the device at once (a check of the two-block bound)
-        self._hooks = []
-        for i, block in enumerate(self.blocks):
-            self._hooks.append(block.register_forward_pre_hook(lambda module, args, i=i: self._before(i)))
-            self._hooks.append(block.register_forward_hook(lambda module, args, output, i=i: self._after(i)))
-
-    def _start_copy(self, i: int) -> None:
-        import torch
-
-        if i in self._in_flight:
-            return
-        if self._cuda:
-            # the copy stream must not overwrite memory the compute stream is still reading
-            self._copy_stream.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(self._copy_stream):
-                for t, host in zip(self._tensors[i], self._host[i]):
-                    t.data = host.to(self.device, non_blocking=True, copy=True)
-                event = torch.cuda.Event()
-                event.record(self._copy_stream)
-        else:
-            for t, host in zip(self._tensors[i], self._host[i]):
-                t.data = host.to(self.device, copy=True)  # a copy even on the CPU, so the streaming is observable
-            event = None
-        self._in_flight[i] = event
-        self.max_on_device = max(self.max_on_device, len(self._in_flight))
-
-    def _before(self, i: int) -> None:
-        import torch
-
-        self._start_copy(i)
-        if self._cuda:
-            compute = torch.cuda.current_stream(self.device)
-            compute.wait_event(self._in_flight[i])
-            for t in self._tensors[i]:
-                t.data.record_stream(compute)  # allocated on the copy stream, used here: free only after use
-        self._start_copy((i + 1) % len(self.blocks))
-
-    def _after(self, i: int) -> None:
-        for t, host in zip(self._tensors[i], self._host[i]):
-            t.data = host
-        self._in_flight.pop(i, None)
-
-    def release(self) -> None:
-        """Drop every block's device copy (after the denoising loop: the memory goes to the VAE)."""
-        for i in list(self._in_flight):
-            self._after(i)
-
-    def remove(self) -> None:
-        """Undo the hooks; the blocks stay in (page-locked) CPU memory."""
-        self.release()
-        for hook in self._hooks:
-            hook.remove()
-        self._hooks = []
-
-
-def enable_sequential_offload(model: "WanTransformer3DModel", device: "torch.device") -> BlockStreamer:
-    """Stream ``model``'s blocks to ``device`` (see :class:`BlockStreamer`); the streamer is also kept
-    as ``model.block_streamer``."""
-    streamer = BlockStreamer(model, device)
-    model.block_streamer = streamer
-    return streamer
-
-
-# -- GPU memory ---------------------------------------------------------------------------------
-
-#: Offload modes, from fastest to leanest: everything resident; one model (transformer, text
-#: encoder, image encoder, VAE) on the GPU at a time; the transformer's blocks streamed one by one.
-OFFLOAD_MODES = ("none", "model", "sequential")
-
-#: Parameter counts of the Wan2.1 I2V companions, used when no backbone folder is at hand:
-#: UMT5-XXL encoder, CLIP ViT-H/14 vision tower, Wan VAE.
-DEFAULT_AUX_PARAMS = {"text_encoder": 5_680_000_000, "image_encoder": 632_000_000, "vae": 127_000_000}
-#: CUDA context, cuBLAS workspaces and allocator slack.
-GPU_OVERHEAD_BYTES = 2 * 1024**3
-
-
-@dataclass(frozen=True)
-class MemoryEstimate:
-    """Bytes the generator needs on the GPU, by part. Deliberately on the high side."""
-
-    transformer_bytes: int
-    largest_block_bytes: int
-    resident_bytes: int  # everything of the transformer but its blocks (embeddings, head, control branch)
-    aux_bytes: Mapping[str, int]
-    activation_bytes: int
-
-    def required(self, offload: str) -> int:
-        if offload == "none":
-            return self.transformer_bytes + sum(self.aux_bytes.values()) + self.activation_bytes + GPU_OVERHEAD_BYTES
-        if offload == "model":
-            return max(self.transformer_bytes + self.activation_bytes,
-                       max(self.aux_bytes.values(), default=0)) + GPU_OVERHEAD_BYTES
-        if offload == "sequential":
-            # the non-block parts stay resident; two blocks in flight (one computing, one arriving);
-            # the companions visit one at a time as with "model"
-            return max(self.resident_bytes + 2 * self.largest_block_bytes + self.activation_bytes,
-                       max(self.aux_bytes.values(), default=0)) + GPU_OVERHEAD_BYTES
-        raise KeyframeWorldsError(f"unknown offload mode {offload!r}; expected one of {', '.join(OFFLOAD_MODES)}")
-
-
-def _safetensors_param_count(folder: Path) -> int | None:
-    files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
-    if not files:
-        return None
-    total = 0
-    for ref in index_safetensors(files).values():
-        count = 1
-        for size in ref.shape:
-            count *= size
-        total += count
-    return total
-
-
-def estimate_memory(model: "WanTransformer3DModel", frames: int = 21, height: int = 480, width: int = 768,
-                    num_refs: int = 8, base_dir: Path | None = None, aux_bytes_per_param: int = 2) -> MemoryEstimate:
-    """GPU memory for one denoising forward of ``model`` (which may live on the meta device) at
-    ``frames`` latent frames of ``height x width`` pixels with ``num_refs`` reference frames.
-
-    Weights: the model's parameters at their dtypes; companions (text and image
-    encoders, VAE) from ``base_dir``'s safetensors headers when given, else the
-    Wan2.1 I2V sizes, at ``aux_bytes_per_param``. Activations: per token the
-    residual stream, its float32 normalised copy, q/k/v and attention output, the
-    MLP hidden layer twice, for target plus reference tokens; the control
-    branch's residuals (one per control layer) and the pixel-resolution inputs.
-    """
-    config = model.config
-    transformer_bytes = parameter_bytes(model)
-    block_bytes = [parameter_bytes(b) for b in model.blocks]
-    largest_block = max(block_bytes, default=0)
-    aux = {}
-    for name, default in DEFAULT_AUX_PARAMS.items():
-        counted = _safetensors_param_count(base_dir / name) if base_dir is not None else None
-        aux[name] = (counted if counted is not None else default) * aux_bytes_per_param
-    act_size = 2 if any(p.dtype in (_bf16(), _fp16()) for p in model.parameters()) else 4
-    p_t, p_h, p_w = config.patch_size
-    latent_h, latent_w = height // 8, width // 8
-    tokens_per_frame = (latent_h // p_h) * (latent_w // p_w)
-    tokens = (frames // p_t) * tokens_per_frame
-    ref_tokens = num_refs * tokens_per_frame if hasattr(model, "camera_embedding") else 0
-    dim, ffn = config.inner_dim, config.ffn_dim
-    per_token = dim * (6 * act_size + 2 * 4) + 2 * ffn * act_size
-    activations = (tokens + ref_tokens) * per_token
-    control = getattr(model, "controlnet", None)
-    if control is not None:
-        cfg = control.config
-        activations += cfg.num_layers * tokens * dim * act_size  # residuals kept until their block
-        activations += tokens * (cfg.dim * 6 + cfg.ffn_dim * 2) * act_size
-        activations += 7 * frames * height * width * 4  # mask + Pluecker rays, float32
-    return MemoryEstimate(transformer_bytes, largest_block, transformer_bytes - sum(block_bytes), aux,
-                          int(activations))
-
-
-def _bf16():
-    import torch
-    return torch.bfloat16
-
-
-def _fp16():
-    import torch
-    return torch.float16
-
-
-def _gib(n: int) -> str:
-    return f"{n / 1024**3:.1f} GiB"
-
-
-def check_gpu_memory(estimate: MemoryEstimate, free_bytes: int, offload: str = "none", what: str = "the model") -> None:
-    """Raise :class:`InsufficientGPUMemoryError` if ``offload`` needs more than ``free_bytes``,
-    naming the fastest offload mode that would fit (or the smallest need, if none does)."""
-    need = estimate.required(offload)
-    if need <= free_bytes:
-        return
-    fitting = [m for m in OFFLOAD_MODES if estimate.required(m) <= free_bytes]
-    # only suggest leaner modes than the one requested
-    fitting = [m for m in fitting if OFFLOAD_MODES.index(m) > OFFLOAD_MODES.index(offload)]
-    message = (f"not enough GPU memory for {what} with offload {offload!r}: it needs about {_gib(need)}, "
-               f"{_gib(free_bytes)} is free.")
-    if fitting:
-        mode = fitting[0]
-        message += f" Offload {mode!r} needs about {_gib(estimate.required(mode))} and would fit: set offload to {mode!r}."
-    else:
-        lean = OFFLOAD_MODES[-1]
-        message += (f" Even offload {lean!r} needs about {_gib(estimate.required(lean))}; free GPU memory "
-                    "(close other programs) or use a larger GPU.")
-    raise InsufficientGPUMemoryError(message)

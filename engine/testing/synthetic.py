@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .geometry import pixel_centres
+from ..world.cameras import pixel_centres
 
 
 @dataclass(frozen=True)

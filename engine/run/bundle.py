@@ -24,22 +24,14 @@ from pathlib import Path
 
 import numpy as np
 
-from ..bridge import ply
-from ..bridge.errors import KeyframeWorldsError, ValidationError
-from ..bridge.formats import write_trajectories
-from ..bridge.spec import (
-    MANIFEST_FILENAME,
-    ResultFrame,
-    ResultManifest,
-    ResultMesh,
-    ResultTrajectory,
-    validate_manifest,
-    write_json_atomic,
-)
-from ..bridge.trajectory import Trajectory
-from .io.exr import write_depth_exr
-from .io.images import write_npy, write_png
-from .io.video import Mp4Writer
+from ...bridge import ply
+from ...bridge.errors import KeyframeWorldsError, ValidationError
+from ...bridge.formats import write_trajectories
+from ...bridge.spec import (MANIFEST_FILENAME, ResultFrame, ResultManifest, ResultMesh, ResultTrajectory, validate_manifest, write_json_atomic)
+from ...bridge.trajectory import Trajectory
+from ..io.exr import write_depth_exr
+from ..io.images import write_npy, write_png
+from ..io.video import Mp4Writer
 
 
 def _ascii(text: str) -> str:
@@ -75,7 +67,7 @@ def depth_mesh(
     than ``max_relative_jump`` (default ``0.04 * stride``) are left out, so
     foreground and background are not stitched together.
     """
-    from ..bridge.cameras import grid_indices, intrinsics_matrix, unproject_depth_grid
+    from ...bridge.cameras import grid_indices, intrinsics_matrix, unproject_depth_grid
 
     height, width = depth_z_m.shape
     if max_relative_jump is None:

@@ -19,15 +19,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..bridge.errors import KeyframeWorldsError
-from ..bridge.spec import JobSpec, ResultManifest
-from ..bridge.trajectory import Trajectory
+from ...bridge.errors import KeyframeWorldsError
+from ...bridge.spec import JobSpec, ResultManifest
+from ...bridge.trajectory import Trajectory
 from .bundle import BundleWriter
-from .depth import DepthEstimator, MemoryDepthCompletion
-from .generators import Generator, ReferenceFrame, SegmentRequest, get_generator
-from .io.images import read_rgb
-from .memory import PointMemory
-from .retrieval import CandidateView, retrieve, target_samples
+from ..world.depth import DepthEstimator, MemoryDepthCompletion
+from ..generators import Generator, ReferenceFrame, SegmentRequest, get_generator
+from ..io.images import read_rgb
+from ..world.memory import PointMemory
+from ..world.retrieval import CandidateView, retrieve, target_samples
 
 DEFAULT_REFERENCE_DEPTH_M = 5.0
 RETRIEVAL_SCALE = 0.125  # candidate depth maps and target samples at 1/8 of the frame size
@@ -154,7 +154,7 @@ def load_reference(spec: JobSpec) -> tuple[Trajectory, int, np.ndarray, np.ndarr
     if spec.reference.depth:
         path = Path(spec.reference.depth)
         if path.suffix.lower() == ".exr":
-            from .io.exr import read_depth_exr
+            from ..io.exr import read_depth_exr
 
             depth = read_depth_exr(path)
         else:
@@ -237,7 +237,7 @@ def run_job(
     done = 0
     global_index = 1
     every = spec.output.keyframe_every
-    from .service import checkpoint
+    from . import checkpoint
 
     restored = None
     if resume:

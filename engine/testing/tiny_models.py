@@ -103,7 +103,7 @@ def write_tiny_wan_folder(folder: str | Path, seed: int = 7, text_dim: int = 24,
     """A tiny Wan2.1 I2V diffusers folder (see the module docstring)."""
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, UMT5Config, UMT5EncoderModel
 
-    from .components import wan_vae_class
+    from ..pipelines.components import wan_vae_class
 
     AutoencoderKLWan = wan_vae_class()
     folder = Path(folder)

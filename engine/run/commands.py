@@ -15,8 +15,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from ..bridge.errors import KeyframeWorldsError
-    from ..bridge.spec import load_job
+    from ...bridge.errors import KeyframeWorldsError
+    from ...bridge.spec import load_job
 
     spec = load_job(args.job)
     import torch

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .geometry import rotation_angle_between, unproject_depth
+from .cameras import rotation_angle_between, unproject_depth
 from .memory import PointMemory
 
 

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..bridge.atomic import atomic_write
-from .geometry import unproject_pixels
+from ...bridge.atomic import atomic_write
+from .cameras import unproject_pixels
 from .render import PointRenderer, RenderOutput
 
 MEMORY_FILE_VERSION = 1
@@ -358,7 +358,7 @@ class PointMemory:
     @classmethod
     def load(cls, path: str | os.PathLike, **kwargs) -> "PointMemory":
         """Read a memory written by :meth:`save`."""
-        from ..bridge.errors import KeyframeWorldsError
+        from ...bridge.errors import KeyframeWorldsError
 
         try:
             data = np.load(path)
