@@ -22,7 +22,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from keyframe_worlds.engine.world.render import PointRenderer, projection_matrices  # noqa: E402
+from keyframe_worlds.engine.world.cameras import projection_matrices  # noqa: E402
+from keyframe_worlds.engine.world.render import PointRenderer  # noqa: E402
 from keyframe_worlds.engine.testing.synthetic import demo_scene, intrinsics_for_fov, look_at_c2w_opencv, raycast  # noqa: E402
 
 W, H = 832, 480

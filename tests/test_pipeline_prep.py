@@ -11,9 +11,8 @@ from safetensors.torch import load_file
 
 from keyframe_worlds.bridge.errors import KeyframeWorldsError
 from keyframe_worlds.engine.pipelines.prep import (Reference, assign_generation_size, attach_references,
-                                                   intrinsics_matrices, keyframe_indices, prepare_conditions,
-                                                   rescale_intrinsics, rescale_intrinsics_vec, uint8_to_video,
-                                                   video_to_uint8)
+                                                   keyframe_indices, prepare_conditions, uint8_to_video, video_to_uint8)
+from keyframe_worlds.engine.world.cameras import intrinsics_matrices, rescale_intrinsics, rescale_intrinsics_vec
 
 from conftest import WORLDSTEREO_FIXTURES
 

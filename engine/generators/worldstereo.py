@@ -51,6 +51,7 @@ from ..world.memory import PointMemory
 from ..models.offload import OFFLOAD_MODES
 from ..models.worldstereo import MEMORY_DMD_VARIANT, VARIANTS
 from ..pipelines.components import CLIP_PIXELS
+from ..world.cameras import rescale_intrinsics_vec
 from ..world.render import RenderOutput
 from .base import Generator, SegmentRequest, SegmentResult
 
@@ -260,7 +261,7 @@ class WorldStereoGenerator(Generator):
 
     def generate(self, request: SegmentRequest, on_frame: Callable[[int], None] | None = None,
                  on_step: Callable[[int, int], None] | None = None) -> SegmentResult:
-        from ..pipelines.prep import Reference, attach_references, prepare_conditions, rescale_intrinsics_vec
+        from ..pipelines.prep import Reference, attach_references, prepare_conditions
 
         count, height0, width0 = request.rendered.mask.shape
         out_device = request.rendered.rgb.device

@@ -26,9 +26,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ...bridge.cameras import c2w_to_w2c
 from ...bridge.errors import KeyframeWorldsError
 from ..models.camera import camera_qt, plucker_embedding
+from ..world.cameras import intrinsics_matrices, rescale_intrinsics, w2c_from_c2w_opencv
 
 #: Generation sizes (height, width) of the reference data loaders; the closest aspect ratio wins.
 DEFAULT_SCALE_MAP = ((480, 768), (512, 720), (576, 640), (608, 608), (640, 576), (720, 512), (768, 480))
@@ -67,32 +67,12 @@ def keyframe_indices(count: int, keyframes: int = DEFAULT_KEYFRAMES) -> np.ndarr
     return np.linspace(0, count - 1, keyframes, dtype=int)
 
 
-def intrinsics_matrices(intrinsics: torch.Tensor) -> torch.Tensor:
-    """``(N, 4)`` ``fx, fy, cx, cy`` -> ``(N, 3, 3)`` pixel matrices (float32)."""
-    intr = torch.as_tensor(intrinsics, dtype=torch.float32)
-    k = torch.zeros(intr.shape[0], 3, 3, dtype=torch.float32, device=intr.device)
-    k[:, 0, 0], k[:, 1, 1], k[:, 0, 2], k[:, 1, 2] = intr.unbind(-1)
-    k[:, 2, 2] = 1.0
-    return k
 
 
-def rescale_intrinsics(k: torch.Tensor, from_wh: tuple[int, int], to_wh: tuple[int, int]) -> torch.Tensor:
-    """``(N, 3, 3)`` pixel intrinsics at ``from_wh`` -> at ``to_wh``: row 0 times ``W / w``, row 1 times ``H / h``."""
-    k = k.clone()
-    k[:, 0, :] = k[:, 0, :] / from_wh[0] * to_wh[0]
-    k[:, 1, :] = k[:, 1, :] / from_wh[1] * to_wh[1]
-    return k
 
 
-def rescale_intrinsics_vec(intrinsics: torch.Tensor, from_wh: tuple[int, int], to_wh: tuple[int, int]) -> torch.Tensor:
-    """The same for ``(N, 4)`` ``fx, fy, cx, cy``."""
-    sx, sy = to_wh[0] / from_wh[0], to_wh[1] / from_wh[1]
-    return intrinsics * torch.tensor([sx, sy, sx, sy], dtype=intrinsics.dtype, device=intrinsics.device)
 
 
-def w2c_from_c2w_opencv(c2w_opencv: torch.Tensor) -> torch.Tensor:
-    """``(N, 4, 4)`` camera-to-world (OpenCV) -> world-to-camera float32 (the bridge's conversion)."""
-    return torch.from_numpy(c2w_to_w2c(torch.as_tensor(c2w_opencv).detach().cpu().double().numpy())).float()
 
 
 def uint8_to_video(frames: torch.Tensor, height: int, width: int, mode: str = "bicubic") -> torch.Tensor:

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .cameras import projection_matrices
+
 EMPTY_KEY = torch.iinfo(torch.int64).max
 _INDEX_BITS = 32
 _INDEX_MASK = (1 << _INDEX_BITS) - 1
@@ -46,27 +48,6 @@ class RenderOutput:
     point_index: torch.Tensor
 
 
-def projection_matrices(c2w_opencv: torch.Tensor, intrinsics: torch.Tensor) -> torch.Tensor:
-    """World-to-pixel projection ``K [R^T | -R^T t]`` for each camera.
-
-    c2w_opencv: (B, 4, 4) camera-to-world, OpenCV axes.
-    intrinsics: (B, 4) ``fx, fy, cx, cy`` in pixels.
-    Returns (B, 3, 4) float64: ``P @ [X, 1]`` is ``(u z, v z, z)`` with ``u, v``
-    continuous pixel coordinates and ``z`` the z-depth.
-    """
-    c2w = c2w_opencv.to(torch.float64)
-    rot = c2w[:, :3, :3]
-    rot_t = rot.transpose(1, 2)
-    trans = c2w[:, :3, 3:]
-    w2c = torch.cat([rot_t, -rot_t @ trans], dim=2)  # (B, 3, 4)
-    k = torch.zeros(c2w.shape[0], 3, 3, dtype=torch.float64, device=c2w.device)
-    intr = intrinsics.to(torch.float64)
-    k[:, 0, 0] = intr[:, 0]
-    k[:, 1, 1] = intr[:, 1]
-    k[:, 0, 2] = intr[:, 2]
-    k[:, 1, 2] = intr[:, 3]
-    k[:, 2, 2] = 1.0
-    return k @ w2c
 
 
 class _Workspace:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .cameras import rotation_angle_between, unproject_depth
+from .cameras import rescale_intrinsics_vec, rotation_angle_between, unproject_depth
 from .memory import PointMemory
 
 
@@ -78,11 +78,7 @@ def target_samples(
     """
     w = max(int(round(width * scale)), 1)
     h = max(int(round(height * scale)), 1)
-    k = intrinsics.to(torch.float64).clone()
-    k[:, 0] *= w / width
-    k[:, 2] *= w / width
-    k[:, 1] *= h / height
-    k[:, 3] *= h / height
+    k = rescale_intrinsics_vec(intrinsics.to(torch.float64), (width, height), (w, h))
     rendered = memory.render(c2w_opencv, k, w, h)
     samples = []
     for t in range(c2w_opencv.shape[0]):
