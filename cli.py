@@ -18,8 +18,8 @@ from .bridge.errors import KeyframeWorldsError
 
 # Modules (relative to this package) that contribute subcommands, in help order.
 COMMAND_MODULES = (
-    ".bridge.commands",
     ".engine.run.commands",
+    ".bridge.commands",
     ".engine.models.commands",
     ".engine.service.commands",
     ".addon.headless",

@@ -189,7 +189,8 @@ def cmd_trajectory(args) -> int:
 def cmd_generate(args) -> int:
     import bpy
 
-    from .jobs import JobSettings, format_status, prepare_job, run_through_engine, worldstereo_options
+    from ..bridge.jobs import format_status
+    from .jobs import JobSettings, prepare_job, run_through_engine, worldstereo_options
 
     scene = bpy.context.scene
     out = Path(args.out).resolve()

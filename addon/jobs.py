@@ -14,6 +14,7 @@ import bpy
 
 from ..bridge import spec
 from ..bridge.errors import KeyframeWorldsError
+from ..bridge.jobs import JobState
 from .choices import DEPTH_SOURCES, REFERENCE_SOURCES
 from .reference import render_reference
 from .scene_cameras import extract_trajectories
@@ -165,35 +166,8 @@ def run_through_engine(spec_path: str | Path, bundle_dir: str | Path, *, python:
         client = process.client
         job = client.submit(spec_path)
         status = client.wait(job.id, poll_s=0.25, on_status=on_status)
-        if status.state != "completed":
+        if status.state is not JobState.COMPLETED:
             raise KeyframeWorldsError(f"the job {status.state}: {status.error or status.stage}")
         return client.download_bundle(job.id, bundle_dir)
     finally:
         process.stop()
-
-
-def describe_progress(stage: str, frames_done: int, frames_total: int, step: int | None = None,
-                      steps: int | None = None, eta_s: float | None = None) -> str:
-    """``"generate, 31/60 frames, step 3/4, 0:12 left"``: what the panel, the status bar and the terminal show.
-
-    step / steps: the denoising step of the segment in flight (None or 0: not denoising);
-    eta_s: seconds left (None or negative: not known yet).
-    """
-    parts = [stage]
-    if frames_total:
-        parts.append(f"{frames_done}/{frames_total} frames")
-    if steps:
-        parts.append(f"step {step}/{steps}")
-    if eta_s is not None and eta_s >= 0:
-        minutes, seconds = divmod(int(eta_s + 0.5), 60)
-        parts.append(f"{minutes}:{seconds:02d} left")
-    return ", ".join(p for p in parts if p)
-
-
-def format_status(status) -> str:
-    """One terminal line: ``[#####.....]  52% generate, 31/60 frames, step 3/4, 0:12 left``."""
-    width = 30
-    filled = int(round(status.progress * width))
-    text = describe_progress(status.stage, status.frames_done, status.frames_total, status.step, status.steps,
-                             status.eta_s)
-    return f"[{'#' * filled}{'.' * (width - filled)}] {status.progress:4.0%} {text}"

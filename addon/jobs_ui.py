@@ -19,6 +19,7 @@ from pathlib import Path
 import bpy
 
 from ..bridge.errors import KeyframeWorldsError
+from ..bridge.jobs import QUEUED_STAGE, JobState
 
 POLL_INTERVAL_S = 0.5
 
@@ -92,7 +93,7 @@ def start_job(context) -> ActiveJob:
     client = engine_client(context)
     job = ActiveJob(scene.name, client.submit(prepared.spec_path).id, job_dir, client)
     _active[scene.name] = job
-    props.state, props.stage, props.progress, props.message = "pending", "queued", 0.0, ""
+    props.state, props.stage, props.progress, props.message = JobState.PENDING.value, QUEUED_STAGE, 0.0, ""
     props.frames_done, props.frames_total, props.seconds_left = 0, 0, -1.0
     props.step, props.steps = 0, 0
     props.last_job_dir = str(job_dir)
@@ -120,10 +121,10 @@ def _poll() -> float | None:
         try:
             status = job.client.status(job.job_id)
         except KeyframeWorldsError as exc:
-            props.state, props.message = "failed", f"lost the engine: {exc}"
+            props.state, props.message = JobState.FAILED.value, f"lost the engine: {exc}"
             _active.pop(scene_name, None)
             continue
-        props.state = status.state
+        props.state = status.state.value
         props.stage = status.stage or ""
         props.progress = float(status.progress)
         props.frames_done = int(status.frames_done)
@@ -132,10 +133,10 @@ def _poll() -> float | None:
         props.seconds_left = -1.0 if status.eta_s is None else float(status.eta_s)
         if status.finished_state:
             _active.pop(scene_name, None)
-            if status.state == "completed":
+            if status.state is JobState.COMPLETED:
                 _finish(scene, job)
             else:
-                props.message = status.error or status.state
+                props.message = status.error or status.state.value
     _redraw()
     return POLL_INTERVAL_S if _active else None
 
@@ -148,7 +149,7 @@ def _finish(scene, job: ActiveJob) -> None:
         bundle = job.client.download_bundle(job.job_id, job.job_dir / "bundle")
         result = import_bundle(scene, bundle)
     except KeyframeWorldsError as exc:
-        props.state, props.message = "failed", f"the result could not be imported: {exc}"
+        props.state, props.message = JobState.FAILED.value, f"the result could not be imported: {exc}"
         return
     props.message = f"imported into {result.collection.name}"
 

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import bpy
 
-from .jobs import describe_progress
-
-RUNNING_STATES = ("pending", "running")
+from ..bridge.jobs import ACTIVE_STATES, JobState, describe_progress
 
 
 def progress_text(props) -> str:
@@ -34,7 +32,7 @@ class KFW_PT_main(bpy.types.Panel):
         layout.use_property_split = True
         layout.use_property_decorate = False
         props = context.scene.keyframe_worlds
-        running = props.state in RUNNING_STATES
+        running = props.state in ACTIVE_STATES
 
         col = layout.column(align=True)
         col.enabled = not running
@@ -73,7 +71,7 @@ class KFW_PT_main(bpy.types.Panel):
             draw_progress(layout, props)
             if props.message:
                 box = layout.box()
-                box.label(text=props.message, icon="ERROR" if props.state == "failed" else "INFO")
+                box.label(text=props.message, icon="ERROR" if props.state == JobState.FAILED else "INFO")
 
 
 class KFW_PT_trajectories(bpy.types.Panel):
@@ -94,7 +92,7 @@ class KFW_PT_trajectories(bpy.types.Panel):
 def draw_status_bar(self, context):
     """Mirror a running job's progress in the status bar."""
     props = getattr(context.scene, "keyframe_worlds", None)
-    if props is not None and props.state in RUNNING_STATES:
+    if props is not None and props.state in ACTIVE_STATES:
         row = self.layout.row()
         row.label(text="Keyframe Worlds")
         draw_progress(row, props)

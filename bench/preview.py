@@ -50,7 +50,7 @@ def write_job(folder: Path, frames: int) -> Path:
         "version": 1, "name": "bench-preview", "generator": "preview",
         "reference": {"image": "ref.png", "depth": "ref_depth.npy"},
         "trajectories": [{"name": "Camera", "fps": 24.0, "width": W, "height": H, "frames": cams}],
-        "output": {"keyframe_every": 16, "mesh_stride": 4},
+        "output": {"mesh_every": 16, "mesh_stride": 4},
     }
     path = folder / "job.json"
     path.write_text(json.dumps(job))

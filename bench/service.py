@@ -71,7 +71,8 @@ def main() -> int:
     import requests
 
     from keyframe_worlds.bridge.spec import load_job
-    from keyframe_worlds.engine.run.runner import ProgressReporter, run_job
+    from keyframe_worlds.bridge.jobs import Progress
+    from keyframe_worlds.engine.run.runner import run_job
     from keyframe_worlds.engine.testing.service import Engine, write_preview_job
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -120,9 +121,9 @@ def main() -> int:
             first_progress = statistics.median(firsts)
             print(f"submission to first progress (service): median {first_progress * 1000:.1f} ms of {[round(f * 1000, 1) for f in firsts]}")
 
-        class First(ProgressReporter):
-            def report(self, stage, done, total, message=""):
-                if stage == "generate" and done >= 1 and self.at is None:
+        class First(Progress):
+            def report(self, event):
+                if event.stage == "generate" and event.done >= 1 and self.at is None:
                     self.at = time.perf_counter()
 
         spec = load_job(short_spec)

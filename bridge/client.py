@@ -18,18 +18,18 @@ import json
 import os
 import time
 from contextlib import ExitStack
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any, Callable
+from typing import Any
 
 import requests
 
 from .atomic import atomic_write
 from .errors import KeyframeWorldsError, Problem, ValidationError
+from .jobs import JobStatus, StatusCallback
 from .spec import MANIFEST_FILENAME, read_json, validate_job, validate_manifest
 
 API = "/v1"
-FINISHED_STATES = ("completed", "failed", "cancelled")
 
 
 class EngineUnavailable(KeyframeWorldsError):
@@ -46,47 +46,6 @@ class EngineError(KeyframeWorldsError):
 
 
 @dataclass(frozen=True)
-class JobStatus:
-    """A job's state as the engine reports it.
-
-    state: pending, running, completed, failed or cancelled; progress 0-1 over
-    all frames (moving within a segment as it is denoised); frames_done: final
-    frames; step / steps: denoising step of the segment being generated (None
-    when not denoising); eta_s: estimated seconds left (None until known);
-    times in Unix seconds.
-    """
-
-    id: str
-    name: str
-    generator: str
-    state: str
-    stage: str
-    progress: float
-    frames_done: int
-    frames_total: int
-    eta_s: float | None
-    error: str | None
-    seq: int = 0
-    step: int | None = None
-    steps: int | None = None
-    created: float = 0.0
-    started: float | None = None
-    finished: float | None = None
-    device: str | None = None
-    attempts: int = 0
-    queue_position: int | None = None
-
-    @property
-    def finished_state(self) -> bool:
-        return self.state in FINISHED_STATES
-
-    @classmethod
-    def from_json(cls, doc: dict) -> "JobStatus":
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in doc.items() if k in known})
-
-
-@dataclass(frozen=True)
 class Health:
     version: str
     device: str
@@ -94,11 +53,12 @@ class Health:
     generators: tuple[str, ...]
     gpu_memory: tuple[dict, ...]
     jobs: dict
+    workers: tuple[dict, ...] = ()  # one per device: device, pid, state, model, loads, restarts
 
     @classmethod
     def from_json(cls, doc: dict) -> "Health":
         return cls(doc["version"], doc["device"], tuple(doc["devices"]), tuple(doc["generators"]),
-                   tuple(doc.get("gpu_memory", ())), dict(doc.get("jobs", {})))
+                   tuple(doc.get("gpu_memory", ())), dict(doc.get("jobs", {})), tuple(doc.get("workers", ())))
 
 
 class EngineClient:
@@ -188,6 +148,10 @@ class EngineClient:
     def cancel(self, job_id: str) -> JobStatus:
         return JobStatus.from_json(self._json("POST", f"/jobs/{_job(job_id)}/cancel"))
 
+    def retry(self, job_id: str) -> JobStatus:
+        """Queue a failed or cancelled job again; it resumes from its last finished segment."""
+        return JobStatus.from_json(self._json("POST", f"/jobs/{_job(job_id)}/retry"))
+
     def manifest(self, job_id: str) -> dict:
         return self._json("GET", f"/jobs/{_job(job_id)}/manifest")
 
@@ -224,7 +188,7 @@ class EngineClient:
         return target
 
     def wait(self, job_id: str, timeout: float | None = None, poll_s: float = 0.5,
-             on_status: Callable[[JobStatus], None] | None = None) -> JobStatus:
+             on_status: StatusCallback | None = None) -> JobStatus:
         """Poll until the job has finished (any of completed, failed, cancelled); returns its last status."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:

@@ -16,7 +16,7 @@ Job spec v1::
                    "depth": "ref_depth.npy",  # optional z-depth in metres (.npy float32 HxW or .exr)
                    "trajectory": "Camera", "frame": 1},  # which camera/frame it shows (default: first)
      "trajectories": [<trajectory JSON, see trajectory.py>, ...],
-     "output": {"keyframe_every": 8, "mesh_stride": 4, "point_budget": 2000000},
+     "output": {"mesh_every": 8, "mesh_stride": 4, "point_budget": 2000000},
      "options": {...}}                       # generator-specific settings, checked by the generator
 
 Result manifest v1: see ``ResultManifest``; every path in it is relative to
@@ -47,6 +47,8 @@ from .trajectory import (
 
 JOB_VERSION = 1
 MANIFEST_VERSION = 1
+#: The version-1 name of ``output.mesh_every`` (it also decided retrieval, which is now the runner's own cadence).
+OLD_MESH_EVERY_KEY = "keyframe_every"
 GENERATORS = ("preview", "worldstereo")
 MAX_TRAJECTORIES = 256
 MAX_TOTAL_FRAMES = 200_000
@@ -76,14 +78,24 @@ class Reference:
 
 @dataclass(frozen=True)
 class OutputOptions:
-    """What the result bundle holds besides frames, depth and cameras."""
+    """What the result bundle holds besides frames, depth and cameras (nothing here changes what is generated).
 
-    keyframe_every: int = 8  # a depth-textured mesh every N generated frames
+    ``keyframe_every`` is the name version-1 files before ``mesh_every`` used for it; it is still read.
+    """
+
+    mesh_every: int = 8  # a depth-textured mesh every N frames of each trajectory
     mesh_stride: int = 4  # mesh vertex every N pixels
     point_budget: int = 2_000_000  # fused point cloud size cap (voxel-downsampled beyond it)
 
     def to_json(self) -> dict:
-        return {"keyframe_every": self.keyframe_every, "mesh_stride": self.mesh_stride, "point_budget": self.point_budget}
+        return {"mesh_every": self.mesh_every, "mesh_stride": self.mesh_stride, "point_budget": self.point_budget}
+
+    @classmethod
+    def from_json(cls, doc: dict) -> "OutputOptions":
+        values = dict(doc)
+        if OLD_MESH_EVERY_KEY in values:
+            values["mesh_every"] = values.pop(OLD_MESH_EVERY_KEY)
+        return cls(**values)
 
 
 @dataclass(frozen=True)
@@ -128,7 +140,7 @@ class JobSpec:
             reference=Reference(ref["image"], ref.get("depth"), ref.get("trajectory"), ref.get("frame")),
             prompt=doc.get("prompt", ""),
             seed=doc.get("seed", 0),
-            output=OutputOptions(**out),
+            output=OutputOptions.from_json(out),
             options=dict(doc.get("options", {})),
             version=doc["version"],
         )
@@ -213,9 +225,12 @@ def _validate_job(doc: Any, base_dir, check_files: bool) -> list[Problem]:
     if "output" in doc:
         out = doc["output"]
         if check_object(problems, "output", out):
-            check_unknown_keys(problems, "output", out, {"keyframe_every", "mesh_stride", "point_budget"})
-            if "keyframe_every" in out:
-                check_integer(problems, "output.keyframe_every", out["keyframe_every"], minimum=1, maximum=100_000)
+            check_unknown_keys(problems, "output", out, {"mesh_every", OLD_MESH_EVERY_KEY, "mesh_stride", "point_budget"})
+            for key in ("mesh_every", OLD_MESH_EVERY_KEY):
+                if key in out:
+                    check_integer(problems, f"output.{key}", out[key], minimum=1, maximum=100_000)
+            if "mesh_every" in out and OLD_MESH_EVERY_KEY in out:
+                problems.append(Problem(f"output.{OLD_MESH_EVERY_KEY}", "is the old name of output.mesh_every: give one of them"))
             if "mesh_stride" in out:
                 check_integer(problems, "output.mesh_stride", out["mesh_stride"], minimum=1, maximum=256)
             if "point_budget" in out:

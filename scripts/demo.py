@@ -123,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     import bpy
 
     from keyframe_worlds.addon.importers import import_bundle
-    from keyframe_worlds.addon.jobs import JobSettings, format_status, prepare_job, run_through_engine
+    from keyframe_worlds.addon.jobs import JobSettings, prepare_job, run_through_engine
+    from keyframe_worlds.bridge.jobs import format_status
     from keyframe_worlds.bridge.formats import FORMATS, write_trajectories
 
     t0 = time.perf_counter()

@@ -111,9 +111,9 @@ def test_preferences_reach_the_worldstereo_options(addon_scene, tmp_path):
 
 
 def test_progress_shows_the_denoising_step_of_the_segment_in_flight(addon_scene):
-    from keyframe_worlds.addon.jobs import format_status
+    from keyframe_worlds.bridge.jobs import format_status
     from keyframe_worlds.addon.panels import progress_text
-    from keyframe_worlds.bridge.client import JobStatus
+    from keyframe_worlds.bridge.jobs import JobStatus
 
     _, props = addon_scene
     props.stage, props.frames_done, props.frames_total, props.seconds_left = "generating frames", 10, 24, 75.4

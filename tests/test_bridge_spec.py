@@ -35,7 +35,7 @@ def valid_job() -> dict:
         "seed": 7,
         "reference": {"image": "ref.png", "depth": "ref_depth.npy"},
         "trajectories": [make_trajectory("CamA", 4, seed=1).to_json(), make_trajectory("CamB", 3, seed=2).to_json()],
-        "output": {"keyframe_every": 2, "mesh_stride": 4, "point_budget": 100000},
+        "output": {"mesh_every": 2, "mesh_stride": 4, "point_budget": 100000},
         "options": {},
     }
 

@@ -12,7 +12,8 @@ from keyframe_worlds.bridge.errors import KeyframeWorldsError
 from keyframe_worlds.engine.models.weights import CheckpointError
 from keyframe_worlds.engine.pipelines.prep import prepare_conditions
 from keyframe_worlds.engine.testing.tiny_models import write_tiny_variant, write_tiny_wan_folder
-from keyframe_worlds.engine.pipelines.worldstereo import PipelineCancelled, WorldStereoPipeline
+from keyframe_worlds.bridge.jobs import JobCancelled
+from keyframe_worlds.engine.pipelines.worldstereo import WorldStereoPipeline
 
 VARIANTS = ("worldstereo-camera", "worldstereo-memory", "worldstereo-memory-dmd")
 F, H, W = 3, 128, 128  # 16x16 latents
@@ -111,7 +112,7 @@ def test_guidance_uses_the_negative_prompt(pipes):
 def test_cancel_between_steps_stops_promptly(pipes, variant):
     pipe = pipes[variant]
     calls = []
-    with pytest.raises(PipelineCancelled, match="after step 1"):
+    with pytest.raises(JobCancelled, match="after step 1"):
         pipe(conditions(pipe), steps=None if pipe.is_dmd else 2, seed=0, callback=lambda i, n: calls.append(i),
              should_cancel=lambda: True)
     assert calls == [1]

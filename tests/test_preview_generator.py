@@ -101,7 +101,7 @@ def test_preview_is_the_default_and_says_it_is_a_preview():
     generator = get_generator("preview", {"segment_length": 8})
     assert generator.segment_length == 8
     assert "preview" in generator.label and "no learned model" in generator.label
-    with pytest.raises(KeyframeWorldsError, match="unknown preview generator option"):
+    with pytest.raises(KeyframeWorldsError, match="options.steps: unknown option of the preview generator"):
         get_generator("preview", {"steps": 4})
     with pytest.raises(KeyframeWorldsError, match="segment_length"):
         get_generator("preview", {"segment_length": 0})

@@ -15,7 +15,8 @@ from keyframe_worlds.bridge.spec import MANIFEST_FILENAME, load_job, load_manife
 from keyframe_worlds.engine.io.exr import read_depth_exr
 from keyframe_worlds.engine.io.images import read_rgb, write_png
 from keyframe_worlds.engine.io.video import read_mp4
-from keyframe_worlds.engine.run.runner import JobCancelled, ProgressReporter, run_job
+from keyframe_worlds.bridge.jobs import JobCancelled, Progress
+from keyframe_worlds.engine.run.runner import run_job
 from keyframe_worlds.engine.testing.synthetic import demo_scene, intrinsics_for_fov, look_at_c2w_opencv, raycast
 
 from conftest import VENV_BIN
@@ -45,7 +46,7 @@ def write_job(folder, n=10, depth=True, options=None):
             {"name": "Cam/01 é", "fps": 12.0, "width": W, "height": H, "frames": walk},
             {"name": "Turn", "fps": 24.0, "width": W, "height": H, "frames": turn},
         ],
-        "output": {"keyframe_every": 4, "mesh_stride": 4, "point_budget": 20000},
+        "output": {"mesh_every": 4, "mesh_stride": 4, "point_budget": 20000},
         "options": options or {"segment_length": 4},
     }
     path = folder / "job.json"
@@ -111,9 +112,9 @@ def test_cancelling_stops_between_frames_and_leaves_no_manifest(tmp_path):
     spec = load_job(write_job(tmp_path))
     event = threading.Event()
 
-    class CancelAfterThree(ProgressReporter):
-        def report(self, stage, done, total, message=""):
-            if stage == "generate" and done >= 3:
+    class CancelAfterThree(Progress):
+        def report(self, event_):
+            if event_.stage == "generate" and event_.done >= 3:
                 event.set()
 
     with pytest.raises(JobCancelled, match="cancelled"):
@@ -135,7 +136,7 @@ def test_user_errors_are_reported_cleanly(tmp_path):
     proc = subprocess.run([str(VENV_BIN / "keyframe-worlds"), "run", str(job), "--out", str(tmp_path / "o")],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
-    assert "unknown preview generator option(s) steps" in proc.stderr and "Traceback" not in proc.stderr
+    assert "options.steps: unknown option of the preview generator" in proc.stderr and "Traceback" not in proc.stderr
 
     job = write_job(tmp_path)
     np.save(tmp_path / "ref_depth.npy", np.zeros((3, 4, 5), np.float32))
@@ -157,6 +158,7 @@ def test_generators_that_use_references_get_the_retrieved_earlier_frames(tmp_pat
         """The preview's frames, recording what retrieval handed over."""
 
         name, label, segment_length, uses_references = "preview", "test: preview frames, references recorded", 4, True
+        retrieval_every = 4  # the generator's cadence, whatever output.mesh_every says
 
         def __init__(self):
             self.inner = PreviewGenerator(segment_length=4)
@@ -196,16 +198,36 @@ def test_generators_that_use_references_get_the_retrieved_earlier_frames(tmp_pat
 def test_terminal_progress_bar_moves_with_denoising_steps():
     import io
 
-    from keyframe_worlds.engine.run.runner import TerminalProgress
+    from keyframe_worlds.bridge.jobs import TerminalProgress
 
     out = io.StringIO()
     bar = TerminalProgress(stream=out, width=20)
-    bar.step("generate", 10, 40, "Walk frame 10")
+    bar.frames(10, 40, "Walk frame 10")
     assert "[#####...............] 10/40" in out.getvalue()
-    bar.denoise(10, 40, 10 * 2 / 4, 2, 4, "Walk frames 11-20")  # half of the next 10 frames' denoising
+    bar.frames(10, 40, "Walk frames 11-20", in_flight=10 * 2 / 4, step=2, steps=4)  # half of the next 10 frames' denoising
     line = out.getvalue().rsplit("\r", 1)[1]
     assert "[########............] 10/40 Walk frames 11-20 step 2/4" in line  # 15 of 40 frames' worth
     cancel = threading.Event()
     cancel.set()
     with pytest.raises(JobCancelled, match=r"generate \(10/40, denoising step 3/4\)"):
-        TerminalProgress(stream=io.StringIO(), cancel_event=cancel).denoise(10, 40, 7.5, 3, 4)
+        TerminalProgress(stream=io.StringIO(), cancel_event=cancel).frames(10, 40, in_flight=7.5, step=3, steps=4)
+
+
+def test_mesh_every_is_an_output_setting_only(tmp_path):
+    """output.mesh_every places meshes in the bundle; the frames, depth and point cloud stay the same."""
+    from keyframe_worlds.engine.testing.service import tree_digest
+
+    digests = {}
+    for every in (1, 5):
+        folder = tmp_path / f"every{every}"
+        folder.mkdir()
+        path = write_job(folder)
+        doc = json.loads(path.read_text())
+        doc["output"]["mesh_every"] = every
+        path.write_text(json.dumps(doc))
+        manifest = run_job(load_job(path), folder / "out")
+        assert [m.frame for m in manifest.meshes if m.trajectory == manifest.trajectories[0].trajectory.name] == [
+            int(f) for f in manifest.trajectories[0].trajectory.frames[::every]]
+        digests[every] = {k: v for k, v in tree_digest(folder / "out").items()
+                          if not k.startswith("meshes/") and k != "manifest.json"}
+    assert digests[1] == digests[5]

@@ -160,7 +160,8 @@ def test_generator_options_are_checked_before_queueing(engine, tmp_path):
     spec = write_preview_job(tmp_path, frames=3)
     before = len(engine.client.jobs())
     for generator, options, expected in (("preview", {"segment_length": 0}, "options.segment_length"),
-                                         ("preview", {"magic": 1}, "options"),
+                                         ("preview", {"magic": 1}, "options.magic"),
+                                         ("worldstereo", {"checkpoint": "x", "offload": "bogus", "steps": -1}, "options.offload"),
                                          ("worldstereo", {"checkpoint": str(tmp_path / "no-weights"), "steps": 0}, "options.steps")):
         doc = {**json.loads(spec.read_text()), "generator": generator, "options": options}
         files = {"spec": (None, json.dumps(doc)), "image": ("ref.png", (tmp_path / "ref.png").read_bytes()),
@@ -170,6 +171,8 @@ def test_generator_options_are_checked_before_queueing(engine, tmp_path):
         paths = [p["path"] for p in response.json()["problems"]]
         if generator in engine.client.health().generators:
             assert expected in paths and all(p.startswith("options") for p in paths), paths
+            if options.get("offload") == "bogus":  # every problem at once, not the first one
+                assert sorted(paths) == ["options.offload", "options.steps"], paths
         else:
             assert paths == ["generator"]
     assert len(engine.client.jobs()) == before

@@ -124,8 +124,8 @@ def test_kill_9_mid_job_then_restart_resumes_and_equals_an_uninterrupted_run(tmp
         final = client.wait(job.id, timeout=TIMEOUT, poll_s=0.05)
         assert final.state == "completed" and final.attempts == 2, client.log(job.id)
         log = client.log(job.id)
-        assert "resumes from its last finished segment" in log and "resuming after" in log
-        resumed_from = int(log.split("resuming after ")[1].split()[0])
+        assert "resumes from its last finished segment" in log and "resuming from the checkpoint" in log, log
+        resumed_from = int(log.split("resuming from the checkpoint: ")[1].split()[0])
         assert resumed_from >= state["done"] > 0
 
         reference = client.submit(spec)

@@ -11,12 +11,14 @@ import torch
 from keyframe_worlds.bridge.errors import KeyframeWorldsError
 from keyframe_worlds.bridge.spec import MANIFEST_FILENAME, load_job, load_manifest
 from keyframe_worlds.engine.generators import SegmentRequest, get_generator
-from keyframe_worlds.engine.generators.worldstereo import parse_options, segment_keyframes
+from keyframe_worlds.engine.generators.options import check_options, parse_worldstereo_options as parse_options
+from keyframe_worlds.engine.generators.worldstereo import segment_keyframes
 from keyframe_worlds.engine.io.images import read_rgb, write_png
 from keyframe_worlds.engine.world.memory import PointMemory
 from keyframe_worlds.engine.models.weights import WrongVariantError
 from keyframe_worlds.engine.testing.tiny_models import write_tiny_variant, write_tiny_wan_folder
-from keyframe_worlds.engine.run.runner import JobCancelled, ProgressReporter, run_job
+from keyframe_worlds.bridge.jobs import CancelReason, JobCancelled, Progress
+from keyframe_worlds.engine.run.runner import run_job
 from keyframe_worlds.engine.testing.synthetic import demo_scene, intrinsics_for_fov, look_at_c2w_opencv, raycast
 
 W, H = 64, 48  # trajectories; generation at 64x48 too (6x8 latents) to keep the CPU run short
@@ -46,8 +48,15 @@ def generator(folders):
 
 def test_options_are_checked_with_clear_messages(folders, tmp_path):
     _, wan, dmd, camera = folders
-    with pytest.raises(KeyframeWorldsError, match="unknown worldstereo generator option.*segment_length"):
+    with pytest.raises(KeyframeWorldsError, match="options.segment_length: unknown option of the worldstereo generator"):
         parse_options({"checkpoint": "x", "segment_length": 4}, check_paths=False)
+    # every problem at once, each with its field path
+    problems = check_options("worldstereo", {"checkpoint": "x", "offload": "bogus", "steps": -1, "frobnicate": 1},
+                             check_paths=False)
+    assert sorted(p.path for p in problems) == ["options.frobnicate", "options.offload", "options.steps"]
+    assert check_options("preview", {"segment_length": 0, "temporal": "yes", "x": 1}) != []
+    assert sorted(p.path for p in check_options("preview", {"segment_length": 0, "temporal": "yes", "x": 1})) == [
+        "options.segment_length", "options.temporal", "options.x"]
     for bad, message in [({"steps": 0}, "options.steps"), ({"size": [50, 64]}, "options.size"),
                          ({"device": "gpu"}, "options.device"), ({"offload": "disk"}, "options.offload"),
                          ({"variant": "worldstereo-2"}, "options.variant"), ({"guidance_scale": "high"}, "guidance"),
@@ -167,26 +176,24 @@ def write_job(folder, opts, walk_n=10):
            "reference": {"image": "ref.png", "depth": "ref_depth.npy"},
            "trajectories": [{"name": "Walk", "fps": 24.0, "width": W, "height": H, "frames": walk},
                             {"name": "Turn", "fps": 24.0, "width": W, "height": H, "frames": turn}],
-           "output": {"keyframe_every": 2, "mesh_stride": 4, "point_budget": 50000}, "options": opts}
+           "output": {"mesh_every": 2, "mesh_stride": 4, "point_budget": 50000}, "options": opts}
     (folder / "job.json").write_text(json.dumps(job))
     return load_job(folder / "job.json")
 
 
-class Recorder(ProgressReporter):
+class Recorder(Progress):
     def __init__(self, cancel_after=None):
         super().__init__()
         self.reports, self.denoising, self.cancel_after = [], [], cancel_after
 
-    def report(self, stage, done, total, message=""):
-        self.reports.append((stage, done, total))
+    def report(self, event):
+        self.reports.append((event.stage, event.done, event.total))
+        if event.steps:
+            self.denoising.append((event.done, event.in_flight, event.step, event.steps, event.message))
 
-    def report_denoise(self, done, total, in_flight, step, steps, message=""):
-        self.reports.append(("generate", done, total))
-        self.denoising.append((done, in_flight, step, steps, message))
-
-    def cancelled(self):
+    def cancel_reason(self):
         steps = sum(1 for r in self.reports if r[0] == "generate")
-        return self.cancel_after is not None and steps >= self.cancel_after
+        return CancelReason.CANCELLED if self.cancel_after is not None and steps >= self.cancel_after else None
 
 
 def test_run_job_segments_and_cameras_share_the_memory(folders, tmp_path):
@@ -253,7 +260,6 @@ def test_the_service_status_moves_with_the_denoising_steps(folders, tmp_path):
     import shutil
     import time
 
-    from keyframe_worlds.engine.service.execute import run_spec
     from keyframe_worlds.engine.service.jobs import JobManager
 
     snapshots = []
@@ -267,7 +273,7 @@ def test_the_service_status_moves_with_the_denoising_steps(folders, tmp_path):
 
     write_job(tmp_path, options(folders))
     doc = json.loads((tmp_path / "job.json").read_text())
-    manager = Watched(tmp_path / "jobs", run_spec, ["cpu"])
+    manager = Watched(tmp_path / "jobs", ["cpu"])
     manager.start()
     try:
         status = manager.submit(doc, {key: (lambda path, key=key: shutil.copy(tmp_path / doc["reference"][key], path))

@@ -12,6 +12,9 @@ from ..world.depth import DepthEstimate
 from ..world.memory import PointMemory
 from ..world.render import RenderOutput
 
+#: The runner keeps every 8th frame of a trajectory as a retrieval candidate unless a generator says otherwise.
+RETRIEVAL_EVERY = 8
+
 
 @dataclass(frozen=True)
 class ReferenceFrame:
@@ -66,13 +69,16 @@ class Generator(ABC):
 
     ``name`` is the job-spec name, ``label`` what the result manifest tells a
     person about the output, ``segment_length`` the native number of frames
-    per call, ``uses_references`` whether retrieval is worth running for it.
+    per call, ``uses_references`` whether retrieval is worth running for it,
+    ``retrieval_every`` which frames the runner keeps as retrieval candidates.
     """
 
     name: str = "generator"
     label: str = ""
     segment_length: int = 16
     uses_references: bool = False
+    #: Every this many frames of a trajectory one is kept for retrieval (the runner's cadence).
+    retrieval_every: int = RETRIEVAL_EVERY
 
     @abstractmethod
     def generate(self, request: SegmentRequest, on_frame: Callable[[int], None] | None = None,

@@ -21,6 +21,7 @@ from ..world.depth import DepthEstimate, MemoryDepthCompletion
 from ..world.inpaint import fill_rgb
 from ..world.memory import PointMemory
 from .base import Generator, SegmentRequest, SegmentResult
+from .options import parse_preview_options
 
 PREVIEW_LABEL = "geometric preview: the 3D memory rendered along the cameras with classically inpainted holes (no learned model)"
 
@@ -49,20 +50,8 @@ class PreviewGenerator(Generator):
 
     @classmethod
     def from_options(cls, options: dict) -> "PreviewGenerator":
-        from ...bridge.errors import KeyframeWorldsError
-
-        allowed = {"segment_length", "temporal", "depth_sigma"}
-        unknown = sorted(set(options) - allowed - {"reference_depth_m"})
-        if unknown:
-            raise KeyframeWorldsError(f"options: unknown preview generator option(s) {', '.join(unknown)}; known: {', '.join(sorted(allowed))}")
-        kwargs = {k: options[k] for k in allowed if k in options}
-        if "segment_length" in kwargs and (not isinstance(kwargs["segment_length"], int) or not 1 <= kwargs["segment_length"] <= 1024):
-            raise KeyframeWorldsError("options.segment_length: must be an integer from 1 to 1024")
-        if "depth_sigma" in kwargs and (not isinstance(kwargs["depth_sigma"], (int, float)) or kwargs["depth_sigma"] <= 0):
-            raise KeyframeWorldsError("options.depth_sigma: must be a positive number")
-        if "temporal" in kwargs and not isinstance(kwargs["temporal"], bool):
-            raise KeyframeWorldsError("options.temporal: must be true or false")
-        return cls(**kwargs)
+        """Configured by a job's options (checked: :class:`ValidationError` with every problem)."""
+        return cls(**parse_preview_options(options))
 
     def generate(self, request: SegmentRequest, on_frame: Callable[[int], None] | None = None,
                  on_step: Callable[[int, int], None] | None = None) -> SegmentResult:

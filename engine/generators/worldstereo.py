@@ -34,10 +34,7 @@ where the runner cancels, so a cancelled job stops between two steps.
 from __future__ import annotations
 
 import math
-import os
 import zlib
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -48,124 +45,10 @@ from ...bridge.errors import KeyframeWorldsError
 from ..world.depth import MemoryDepthCompletion
 from ..world.inpaint import fill_rgb
 from ..world.memory import PointMemory
-from ..models.offload import OFFLOAD_MODES
-from ..models.worldstereo import MEMORY_DMD_VARIANT, VARIANTS
-from ..pipelines.components import CLIP_PIXELS
 from ..world.cameras import rescale_intrinsics_vec
 from ..world.render import RenderOutput
 from .base import Generator, SegmentRequest, SegmentResult
-
-DEFAULT_VARIANT = MEMORY_DMD_VARIANT
-#: Folder holding one sub-folder per variant (named as the variant), used when ``checkpoint`` is not given.
-CHECKPOINT_ROOT_ENV = "KEYFRAME_WORLDS_WORLDSTEREO_DIR"
-DTYPES = ("auto", "float32", "bfloat16", "float16")
-MAX_SIZE = 2048
-RUNNER_OPTIONS = {"reference_depth_m"}  # read by the job runner, not by the generator
-
-
-@dataclass(frozen=True)
-class WorldStereoOptions:
-    """The job options of the ``worldstereo`` generator, checked (see :func:`parse_options`)."""
-
-    checkpoint: Path
-    variant: str | None = None
-    wan_dir: Path | None = None
-    steps: int | None = None
-    guidance_scale: float | None = None
-    negative_prompt: str | None = None
-    offload: str = "none"
-    device: str = "auto"
-    dtype: str = "auto"
-    size: tuple[int, int] | None = None
-    keyframes: int = 21
-    keyframe_stride: int = 4
-    clip_pixels: str | None = None
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def parse_options(options: dict, environ=None, check_paths: bool = True) -> WorldStereoOptions:
-    """Check every option and return them typed; raises :class:`KeyframeWorldsError` naming the option.
-
-    Cheap (no model is loaded), so a service can check a job before queueing it. With ``check_paths``
-    the checkpoint folder must hold a ``config.json`` and ``wan_dir``, when given, must be a folder.
-    """
-    env = os.environ if environ is None else environ
-    allowed = {f for f in WorldStereoOptions.__dataclass_fields__}
-    unknown = sorted(set(options) - allowed - RUNNER_OPTIONS)
-    if unknown:
-        raise KeyframeWorldsError(f"options: unknown worldstereo generator option(s) {', '.join(unknown)}; "
-                                  f"known: {', '.join(sorted(allowed))}")
-    problems = []
-    variant = options.get("variant")
-    if variant is not None and variant not in VARIANTS:
-        problems.append(f"options.variant: must be one of {', '.join(VARIANTS)}, got {variant!r}")
-    checkpoint = options.get("checkpoint")
-    if checkpoint is not None and (not isinstance(checkpoint, str) or not checkpoint):
-        problems.append("options.checkpoint: must be the path of a WorldStereo variant folder")
-    elif checkpoint is None:
-        root = env.get(CHECKPOINT_ROOT_ENV)
-        if not root:
-            problems.append(f"options.checkpoint: the WorldStereo variant folder (config.json + model.safetensors) "
-                            f"is needed, or set ${CHECKPOINT_ROOT_ENV} to a folder holding one folder per variant")
-        else:
-            checkpoint = str(Path(root) / (variant or DEFAULT_VARIANT))
-    wan_dir = options.get("wan_dir")
-    if wan_dir is not None and (not isinstance(wan_dir, str) or not wan_dir):
-        problems.append("options.wan_dir: must be the path of a Wan2.1 image-to-video diffusers folder")
-    steps = options.get("steps")
-    if steps is not None and (not _is_int(steps) or not 1 <= steps <= 1000):
-        problems.append("options.steps: must be an integer from 1 to 1000")
-    guidance = options.get("guidance_scale")
-    if guidance is not None and (not isinstance(guidance, (int, float)) or isinstance(guidance, bool)
-                                 or not 0 <= guidance <= 100):
-        problems.append("options.guidance_scale: must be a number from 0 to 100 (1 or less: no guidance)")
-    negative = options.get("negative_prompt")
-    if negative is not None and not isinstance(negative, str):
-        problems.append("options.negative_prompt: must be a string")
-    offload = options.get("offload", "none")
-    if offload not in OFFLOAD_MODES:
-        problems.append(f"options.offload: must be one of {', '.join(OFFLOAD_MODES)}, got {offload!r}")
-    device = options.get("device", "auto")
-    if not isinstance(device, str) or not (device in ("auto", "cpu", "cuda") or
-                                           (device.startswith("cuda:") and device[5:].isdigit())):
-        problems.append(f"options.device: must be auto, cpu, cuda or cuda:N, got {device!r}")
-    dtype = options.get("dtype", "auto")
-    if dtype not in DTYPES:
-        problems.append(f"options.dtype: must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    size = options.get("size")
-    if size is not None:
-        if (not isinstance(size, (list, tuple)) or len(size) != 2 or not all(_is_int(v) for v in size)
-                or not all(16 <= v <= MAX_SIZE and v % 16 == 0 for v in size)):
-            problems.append(f"options.size: must be [height, width], multiples of 16 from 16 to {MAX_SIZE}, got {size!r}")
-        else:
-            size = (int(size[0]), int(size[1]))
-    keyframes = options.get("keyframes", 21)
-    if not _is_int(keyframes) or not 2 <= keyframes <= 81:
-        problems.append("options.keyframes: must be an integer from 2 to 81 (the released models use 21)")
-    stride = options.get("keyframe_stride", 4)
-    if not _is_int(stride) or not 1 <= stride <= 16:
-        problems.append("options.keyframe_stride: must be an integer from 1 to 16 (the released models use 4)")
-    clip_pixels = options.get("clip_pixels")
-    if clip_pixels is not None and clip_pixels not in CLIP_PIXELS:
-        problems.append(f"options.clip_pixels: must be one of {', '.join(CLIP_PIXELS)} (uint8: as the released "
-                        f"inference scripts feed CLIP), got {clip_pixels!r}")
-    if check_paths and not problems:
-        folder = Path(checkpoint).expanduser()
-        if not (folder / "config.json").is_file():
-            problems.append(f"options.checkpoint: {folder} is not a WorldStereo variant folder (no config.json)")
-        if wan_dir and not Path(wan_dir).expanduser().is_dir():
-            problems.append(f"options.wan_dir: folder not found: {wan_dir}")
-    if problems:
-        raise KeyframeWorldsError("; ".join(problems))
-    return WorldStereoOptions(checkpoint=Path(checkpoint).expanduser(), variant=variant,
-                              wan_dir=Path(wan_dir).expanduser() if wan_dir else None, steps=steps,
-                              guidance_scale=None if guidance is None else float(guidance), negative_prompt=negative,
-                              offload=offload, device=device, dtype=dtype, size=size, keyframes=keyframes,
-                              keyframe_stride=stride, clip_pixels=clip_pixels)
-
+from .options import parse_worldstereo_options
 
 def segment_keyframes(count: int, keyframes: int, stride: int) -> np.ndarray:
     """Keyframe positions in a segment of ``count`` frames: ``ceil((count - 1) / stride) + 1`` of them
@@ -212,6 +95,7 @@ class WorldStereoGenerator(Generator):
         self.keyframes = keyframes
         self.keyframe_stride = keyframe_stride
         self.segment_length = (keyframes - 1) * keyframe_stride + 1
+        self.retrieval_every = keyframe_stride  # keyframes are generated; the frames between are re-projected
         self.size = size
         self.steps = steps
         self.guidance_scale = guidance_scale
@@ -226,16 +110,24 @@ class WorldStereoGenerator(Generator):
                       "on Wan2.1 image-to-video; every frame generated")
 
     @classmethod
-    def from_options(cls, options: dict) -> "WorldStereoGenerator":
-        opts = parse_options(options)
+    def from_options(cls, options: dict, device: "str | torch.device | None" = None) -> "WorldStereoGenerator":
+        """Build the pipeline (this loads the weights). ``device``: the worker's device, which every
+        part of the pipeline is built on; a job's ``options.device`` may only repeat it (or say ``auto``).
+        Without ``device``, ``options.device`` decides (``auto``: CUDA when present)."""
+        opts = parse_worldstereo_options(options)
         from ..pipelines.worldstereo import WorldStereoPipeline  # diffusers/transformers load here
 
-        if opts.device == "auto":
+        if device is not None:
+            device = torch.device(device)
+            if opts.device != "auto" and torch.device(opts.device) != device:
+                raise KeyframeWorldsError(f"options.device: the job asks for {opts.device}, but it runs on the worker "
+                                          f"for {device}; leave it 'auto' (or submit to an engine serving {opts.device})")
+        elif opts.device == "auto":
             device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         else:
             device = torch.device(opts.device)
-            if device.type == "cuda" and not torch.cuda.is_available():
-                raise KeyframeWorldsError(f"options.device: {opts.device} was asked for, but this engine sees no CUDA GPU")
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise KeyframeWorldsError(f"options.device: {device} was asked for, but this engine sees no CUDA GPU")
         dtype = None if opts.dtype == "auto" else getattr(torch, opts.dtype)
         pipeline = WorldStereoPipeline.from_pretrained(opts.checkpoint, opts.wan_dir, device=device, dtype=dtype,
                                                        offload=opts.offload, expect_variant=opts.variant,

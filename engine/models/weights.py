@@ -156,7 +156,8 @@ def _refuse_pickles(folder: Path, what: str) -> None:
 def read_variant_folder(path: str | os.PathLike, expect_variant: str | None = None) -> VariantFolder:
     """Parse ``config.json`` (+ ``transformer_config.json``) of a variant folder and find its weights."""
     from .wan_transformer import WanTransformerConfig
-    from .worldstereo import VARIANTS, WorldStereoConfig
+    from .names import VARIANTS
+    from .worldstereo import WorldStereoConfig
 
     folder = Path(path).expanduser()
     if not folder.is_dir():

@@ -27,10 +27,7 @@ from .stereo_memory import (REF_INDEX_EMBEDDING_ROWS, CameraPoseEmbedding, Stere
                             StereoMemoryConfig, check_memory_inputs, stereo_rotary)
 from .wan_transformer import ModelConfigError, WanTransformer3DModel, WanTransformerConfig
 
-CAMERA_VARIANT = "worldstereo-camera"
-MEMORY_VARIANT = "worldstereo-memory"
-MEMORY_DMD_VARIANT = "worldstereo-memory-dmd"
-VARIANTS = (CAMERA_VARIANT, MEMORY_VARIANT, MEMORY_DMD_VARIANT)
+from .names import CAMERA_VARIANT, MEMORY_DMD_VARIANT, MEMORY_VARIANT, VARIANTS
 
 #: Latent channels of the rendered point cloud fed to the control branch (one VAE latent).
 RENDER_LATENT_CHANNELS = 16

@@ -15,7 +15,6 @@ from ..lazy import lazy_exports
 _EXPORTS = {
     "WorldStereoPipeline": "worldstereo",
     "PipelineOutput": "worldstereo",
-    "PipelineCancelled": "worldstereo",
     "SegmentConditions": "prep",
     "Reference": "prep",
     "prepare_conditions": "prep",

@@ -37,13 +37,12 @@ from typing import Any
 import torch
 
 from ...bridge.errors import KeyframeWorldsError
+from ..models.names import CLIP_PIXELS
 from ..models.weights import CheckpointError, PICKLE_SUFFIXES
 
 #: Text tokens of the context (the I2V cross-attention's fixed text length).
 TEXT_TOKENS = 512
 LATENT_COND_MODES = ("full_vae", "first_frame_only")
-#: How 8-bit pixels reach CLIP's normalisation: as 0-255 values (the released inference) or divided by 255.
-CLIP_PIXELS = ("uint8", "unit")
 COMPANION_FOLDERS = ("tokenizer", "text_encoder", "image_encoder", "image_processor", "vae", "scheduler")
 
 

@@ -21,7 +21,7 @@ Steps of one call (``__call__``), as in the reference pipelines:
    retrieved frames' keyframe latents as ``[latent | ones(4) | latent]``.
 5. Denoising from seeded Gaussian noise; after every step the callback gets
    ``(step, total)`` and ``should_cancel()`` is asked (a True answer raises
-   :class:`PipelineCancelled` before the next step starts).
+   :class:`~keyframe_worlds.bridge.jobs.JobCancelled` before the next step starts).
 6. Keyframe decoding (every latent frame on its own) to uint8 frames.
 
 Offload (``offload``): ``none`` keeps everything on the device; ``model``
@@ -42,9 +42,10 @@ from typing import Callable
 import torch
 
 from ...bridge.errors import KeyframeWorldsError
+from ...bridge.jobs import JobCancelled
 from ..models.dmd_scheduler import DMDScheduler, DMDSchedulerConfig
 from ..models.offload import OFFLOAD_MODES, enable_sequential_offload
-from ..models.worldstereo import CAMERA_VARIANT, MEMORY_DMD_VARIANT, MEMORY_VARIANT, VARIANTS
+from ..models.names import CAMERA_VARIANT, MEMORY_DMD_VARIANT, MEMORY_VARIANT, VARIANTS
 from .components import (CLIP_PIXELS, LATENT_COND_MODES, WanCompanions, condition_latent, encode_image, encode_prompt,
                          make_unipc, vae_decode_keyframes, vae_encode_keyframes)
 from .prep import SegmentConditions, check_generation_size, video_to_uint8
@@ -53,10 +54,6 @@ from .prep import SegmentConditions, check_generation_size, video_to_uint8
 DEFAULT_STEPS = {CAMERA_VARIANT: 40, MEMORY_VARIANT: 40}
 DEFAULT_GUIDANCE = 5.0
 MAX_STEPS = 1000
-
-
-class PipelineCancelled(KeyframeWorldsError):
-    """``should_cancel()`` answered True between two denoising steps."""
 
 
 @dataclass
@@ -281,7 +278,7 @@ class WorldStereoPipeline:
                 if callback is not None:
                     callback(i + 1, total)
                 if i + 1 < total and should_cancel is not None and should_cancel():
-                    raise PipelineCancelled(f"generation cancelled after step {i + 1} of {total}")
+                    raise JobCancelled(f"generation cancelled after step {i + 1} of {total}")
 
         # 6. Keyframe decoding [1, 3, F, H, W] -> (F, H, W, 3) uint8
         with self._on_device(comp.vae) as vae:

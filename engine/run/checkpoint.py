@@ -133,6 +133,14 @@ def _read_state(folder: Path) -> dict | None:
     return doc if isinstance(doc, dict) and doc.get("version") == CHECKPOINT_VERSION else None
 
 
+def describe(out_dir: str | os.PathLike, spec: JobSpec) -> str | None:
+    """``"24 of 96 frames done"`` when ``out_dir`` holds a checkpoint of this spec, else None."""
+    doc = _read_state(Path(out_dir) / CHECKPOINT_DIRNAME)
+    if doc is None or doc.get("spec") != spec_digest(spec):
+        return None
+    return f"{int(doc.get('done', 0))} of {sum(len(t) for t in spec.trajectories)} frames done"
+
+
 def load(out_dir: str | os.PathLike, spec: JobSpec, memory, history_type, candidate_type, frame_type):
     """The saved run of this spec in ``out_dir``, or None when there is none (or it belongs to another spec).
 

@@ -1,27 +1,90 @@
-"""Engine subcommands of ``keyframe-worlds``: ``run``. Torch is imported inside the handler."""
+"""``keyframe-worlds run`` (a job offline, resumable) and ``keyframe-worlds validate`` (a job or a bundle).
+
+``validate`` lives with the engine because it also runs each generator's own
+option check (``engine/generators/options.py``); neither it nor that check
+imports torch, so it stays fast and works without the engine's dependencies.
+Torch is imported inside ``run``'s handler.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import sys
+from pathlib import Path
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("run", help="run a job offline and write the result bundle")
+    p = subparsers.add_parser("validate", help="check a job spec (or result manifest) and print every problem")
+    p.add_argument("path", help="job.json, or a result bundle folder / manifest.json")
+    p.add_argument("--no-files", action="store_true", help="do not check that referenced files and folders exist")
+    p.add_argument("--json", action="store_true", help="print the problems as JSON")
+    p.set_defaults(handler=cmd_validate)
+
+    p = subparsers.add_parser("run", help="run a job offline and write the result bundle",
+                              description="Run a job offline. A checkpoint is written after every segment; "
+                              "an interrupted run continues with --resume, equal to an uninterrupted one file for file.")
     p.add_argument("job", help="job spec (job.json); relative paths in it are relative to its folder")
     p.add_argument("--out", required=True, help="bundle folder to write (created; an old manifest in it is removed first)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the interrupted run of this job that --out holds, from its last finished segment")
     p.add_argument("--device", default="auto", help="torch device: auto (CUDA when present), cpu, cuda, cuda:1 ...")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(handler=cmd_run)
 
 
+def job_problems(doc, base_dir: Path, check_files: bool = True) -> list:
+    """Every problem of a job spec: the bridge's validator, then the generator's own option check."""
+    from ...bridge.spec import validate_job
+    from ..generators.options import check_options
+
+    problems = validate_job(doc, base_dir=base_dir, check_files=check_files)
+    if isinstance(doc, dict) and isinstance(doc.get("generator"), str):
+        reported = {p.path for p in problems}
+        problems += [p for p in check_options(doc["generator"], doc.get("options", {}), check_paths=check_files)
+                     if p.path not in reported]
+    return problems
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from ...bridge.spec import MANIFEST_FILENAME, read_json, validate_manifest
+
+    path = Path(args.path)
+    if path.is_dir():
+        path = path / MANIFEST_FILENAME
+    doc = read_json(path, "document")
+    is_manifest = path.name == MANIFEST_FILENAME or (isinstance(doc, dict) and "job" in doc and "generator_label" in doc)
+    if is_manifest:
+        what = "result manifest"
+        problems = validate_manifest(doc, None if args.no_files else path.parent)
+    else:
+        what = "job spec"
+        problems = job_problems(doc, path.parent, check_files=not args.no_files)
+    if args.json:
+        print(json.dumps({"what": what, "valid": not problems, "problems": [p.to_json() for p in problems]}, indent=1))
+    elif problems:
+        print(f"{path}: {what} has {len(problems)} problem(s):", file=sys.stderr)
+        for problem in problems:
+            print(f"  {problem}", file=sys.stderr)
+    else:
+        print(f"{path}: valid {what}")
+    return 1 if problems else 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
-    from ...bridge.errors import KeyframeWorldsError
+    from ...bridge.errors import KeyframeWorldsError, ValidationError
+    from ...bridge.jobs import Progress, TerminalProgress
     from ...bridge.spec import load_job
+    from ..generators.options import check_options
 
     spec = load_job(args.job)
+    problems = check_options(spec.generator, spec.options)
+    if problems:
+        raise ValidationError(f"job spec {args.job}", problems)
     import torch
 
-    from .runner import ProgressReporter, TerminalProgress, run_job
+    from . import checkpoint
+    from .runner import run_job
 
     device = args.device
     if device == "auto":
@@ -32,8 +95,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise KeyframeWorldsError(f"--device: {exc}") from None
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise KeyframeWorldsError("--device cuda: no CUDA device is available to this torch build")
-    progress = ProgressReporter() if args.quiet else TerminalProgress()
-    manifest = run_job(spec, args.out, progress=progress, device=device)
+    saved = checkpoint.describe(args.out, spec)
+    if saved is not None and not args.resume:
+        raise KeyframeWorldsError(f"{args.out} holds an interrupted run of this job ({saved}): pass --resume to "
+                                  "continue it, or choose another --out (or delete the folder) to start over")
+    if args.resume and saved is None:
+        print(f"keyframe-worlds: {args.out} holds no interrupted run of this job: starting from the beginning",
+              file=sys.stderr)
+    progress = Progress() if args.quiet else TerminalProgress()
+    manifest = run_job(spec, args.out, progress=progress, device=device, resume=args.resume)
     frames = sum(len(t.frames) for t in manifest.trajectories)
     print(f"wrote {args.out}: {frames} frame(s) from {len(manifest.trajectories)} camera(s), "
           f"{manifest.point_count} points, {len(manifest.meshes)} mesh(es); {manifest.generator_label}")

@@ -1,18 +1,24 @@
 """Run a job: reference -> memory -> segments (render, retrieve, generate, depth, fuse) -> result bundle.
 
-``run_job`` is a plain function so the command line and the engine service
-call the same thing. Progress goes through a :class:`ProgressReporter`,
-which is also where cancellation is checked: between frames, a reporter
-whose ``cancelled()`` is true stops the job with :class:`JobCancelled`.
-Every file of the bundle is written atomically and the manifest last, so an
-interrupted job leaves complete files and no manifest.
+``run_job`` is a plain function so the command line and the engine's workers
+call the same thing. Progress goes through the bridge's
+:class:`~keyframe_worlds.bridge.jobs.Progress`, which is also where
+cancellation is checked: at every stage, frame and denoising step a cancelled
+job stops with :class:`~keyframe_worlds.bridge.jobs.JobCancelled`. Every file
+of the bundle is written atomically and the manifest last, so an interrupted
+job leaves complete files and no manifest; a checkpoint after every segment
+(``checkpoint``) lets the same spec resume there.
+
+Retrieval cadence: the reference and every ``generator.retrieval_every``-th
+frame of a trajectory (default ``RETRIEVAL_EVERY``; the ``worldstereo``
+generator's keyframe stride, so only frames it truly generated) are kept as
+candidates the spatial-stereo memory may show the generator later. This is
+the runner's own rule, independent of the bundle's ``output.mesh_every``, so an
+output setting never changes what is generated.
 """
 
 from __future__ import annotations
 
-import sys
-import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,95 +26,21 @@ import numpy as np
 import torch
 
 from ...bridge.errors import KeyframeWorldsError
+from ...bridge.jobs import Progress
 from ...bridge.spec import JobSpec, ResultManifest
 from ...bridge.trajectory import Trajectory
 from .bundle import BundleWriter
-from ..world.depth import DepthEstimator, MemoryDepthCompletion
 from ..generators import Generator, ReferenceFrame, SegmentRequest, get_generator
 from ..io.images import read_rgb
+from ..testing import faults
+from ..world.cameras import rescale_intrinsics_vec
+from ..world.depth import DepthEstimator, MemoryDepthCompletion
 from ..world.memory import PointMemory
 from ..world.retrieval import CandidateView, retrieve, target_samples
+from . import checkpoint
 
 DEFAULT_REFERENCE_DEPTH_M = 5.0
 RETRIEVAL_SCALE = 0.125  # candidate depth maps and target samples at 1/8 of the frame size
-
-
-class JobCancelled(KeyframeWorldsError):
-    """The job was cancelled through its progress reporter."""
-
-
-class ProgressReporter:
-    """Receives progress; says whether to stop. Subclass and override :meth:`report`
-    (and :meth:`report_denoise` to see the denoising steps within a segment).
-
-    stage: "reference", "memory", "generate", "export", "done".
-    done / total: frames (for "generate") or steps of the stage; frames count once final.
-    A ``cancel_event`` (threading.Event) set from another thread cancels the job.
-    """
-
-    def __init__(self, cancel_event: threading.Event | None = None):
-        self.cancel_event = cancel_event
-
-    def report(self, stage: str, done: int, total: int, message: str = "") -> None:
-        """Called at every step; the default does nothing."""
-
-    def cancelled(self) -> bool:
-        return self.cancel_event is not None and self.cancel_event.is_set()
-
-    def step(self, stage: str, done: int, total: int, message: str = "") -> None:
-        """Report, then stop the job if it was cancelled."""
-        self.report(stage, done, total, message)
-        self._stop_if_cancelled(stage, done, total)
-
-    def denoise(self, done: int, total: int, in_flight: float, step: int, steps: int, message: str = "") -> None:
-        """A denoising step of the segment being generated, then stop the job if it was cancelled.
-
-        done / total: frames finished / all frames (as in ``report``); step / steps: the step just
-        finished (1-based) of the segment's steps; in_flight: the segment's share of that work in
-        frames (segment frames x step / steps), for a progress fraction that moves between
-        segments. The default reports stage "generate" with the step in the message; override
-        :meth:`report_denoise` to show the fraction.
-        """
-        self.report_denoise(done, total, in_flight, step, steps, message)
-        self._stop_if_cancelled("generate", done, total, f", denoising step {step}/{steps}")
-
-    def report_denoise(self, done: int, total: int, in_flight: float, step: int, steps: int, message: str = "") -> None:
-        self.report("generate", done, total, f"{message} denoising step {step}/{steps}".strip())
-
-    def _stop_if_cancelled(self, stage: str, done: int, total: int, where: str = "") -> None:
-        if self.cancelled():
-            raise JobCancelled(f"job cancelled during {stage} ({done}/{total}{where})")
-
-
-class TerminalProgress(ProgressReporter):
-    """A one-line progress bar on stderr."""
-
-    def __init__(self, stream=None, width: int = 30, cancel_event: threading.Event | None = None):
-        super().__init__(cancel_event)
-        self.stream = stream or sys.stderr
-        self.width = width
-        self.start = time.perf_counter()
-        self._last_stage = None
-
-    def report(self, stage: str, done: int, total: int, message: str = "") -> None:
-        elapsed = time.perf_counter() - self.start
-        rate = f" {done / elapsed:5.1f} frames/s" if stage == "generate" and elapsed > 0 else ""
-        self._draw(stage, done / total if total else 1.0, f"{done}/{total}{rate} {message}")
-
-    def report_denoise(self, done: int, total: int, in_flight: float, step: int, steps: int, message: str = "") -> None:
-        fraction = (done + in_flight) / total if total else 1.0
-        self._draw("generate", fraction, f"{done}/{total} {message} step {step}/{steps}")
-
-    def _draw(self, stage: str, fraction: float, text: str) -> None:
-        filled = int(round(self.width * min(max(fraction, 0.0), 1.0)))
-        line = f"\r{stage:>9} [{'#' * filled}{'.' * (self.width - filled)}] {text}"
-        if self._last_stage not in (None, stage):
-            self.stream.write("\n")
-        self._last_stage = stage
-        self.stream.write(line[:160].ljust(100))
-        if stage == "done":
-            self.stream.write("\n")
-        self.stream.flush()
 
 
 @dataclass
@@ -184,16 +116,13 @@ def _candidate(key, rgb: torch.Tensor, depth: torch.Tensor, c2w, k, width: int, 
     w = max(int(round(width * RETRIEVAL_SCALE)), 1)
     h = max(int(round(height * RETRIEVAL_SCALE)), 1)
     small = torch.nn.functional.interpolate(depth[None, None].cpu().float(), size=(h, w), mode="nearest")[0, 0]
-    ks = k.clone()
-    ks[0::2] *= w / width
-    ks[1::2] *= h / height
-    return CandidateView(key, c2w, ks, w, h, small), ReferenceFrame(key, rgb.cpu(), depth.cpu(), c2w, k)
+    return CandidateView(key, c2w, rescale_intrinsics_vec(k, (width, height), (w, h)), w, h, small), ReferenceFrame(key, rgb.cpu(), depth.cpu(), c2w, k)
 
 
 def run_job(
     spec: JobSpec,
     out_dir: str | Path,
-    progress: ProgressReporter | None = None,
+    progress: Progress | None = None,
     device: str | torch.device = "cpu",
     generator: Generator | None = None,
     resume: bool = False,
@@ -201,20 +130,20 @@ def run_job(
 ) -> ResultManifest:
     """Run a validated job (reference paths absolute, see ``JobSpec.resolve``); write the bundle to ``out_dir``.
 
-    generator: an already built generator (e.g. one a service keeps loaded);
-    default: the one the job names, built from its options.
+    generator: an already built generator (e.g. the one a worker keeps warm);
+    default: the one the job names, built from its options on ``device``.
     depth_estimator: depth for frames whose generator gives none (default:
     :class:`MemoryDepthCompletion`; a learned estimator plugs in here).
     resume: continue from the checkpoint an interrupted run of the same spec left in
     ``out_dir``. A checkpoint is written after every segment either way
-    (``engine/service/checkpoint.py``) and removed when the bundle is complete.
+    (``checkpoint``) and removed when the bundle is complete.
     """
-    progress = progress or ProgressReporter()
+    progress = progress or Progress()
     device = torch.device(device)
-    generator = generator or get_generator(spec.generator, spec.options)
+    generator = generator or get_generator(spec.generator, spec.options, device)
     total = sum(len(t) for t in spec.trajectories)
 
-    progress.step("reference", 0, 1, "reading the reference")
+    progress.stage("reference", "reading the reference")
     ref_traj, ref_index, ref_rgb_np, ref_depth_np = load_reference(spec)
     ref_c2w, ref_k = _camera(ref_traj, ref_index)
     ref_conf = 1.0
@@ -222,7 +151,7 @@ def run_job(
         # No depth: a fronto-parallel plane, honest but flat; trusted little.
         ref_depth_np = np.full((ref_traj.height, ref_traj.width), float(spec.options.get("reference_depth_m", DEFAULT_REFERENCE_DEPTH_M)), np.float32)
         ref_conf = 0.3
-    progress.step("memory", 0, 1, "lifting the reference")
+    progress.stage("memory", "lifting the reference")
     memory = PointMemory(device=device, max_points=spec.output.point_budget)
     ref_rgb = torch.from_numpy(ref_rgb_np).to(device)
     ref_depth = torch.from_numpy(ref_depth_np).to(device)
@@ -230,15 +159,14 @@ def run_job(
     add_backdrop(memory, ref_rgb, ref_depth, ref_c2w, ref_k)
     cand, frame = _candidate((ref_traj.name, int(ref_traj.frames[ref_index])), ref_rgb, ref_depth, ref_c2w, ref_k, ref_traj.width, ref_traj.height)
     history = _History([cand], [frame])
-    progress.step("memory", 1, 1, f"{len(memory)} points")
+    progress.stage("memory", f"{len(memory)} points", done=1, total=1)
 
     bundle = BundleWriter(out_dir, spec.name, generator.name, generator.label, spec.seed)
     estimator = depth_estimator or MemoryDepthCompletion()
     done = 0
     global_index = 1
-    every = spec.output.keyframe_every
-    from . import checkpoint
-
+    mesh_every = spec.output.mesh_every
+    retrieval_every = generator.retrieval_every
     restored = None
     if resume:
         resumed_memory = PointMemory(device=device, max_points=spec.output.point_budget)
@@ -247,7 +175,8 @@ def run_job(
         saved, history = restored
         memory, done, global_index = resumed_memory, saved.done, saved.global_index
         bundle.resume(saved.finished, saved.finished_meshes)
-        progress.step("generate", done, total, f"resuming after {done} finished frames")
+        progress.log(f"resuming from the checkpoint: {done} of {total} frames were finished")
+        progress.frames(done, total, f"resuming after {done} finished frames")
     for traj_index, traj in enumerate(spec.trajectories):
         if restored is not None and traj_index < saved.trajectory:
             continue
@@ -272,11 +201,12 @@ def run_job(
                     request.pairs = picked.pairs
 
                 def on_frame(i: int, _start=start) -> None:
-                    progress.step("generate", done + i + 1, total, f"{traj.name} frame {int(traj.frames[_start + i])}")
+                    progress.frames(done + i + 1, total, f"{traj.name} frame {int(traj.frames[_start + i])}")
+                    faults.at_frames(done + i + 1)
 
                 def on_step(step: int, steps: int, _count=stop - start,
                             _span=f"{traj.name} frames {int(traj.frames[start])}-{int(traj.frames[stop - 1])}") -> None:
-                    progress.denoise(done, total, _count * step / steps, step, steps, _span)
+                    progress.frames(done, total, _span, in_flight=_count * step / steps, step=step, steps=steps)
 
                 result = generator.generate(request, on_frame, on_step=on_step)
                 depth = result.depth or estimator.estimate(result.rgb, rendered)
@@ -288,8 +218,9 @@ def run_job(
                     rgb_np = result.rgb[t].cpu().numpy()
                     depth_np = depth.depth_z_m[t].cpu().numpy()
                     output.write_frame(i, rgb_np, depth_np)
-                    if i % every == 0:
+                    if i % mesh_every == 0:
                         output.write_mesh(i, depth_np, spec.output.mesh_stride)
+                    if i % retrieval_every == 0:
                         cand, frame = _candidate((traj.name, int(traj.frames[i])), result.rgb[t], depth.depth_z_m[t], c2w[t], intr[t], traj.width, traj.height)
                         history.candidates.append(cand)
                         history.frames.append(frame)
@@ -298,17 +229,18 @@ def run_job(
                 output.flush()  # the checkpoint may only list frames whose files exist
                 checkpoint.save(out_dir, spec, checkpoint.RunState(traj_index, stop, done, global_index, list(bundle.trajectories),
                                                                    output.frames, output.meshes, list(bundle.meshes)), memory, history)
+                faults.after_checkpoint()
         except BaseException:
             output.abort()
             raise
         bundle.add(output)
 
-    progress.step("export", 0, 1, f"point cloud, {len(memory)} points")
+    progress.stage("export", f"point cloud, {len(memory)} points")
     bundle.write_point_cloud(
         memory.positions_world.cpu().numpy(), memory.colors.cpu().numpy(),
         memory.confidence.cpu().numpy(), memory.frame_index.cpu().numpy(),
     )
     manifest = bundle.finish()
     checkpoint.remove(out_dir)
-    progress.step("done", total, total, f"{total} frames -> {out_dir}")
+    progress.stage("done", f"{total} frames -> {out_dir}", done=total, total=total)
     return manifest

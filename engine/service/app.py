@@ -7,7 +7,9 @@ Routes (all under ``/v1``; every one but ``health`` needs ``Authorization: Beare
                                      or a JSON spec with local paths (loopback clients only)
     GET  /jobs                       every job, oldest first
     GET  /jobs/{id}                  state, stage, progress, frames done, time left, error
-    POST /jobs/{id}/cancel           cancel (pending: at once; running: at its next progress check)
+    POST /jobs/{id}/cancel           cancel (pending: at once; running: at its next progress check, or its
+                                     worker process is ended within seconds)
+    POST /jobs/{id}/retry            queue a failed or cancelled job again; it resumes from its checkpoint
     GET  /jobs/{id}/manifest         the result manifest of a completed job
     GET  /jobs/{id}/files/{path}     a file of the result bundle (path relative to the bundle)
     GET  /jobs/{id}/log              the job's log
@@ -29,12 +31,13 @@ from typing import Any, Callable
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, create_model
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ... import __version__
 from ...bridge.errors import KeyframeWorldsError, Problem, ValidationError
+from ...bridge.jobs import STATUS_FIELD_DOCS, JobState, JobStatus
 from ...bridge.spec import MANIFEST_FILENAME, validate_job
 from .jobs import (
     JOB_ID_PATTERN,
@@ -85,27 +88,22 @@ class ErrorModel(BaseModel):
     problems: list[ProblemModel] = Field(default_factory=list)
 
 
-class JobStatusModel(BaseModel):
-    id: str
-    seq: int = Field(description="submission order")
-    name: str
-    generator: str
-    state: str = Field(description="pending, running, completed, failed or cancelled")
-    stage: str
-    progress: float = Field(ge=0.0, le=1.0)
-    frames_done: int
-    frames_total: int
-    step: int | None = Field(default=None, description="denoising step (1-based) of the segment being generated; "
-                                                       "null when the generator does not denoise or between segments")
-    steps: int | None = Field(default=None, description="denoising steps of that segment")
-    eta_s: float | None = Field(description="estimated seconds left; null until it can be estimated")
-    error: str | None
-    created: float
-    started: float | None
-    finished: float | None
-    device: str | None
-    attempts: int = Field(description="times a worker started the job; above 1 after a resume")
-    queue_position: int | None = Field(default=None, description="0 = next to run; null when not pending")
+def _status_model() -> type[BaseModel]:
+    """The OpenAPI schema of a job status, generated from the one definition, ``bridge.jobs.JobStatus``."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(JobStatus)
+    columns: dict[str, Any] = {}
+    for f in dataclasses.fields(JobStatus):
+        kind = str if f.name == "state" else hints[f.name]  # the state travels as its word
+        extra = {"ge": 0.0, "le": 1.0} if f.name == "progress" else {}
+        default = ... if f.default is dataclasses.MISSING else (f.default.value if f.name == "state" else f.default)
+        columns[f.name] = (kind, Field(default=default, description=STATUS_FIELD_DOCS[f.name], **extra))
+    return create_model("JobStatusModel", **columns)
+
+
+JobStatusModel = _status_model()
 
 
 class JobListModel(BaseModel):
@@ -119,6 +117,15 @@ class GpuMemoryModel(BaseModel):
     total_bytes: int
 
 
+class WorkerModel(BaseModel):
+    device: str
+    pid: int | None = Field(description="the worker process; null while it is down")
+    state: str = Field(description="starting, idle, busy or dead")
+    model: str | None = Field(description="the warm model it keeps loaded between jobs, if any")
+    loads: int = Field(description="models it has loaded with weights since it started")
+    restarts: int = Field(description="times it was restarted after dying or being ended")
+
+
 class HealthModel(BaseModel):
     status: str
     version: str
@@ -128,6 +135,7 @@ class HealthModel(BaseModel):
     gpu_memory: list[GpuMemoryModel]
     queue_size: int
     jobs: dict[str, int]
+    workers: list[WorkerModel] = Field(description="one worker process per device")
 
 
 # --- the app -----------------------------------------------------------------------------
@@ -252,9 +260,7 @@ def create_app(manager: JobManager, settings: AppSettings) -> FastAPI:
             status = manager.get(job_id)
         except JobNotFound as exc:
             raise ApiError(404, str(exc)) from None
-        doc = status.to_json()
-        doc["queue_position"] = manager.queue_position(job_id)
-        return doc
+        return status.to_json()
 
     # --- health ---------------------------------------------------------------------------
 
@@ -269,6 +275,7 @@ def create_app(manager: JobManager, settings: AppSettings) -> FastAPI:
             "gpu_memory": settings.gpu_memory(),
             "queue_size": manager.queue_size,
             "jobs": manager.counts(),
+            "workers": manager.worker_info(),
         }
 
     api = APIRouter(prefix=API_PREFIX, dependencies=[Depends(require_token)],
@@ -334,9 +341,7 @@ def create_app(manager: JobManager, settings: AppSettings) -> FastAPI:
             raise ApiError(503, str(exc)) from None
         except KeyframeWorldsError as exc:
             raise ApiError(400, str(exc)) from None
-        doc = status.to_json()
-        doc["queue_position"] = manager.queue_position(status.id)
-        return JSONResponse(doc, status_code=201, headers={"Location": f"{API_PREFIX}/jobs/{status.id}"})
+        return JSONResponse(manager.get(status.id).to_json(), status_code=201, headers={"Location": f"{API_PREFIX}/jobs/{status.id}"})
 
     async def _json_submission(request: Request) -> tuple[dict, dict]:
         if not is_loopback_client(request):
@@ -395,12 +400,7 @@ def create_app(manager: JobManager, settings: AppSettings) -> FastAPI:
 
     @api.get("/jobs", response_model=JobListModel, tags=["jobs"], summary="Every job, oldest first")
     async def list_jobs() -> dict:  # in-memory reads under a short lock: no thread hop
-        jobs = []
-        for status in manager.list():
-            doc = status.to_json()
-            doc["queue_position"] = manager.queue_position(status.id)
-            jobs.append(doc)
-        return {"jobs": jobs}
+        return {"jobs": [status.to_json() for status in manager.list()]}
 
     not_found = {404: {"model": ErrorModel, "description": "no such job"}}
 
@@ -420,12 +420,27 @@ def create_app(manager: JobManager, settings: AppSettings) -> FastAPI:
             raise ApiError(409, str(exc)) from None
         return status_of(job_id)
 
+    @api.post("/jobs/{job_id}/retry", response_model=JobStatusModel, tags=["jobs"], summary="Queue a failed or cancelled job again",
+              description="It resumes from its last finished segment (the job's checkpoint).",
+              responses={**not_found, 409: {"model": ErrorModel, "description": "the job is not failed or cancelled"},
+                         429: {"model": ErrorModel, "description": "the queue is full"}})
+    def retry_job(job_id: str) -> dict:
+        try:
+            manager.retry(job_id_checked(job_id))
+        except JobNotFound as exc:
+            raise ApiError(404, str(exc)) from None
+        except QueueFull as exc:
+            raise ApiError(429, str(exc), headers={"Retry-After": "5"}) from None
+        except JobConflict as exc:
+            raise ApiError(409, str(exc)) from None
+        return status_of(job_id)
+
     @api.get("/jobs/{job_id}/manifest", tags=["jobs"], summary="The result manifest of a completed job",
              responses={200: {"description": "result manifest v1 (bridge/spec.py)", "content": {"application/json": {"schema": {"type": "object"}}}},
                         **not_found, 409: {"model": ErrorModel, "description": "the job has not completed"}})
     def get_manifest(job_id: str) -> JSONResponse:
         status = status_of(job_id_checked(job_id))
-        if status["state"] != "completed":
+        if status["state"] != JobState.COMPLETED:
             raise ApiError(409, f"job {job_id} is {status['state']}; its manifest exists once it has completed")
         path = manager.folder(job_id) / OUTPUT_DIRNAME / MANIFEST_FILENAME
         try:

@@ -1,4 +1,4 @@
-"""Jobs on disk, the FIFO queue, and one worker thread per device.
+"""Jobs on disk, the FIFO queue, and one worker process per device.
 
 Every job lives in its own folder under the job root::
 
@@ -15,9 +15,11 @@ manager reads every folder back: finished jobs are listed as they were, and
 jobs that were pending or running are queued again in their original order;
 the runner then resumes them from their last finished segment.
 
-The HTTP side only calls ``submit``/``get``/``list``/``cancel``; the worker
-threads run jobs. Progress reaches the manager through :class:`JobProgress`,
-which is also where cancellation and engine shutdown are checked.
+The HTTP side only calls ``submit``/``get``/``list``/``cancel``/``retry``. Jobs
+run in worker processes (``workers.py``, ``worker.py``), one per device; a
+thread per device here hands each job to its worker, turns the worker's
+progress events into the job's status, forwards a cancel, ends a worker that
+does not stop within ``CANCEL_GRACE_S`` of it, and restarts a worker that died.
 """
 
 from __future__ import annotations
@@ -31,16 +33,16 @@ import secrets
 import shutil
 import threading
 import time
-import traceback
 from collections import deque
-from dataclasses import asdict, dataclass, field
-from enum import Enum
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from ...bridge.atomic import TEMPORARY_GLOB
 from ...bridge.errors import KeyframeWorldsError, Problem, ValidationError
+from ...bridge.jobs import FINISHED_STAGE, QUEUED_STAGE, STAGE_WORDS, STARTING_STAGE, JobState, JobStatus, ProgressEvent
 from ...bridge.spec import validate_job, write_json_atomic
+from .workers import WorkerGone, WorkerHandle
 
 log = logging.getLogger("keyframe_worlds.service")
 
@@ -52,18 +54,10 @@ OUTPUT_DIRNAME = "out"
 JOB_ID_PATTERN = re.compile(r"^j[0-9]{8}-[0-9a-f]{8}$")
 # How often progress alone (no state change) is written to status.json.
 STATUS_WRITE_INTERVAL_S = 0.25
-
-
-class JobState(str, Enum):
-    PENDING = "pending"
-    RUNNING = "running"
-    COMPLETED = "completed"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-
-    @property
-    def finished(self) -> bool:
-        return self in (JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED)
+#: Seconds a running job has to stop after a cancel before its worker process is ended (and restarted).
+CANCEL_GRACE_S = 3.0
+#: Seconds a running job has to stop when the engine shuts down before its worker is ended.
+STOP_GRACE_S = 3.0
 
 
 class QueueFull(KeyframeWorldsError):
@@ -80,60 +74,6 @@ class JobNotFound(KeyframeWorldsError):
 
 class JobConflict(KeyframeWorldsError):
     """The request does not fit the job's state (e.g. cancelling a finished job)."""
-
-
-class JobCancelled(Exception):
-    """Raised from a progress check when the job was cancelled."""
-
-
-class EngineStopping(Exception):
-    """Raised from a progress check when the engine shuts down: the job stays queued and resumes at the next start."""
-
-
-@dataclass
-class JobStatus:
-    """What ``GET /v1/jobs/{id}`` answers; also the content of ``status.json``.
-
-    progress is 0-1 over the frames of all trajectories, including the part of
-    the segment being denoised that is done; frames_done counts final frames;
-    step / steps the denoising step of that segment (None when the generator
-    does not denoise); eta_s the estimated seconds left (None until the rate
-    is known); times are Unix seconds.
-    """
-
-    id: str
-    seq: int
-    name: str
-    generator: str
-    state: JobState = JobState.PENDING
-    stage: str = "queued"
-    progress: float = 0.0
-    frames_done: int = 0
-    frames_total: int = 0
-    step: int | None = None  # denoising step (1-based) of the segment being generated; None when not denoising
-    steps: int | None = None
-    eta_s: float | None = None
-    error: str | None = None
-    created: float = 0.0
-    started: float | None = None
-    finished: float | None = None
-    device: str | None = None
-    attempts: int = 0  # how many times a worker started it (> 1: it was resumed after an engine restart)
-
-    def to_json(self) -> dict:
-        doc = asdict(self)
-        doc["state"] = self.state.value
-        return doc
-
-    @classmethod
-    def from_json(cls, doc: dict) -> "JobStatus":
-        known = {f for f in cls.__dataclass_fields__}
-        values = {k: v for k, v in doc.items() if k in known}
-        values["state"] = JobState(values.get("state", "pending"))
-        return cls(**values)
-
-    def copy(self) -> "JobStatus":
-        return JobStatus(**{**asdict(self), "state": self.state})
 
 
 def new_job_id() -> str:
@@ -202,60 +142,6 @@ def remove_temporary_files(folder: Path) -> int:
     return count
 
 
-# The runner: (spec_path, out_dir, progress, device) -> None. It writes the bundle into out_dir,
-# skipping segments an earlier attempt finished, and raises KeyframeWorldsError on bad input.
-Runner = Callable[[Path, Path, "JobProgress", str], None]
-
-
-class JobProgress:
-    """The one progress interface a running job reports through; ``check`` is where cancel takes effect.
-
-    The runner calls ``stage(name)`` when it moves to a new stage and
-    ``frames(done, total)`` as frames finish; both call ``check``. A cancelled
-    job raises :class:`JobCancelled` there, an engine shutting down raises
-    :class:`EngineStopping`.
-    """
-
-    def __init__(self, manager: "JobManager", job_id: str, cancel: threading.Event):
-        self._manager = manager
-        self.job_id = job_id
-        self._cancel = cancel
-        self._first_frame_time: float | None = None
-        self._first_frame_done = 0
-
-    def check(self) -> None:
-        if self._cancel.is_set():
-            raise JobCancelled()
-        if self._manager.stopping.is_set():
-            raise EngineStopping()
-
-    def stage(self, name: str) -> None:
-        self._manager._update(self.job_id, stage=str(name))
-        self.check()
-
-    def frames(self, done: int, total: int, in_flight: float = 0.0, step: int | None = None,
-               steps: int | None = None) -> None:
-        """``done`` of ``total`` frames are final; ``in_flight``: frames' worth of work done on the segment
-        being generated (see ``ProgressReporter.denoise``), at denoising ``step`` of ``steps`` (None: not denoising)."""
-        now = time.monotonic()
-        done, total = int(done), int(total)
-        work = done + max(0.0, float(in_flight))  # in frames; what progress and the rate are measured in
-        eta = None
-        if self._first_frame_time is None:
-            # Work done before this attempt (a resume) does not count towards the rate.
-            self._first_frame_time, self._first_frame_done = now, work
-        elif work > self._first_frame_done:
-            rate = (now - self._first_frame_time) / (work - self._first_frame_done)
-            eta = max(0.0, rate * (total - work))
-        progress = min(1.0, work / total) if total > 0 else 0.0
-        self._manager._update(self.job_id, frames_done=done, frames_total=total, progress=progress, eta_s=eta,
-                              step=None if steps is None else int(step), steps=None if steps is None else int(steps))
-        self.check()
-
-    def log(self, message: str) -> None:
-        self._manager.log(self.job_id, message)
-
-
 @dataclass
 class _Job:
     status: JobStatus
@@ -263,19 +149,22 @@ class _Job:
     cancel: threading.Event = field(default_factory=threading.Event)
     last_write: float = 0.0
     write_lock: threading.Lock = field(default_factory=threading.Lock)
+    # rate of this attempt, for the time left: when the first frame report came, and the work done then
+    first_report: float | None = None
+    first_work: float = 0.0
 
 
 class JobManager:
-    """The jobs of one job root: folders, FIFO queue, and one worker per device.
+    """The jobs of one job root: folders, FIFO queue, and one worker process per device.
 
-    ``devices``: one worker thread each ("cuda:0", "cpu", ...). ``queue_size``:
-    most pending jobs; ``submit`` raises :class:`QueueFull` beyond it.
+    ``devices``: one worker each ("cuda:0", "cpu", ...). ``queue_size``: most
+    pending jobs; ``submit`` raises :class:`QueueFull` beyond it. Nothing runs
+    until :meth:`start`.
     """
 
-    def __init__(self, job_root: str | os.PathLike, runner: Runner, devices: list[str], queue_size: int = 32):
+    def __init__(self, job_root: str | os.PathLike, devices: list[str], queue_size: int = 32):
         self.root = Path(job_root)
         self.root.mkdir(parents=True, exist_ok=True)
-        self.runner = runner
         self.devices = list(devices) or ["cpu"]
         self.queue_size = int(queue_size)
         self.stopping = threading.Event()
@@ -285,6 +174,7 @@ class JobManager:
         self._pending: deque[str] = deque()
         self._seq = 0
         self._threads: list[threading.Thread] = []
+        self.workers = [WorkerHandle(device, str(self.root)) for device in self.devices]
         self._load()
 
     # --- start-up -------------------------------------------------------------
@@ -310,14 +200,16 @@ class JobManager:
             self._jobs[job.status.id] = job
             self._seq = max(self._seq, job.status.seq)
             if not job.status.state.finished:
-                job.status.state, job.status.stage, job.status.eta_s = JobState.PENDING, "queued (resumes after engine restart)", None
+                job.status.state, job.status.stage, job.status.eta_s = JobState.PENDING, f"{QUEUED_STAGE} (resumes after engine restart)", None
                 self._pending.append(job.status.id)
                 self.log(job.status.id, "engine restarted: job queued again; it resumes from its last finished segment")
                 self._write_status(job)
 
     def start(self) -> None:
-        for device in self.devices:
-            thread = threading.Thread(target=self._work, args=(device,), name=f"worker-{device}", daemon=True)
+        """Start every worker process and the thread that supervises it."""
+        for worker in self.workers:
+            worker.start()
+            thread = threading.Thread(target=self._work, args=(worker,), name=f"supervise-{worker.device}", daemon=True)
             thread.start()
             self._threads.append(thread)
 
@@ -329,6 +221,11 @@ class JobManager:
         deadline = time.monotonic() + timeout
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
+        for worker in self.workers:
+            worker.kill()
+
+    def worker_info(self) -> list[dict]:
+        return [w.info().to_json() for w in self.workers]
 
     # --- the HTTP side ----------------------------------------------------------
 
@@ -391,11 +288,18 @@ class JobManager:
             job = self._jobs.get(job_id)
             if job is None:
                 raise JobNotFound(f"no job {job_id!r}")
-            return job.status.copy()
+            return job.status.copy(queue_position=self._position(job_id))
 
     def list(self) -> list[JobStatus]:
         with self._lock:
-            return [j.status.copy() for j in sorted(self._jobs.values(), key=lambda j: j.status.seq)]
+            return [j.status.copy(queue_position=self._position(j.status.id))
+                    for j in sorted(self._jobs.values(), key=lambda j: j.status.seq)]
+
+    def _position(self, job_id: str) -> int | None:
+        try:
+            return self._pending.index(job_id)
+        except ValueError:
+            return None
 
     def folder(self, job_id: str) -> Path:
         with self._lock:
@@ -406,10 +310,7 @@ class JobManager:
 
     def queue_position(self, job_id: str) -> int | None:
         with self._lock:
-            try:
-                return self._pending.index(job_id)
-            except ValueError:
-                return None
+            return self._position(job_id)
 
     def cancel(self, job_id: str) -> JobStatus:
         """Cancel a pending job at once, a running one at its next progress check. Finished segments stay on disk."""
@@ -423,11 +324,34 @@ class JobManager:
             job.cancel.set()
             if state is JobState.PENDING:
                 self._pending.remove(job_id)
-                job.status.state, job.status.stage = JobState.CANCELLED, "cancelled"
+                job.status.state, job.status.stage = JobState.CANCELLED, FINISHED_STAGE[JobState.CANCELLED]
                 job.status.finished, job.status.eta_s = time.time(), None
                 self._write_status(job)
             snapshot = job.status.copy()
         self.log(job_id, "cancel requested" if state is JobState.RUNNING else "cancelled while queued")
+        return snapshot
+
+    def retry(self, job_id: str) -> JobStatus:
+        """Queue a failed or cancelled job again; it resumes from its last finished segment."""
+        with self._lock:
+            job = self._jobs.get(job_id)
+            if job is None:
+                raise JobNotFound(f"no job {job_id!r}")
+            state = job.status.state
+            if state not in (JobState.FAILED, JobState.CANCELLED):
+                raise JobConflict(f"job {job_id} is {state.value}: only a failed or cancelled job can be retried")
+            if self.stopping.is_set():
+                raise JobConflict("the engine is shutting down")
+            if len(self._pending) >= self.queue_size:
+                raise QueueFull(f"the queue is full ({self.queue_size} jobs waiting); try again when one has started")
+            job.cancel = threading.Event()
+            s = job.status
+            s.state, s.stage, s.error, s.finished, s.eta_s = JobState.PENDING, f"{QUEUED_STAGE} (retry)", None, None, None
+            self._pending.append(job_id)
+            self._write_status(job)
+            self._wake.notify()
+            snapshot = s.copy()
+        self.log(job_id, f"retry requested after it {state.value}: queued again, it resumes from its last finished segment")
         return snapshot
 
     def counts(self) -> dict[str, int]:
@@ -490,44 +414,60 @@ class JobManager:
             if self.stopping.is_set():
                 return None
             job = self._jobs[self._pending.popleft()]
-            job.status.state, job.status.stage = JobState.RUNNING, "starting"
+            job.status.state, job.status.stage = JobState.RUNNING, STARTING_STAGE
             job.status.started = job.status.started or time.time()
             job.status.attempts += 1
+            job.first_report, job.first_work = None, 0.0
             self._write_status(job)
             return job
 
-    def _work(self, device: str) -> None:
+    def _work(self, worker: WorkerHandle) -> None:
+        """The supervising thread of one worker: jobs in, status out, until the engine stops."""
+        try:
+            worker.wait_ready()
+        except WorkerGone as exc:
+            log.error("%s", exc)
         while True:
             job = self._next()
             if job is None:
+                worker.shutdown()
                 return
             with self._lock:
-                job.status.device = device
-            self._run(job, device)
+                job.status.device = worker.device
+            self._run(job, worker)
 
-    def _run(self, job: _Job, device: str) -> None:
+    def _run(self, job: _Job, worker: WorkerHandle) -> None:
         job_id = job.status.id
-        progress = JobProgress(self, job_id, job.cancel)
         out_dir = job.folder / OUTPUT_DIRNAME
-        attempt = job.status.attempts
-        self.log(job_id, f"running on {device} (attempt {attempt})")
-        state, error, trace = JobState.COMPLETED, None, ""
+        self.log(job_id, f"running on the worker for {worker.device} (attempt {job.status.attempts})")
+        outcome, error, trace = "failed", None, ""
         try:
             out_dir.mkdir(exist_ok=True)
             # A killed earlier attempt may have left half-written temporary files; nothing else writes here now.
             removed = remove_temporary_files(job.folder)
             if removed:
                 self.log(job_id, f"removed {removed} temporary file(s) an interrupted attempt left")
-            self.runner(job.folder / SPEC_FILENAME, out_dir, progress, device)
-        except JobCancelled:
-            state = JobState.CANCELLED
-        except EngineStopping:
+            worker.ensure_started()
+            worker.cancel.clear()
+            worker.stop.clear()
+            worker.send(("run", job_id, str(job.folder / SPEC_FILENAME), str(out_dir)))
+            worker.set_state("busy")
+            outcome, error, trace = self._supervise(job, worker)
+        except WorkerGone as exc:
+            outcome = "failed"
+            error = (f"{exc} while running this job; the worker was restarted. Finished segments are kept: "
+                     f"retry the job (POST /v1/jobs/{job_id}/retry) to resume from them")
+            self._restart(worker)
+        except OSError as exc:
+            outcome, error = "failed", failure_message(exc, out_dir)
+        if worker.alive():
+            worker.set_state("idle")
+        if outcome == "interrupted":
             # Not a failure: the status stays "running" on disk and the next start resumes the job.
             self.log(job_id, "engine stopping: job interrupted, it resumes at the next start")
             remove_temporary_files(job.folder)
             return
-        except Exception as exc:  # a bug in a generator must fail the job, not the worker
-            state, error, trace = JobState.FAILED, failure_message(exc, out_dir), traceback.format_exc()
+        state = JobState(outcome)
         if state is not JobState.COMPLETED:
             self.log(job_id, f"{state.value}: {error or ''}\n{trace}".rstrip())
             removed = remove_temporary_files(job.folder)
@@ -538,10 +478,74 @@ class JobManager:
         with self._lock:
             s = job.status
             s.state, s.error, s.finished, s.eta_s, s.step, s.steps = state, error, time.time(), None, None, None
-            s.stage = {"completed": "done", "cancelled": "cancelled", "failed": "failed"}[state.value]
+            s.stage = FINISHED_STAGE[state]
             if state is JobState.COMPLETED:
                 s.progress, s.frames_done = 1.0, s.frames_total
             self._write_status(job)
+
+    def _supervise(self, job: _Job, worker: WorkerHandle) -> tuple[str, str | None, str]:
+        """Relay the worker's messages for ``job`` until it finishes; end the worker if a cancel or a stop
+        is not honoured in time. Returns (outcome, error, traceback)."""
+        job_id = job.status.id
+        deadline: float | None = None
+        while True:
+            if deadline is None and job.cancel.is_set():
+                worker.cancel.set()
+                deadline = time.monotonic() + CANCEL_GRACE_S
+            elif deadline is None and self.stopping.is_set():
+                worker.stop.set()
+                deadline = time.monotonic() + STOP_GRACE_S
+            if deadline is not None and time.monotonic() > deadline:
+                cancelled = job.cancel.is_set()
+                worker.kill()
+                self._restart(worker)
+                if cancelled:
+                    return "cancelled", (f"the job did not stop within {CANCEL_GRACE_S:.0f} s of the cancel: its worker "
+                                         f"process was ended and restarted (finished segments are kept)"), ""
+                return "interrupted", None, ""
+            message = worker.receive(0.05 if deadline is not None else 0.25)
+            if message is None:
+                continue
+            kind = message[0]
+            if kind == "finished" and message[1] == job_id:
+                return message[2], message[3], message[4]
+            if kind == "event" and message[1] == job_id:
+                self._progress(job, message[2])
+            elif kind == "log" and message[1] == job_id:
+                self.log(job_id, message[2])
+            elif kind == "device" and message[1] == job_id:
+                with self._lock:
+                    job.status.device = message[2]
+                self.log(job_id, f"the generator runs on {message[2]}")
+
+    def _restart(self, worker: WorkerHandle) -> None:
+        """Start a fresh worker for the next job (unless the engine is stopping)."""
+        if self.stopping.is_set():
+            return
+        try:
+            worker.start()
+            log.warning("restarted the worker process for %s", worker.device)
+        except OSError as exc:
+            log.error("cannot restart the worker process for %s: %s", worker.device, exc)
+
+    def _progress(self, job: _Job, event: ProgressEvent) -> None:
+        """A progress event from the worker -> the job's status (stage words, frames, step, time left)."""
+        changes: dict[str, Any] = {"stage": STAGE_WORDS.get(event.stage, event.stage)}
+        if event.stage == "generate":
+            now = time.monotonic()
+            work = event.done + max(0.0, event.in_flight)  # in frames; what progress and the rate are measured in
+            eta = None
+            if job.first_report is None:
+                # Work done before this attempt (a resume) does not count towards the rate.
+                job.first_report, job.first_work = now, work
+            elif work > job.first_work:
+                rate = (now - job.first_report) / (work - job.first_work)
+                eta = max(0.0, rate * (event.total - work))
+            changes.update(frames_done=event.done, frames_total=event.total, progress=event.fraction, eta_s=eta,
+                           step=event.step, steps=event.steps)
+        elif event.message and changes["stage"] != job.status.stage:
+            self.log(job.status.id, f"{event.stage}: {event.message}")
+        self._update(job.status.id, **changes)
 
 
 def problems_json(problems: list[Problem]) -> list[dict]:

@@ -21,7 +21,7 @@ def openapi_document() -> dict:
     from .jobs import JobManager
 
     with tempfile.TemporaryDirectory() as root:
-        manager = JobManager(root, runner=lambda *a: None, devices=["cpu"])
+        manager = JobManager(root, devices=["cpu"])
         return create_app(manager, AppSettings(token="x" * 32)).openapi()
 
 

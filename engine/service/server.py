@@ -128,7 +128,7 @@ def serve(config: ServiceConfig) -> int:
     import uvicorn
 
     from .app import AppSettings, create_app
-    from .execute import check_options, run_spec
+    from ..generators.options import check_options
     from .jobs import JobManager
     from .watchdog import watch_parent
 
@@ -143,7 +143,7 @@ def serve(config: ServiceConfig) -> int:
 
     if install_from_environment(config.job_root):
         log.warning("fault injection on: the job root behaves as a full disk after a number of writes (tests only)")
-    manager = JobManager(config.job_root, run_spec, devices, config.queue_size)
+    manager = JobManager(config.job_root, devices, config.queue_size)
     settings = AppSettings(token=config.token, max_body_bytes=config.max_body_bytes,
                            generators=available_generators(), gpu_memory=gpu_memory,
                            check_options=check_options)

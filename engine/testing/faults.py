@@ -1,4 +1,6 @@
-"""Fault injection for tests where a real full disk cannot be made (no root for a small tmpfs).
+"""Fault injection the engine honours from its environment, for failures a test cannot cause otherwise.
+
+Off unless a variable below is set. Full disk:
 
 ``KEYFRAME_WORLDS_FAULT_DISK_FULL_AFTER_WRITES=N`` in the engine's environment:
 after N files opened for writing under the job root, every further open for
@@ -44,3 +46,49 @@ def install_from_environment(job_root: Path) -> bool:
 
     sys.addaudithook(hook)
     return True
+
+
+# --- worker faults: a process that is killed, crashes or hangs at a known point -------------------------------
+
+#: After this many segment checkpoints in one process, the process kills itself with SIGKILL (``kill -9``),
+#: so a test can interrupt ``keyframe-worlds run`` or a worker at a segment boundary it knows.
+KILL_AFTER_CHECKPOINTS_ENV = "KEYFRAME_WORLDS_FAULT_KILL_AFTER_CHECKPOINTS"
+#: When a job has this many final frames, the process stops responding: it sleeps without ever checking
+#: for cancellation, as a generator stuck in a GPU kernel would.
+HANG_AT_FRAMES_ENV = "KEYFRAME_WORLDS_FAULT_HANG_AT_FRAMES"
+#: When a job has this many final frames, the process crashes with a segmentation fault.
+CRASH_AT_FRAMES_ENV = "KEYFRAME_WORLDS_FAULT_CRASH_AT_FRAMES"
+
+_checkpoints = [0]
+
+
+def _int_env(name: str) -> int | None:
+    value = os.environ.get(name)
+    return int(value) if value else None
+
+
+def after_checkpoint() -> None:
+    """Called by the runner after every segment checkpoint."""
+    limit = _int_env(KILL_AFTER_CHECKPOINTS_ENV)
+    if limit is None:
+        return
+    _checkpoints[0] += 1
+    if _checkpoints[0] >= limit:
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def at_frames(frames_done: int) -> None:
+    """Called by the runner whenever a frame is final."""
+    hang = _int_env(HANG_AT_FRAMES_ENV)
+    if hang is not None and frames_done >= hang:
+        import time
+
+        while True:  # deliberately deaf to cancellation
+            time.sleep(3600)
+    crash = _int_env(CRASH_AT_FRAMES_ENV)
+    if crash is not None and frames_done >= crash:
+        import ctypes
+
+        ctypes.string_at(0)  # reads address 0: SIGSEGV

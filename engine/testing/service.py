@@ -50,7 +50,7 @@ def write_preview_job(folder: str | os.PathLike, frames: int = 24, segment_lengt
         reference["depth"] = "ref_depth.npy"
     trajectories = [dolly(f"Cam{i}" if cameras > 1 else "Cam", frames, width, height, 0.02 * (i + 1)).to_json() for i in range(cameras)]
     doc = {"version": 1, "name": name, "generator": "preview", "seed": 0, "reference": reference,
-           "trajectories": trajectories, "output": {"keyframe_every": 8, "mesh_stride": 4},
+           "trajectories": trajectories, "output": {"mesh_every": 8, "mesh_stride": 4},
            "options": {"segment_length": segment_length}}
     path = folder / "job.json"
     path.write_text(json.dumps(doc))

@@ -66,7 +66,8 @@ def write_tiny_variant(folder: str | Path, variant: str, seed: int = 1234, dmd: 
     from safetensors.torch import save_file
 
     from ..models.wan_transformer import WanTransformerConfig
-    from ..models.worldstereo import CAMERA_VARIANT, WorldStereoConfig, build_worldstereo
+    from ..models.names import CAMERA_VARIANT
+    from ..models.worldstereo import WorldStereoConfig, build_worldstereo
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

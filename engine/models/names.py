@@ -1,0 +1,15 @@
+"""The names job options and checkpoint folders use for the models (no torch, so option checks stay cheap).
+
+Defined once here; the networks, pipelines and generators import them.
+"""
+
+from __future__ import annotations
+
+CAMERA_VARIANT = "worldstereo-camera"
+MEMORY_VARIANT = "worldstereo-memory"
+MEMORY_DMD_VARIANT = "worldstereo-memory-dmd"
+VARIANTS = (CAMERA_VARIANT, MEMORY_VARIANT, MEMORY_DMD_VARIANT)
+
+#: How the conditioning image reaches CLIP: ``uint8`` feeds CLIP's normalisation 0-255 values (as the released
+#: inference scripts do); ``unit`` divides by 255 first (CLIP's own convention).
+CLIP_PIXELS = ("uint8", "unit")

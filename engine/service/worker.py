@@ -1,0 +1,173 @@
+"""The worker process: runs jobs on one device and keeps the last model warm.
+
+The service starts one per device (``workers.WorkerHandle``) with
+``multiprocessing``'s *spawn* start method, so the worker is a fresh
+interpreter that owns its device, its torch threads and its CUDA context; a
+crash, a hang or an out-of-memory there takes only its job with it.
+
+Protocol over the pipe (tuples, pickled by ``multiprocessing``):
+
+    server -> worker   ("run", job_id, spec_path, out_dir)       run one job, resuming from its checkpoint
+                       ("exit",)                                  finish
+    worker -> server   ("ready", pid)                             started, waiting for a job
+                       ("event", job_id, ProgressEvent)           progress (bridge.jobs)
+                       ("log", job_id, message)                   a line for the job's log
+                       ("model", description, loads)              the warm model and how many loads so far
+                       ("device", job_id, device)                 the device the job's generator is built on
+                       ("finished", job_id, outcome, error, trace)   outcome: completed, failed, cancelled, interrupted
+
+Cancellation comes through two shared events, read at every progress check:
+``cancel`` (the user cancelled: the job ends ``cancelled``) and ``stop`` (the
+engine is stopping: the job is interrupted and resumes at the next start).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import signal
+import time
+import traceback
+from pathlib import Path
+
+from ...bridge.jobs import CancelReason, JobCancelled, Progress, ProgressEvent
+from ...bridge.spec import JobSpec, load_job
+
+#: Outcome words of a finished run (``interrupted``: the engine stopped; the job resumes at the next start).
+OUTCOMES = ("completed", "failed", "cancelled", "interrupted")
+
+
+class WorkerProgress(Progress):
+    """Progress of the job in this worker: every event goes up the pipe; cancel comes down as shared events."""
+
+    def __init__(self, conn, job_id: str, cancel, stop):
+        super().__init__()
+        self._conn, self._job_id, self._cancel, self._stop = conn, job_id, cancel, stop
+
+    def report(self, event: ProgressEvent) -> None:
+        self._conn.send(("event", self._job_id, event))
+
+    def log(self, message: str) -> None:
+        self._conn.send(("log", self._job_id, str(message)))
+
+    def cancel_reason(self) -> CancelReason | None:
+        if self._cancel.is_set():
+            return CancelReason.CANCELLED
+        if self._stop.is_set():
+            return CancelReason.ENGINE_STOPPING
+        return None
+
+
+def model_key(spec: JobSpec, device: str) -> str:
+    """What a warm model is for: the generator, the options that build it, the device (runner options excluded)."""
+    from ..generators.options import RUNNER_OPTIONS
+
+    options = {k: v for k, v in spec.options.items() if k not in RUNNER_OPTIONS}
+    return json.dumps([spec.generator, options, device], sort_keys=True, default=str)
+
+
+class WarmModel:
+    """The last generator this worker built, kept between jobs of the same generator, options and device."""
+
+    def __init__(self, device: str):
+        self.device = device
+        self.key: str | None = None
+        self.generator = None
+        self.loads = 0  # generators built with weights (worldstereo): what a warm model saves
+
+    def get(self, spec: JobSpec, progress: Progress):
+        from ..generators import get_generator
+
+        key = model_key(spec, self.device)
+        if key == self.key and self.generator is not None:
+            progress.log(f"model warm: reusing the {spec.generator} generator on {self.device} (no weights loaded)")
+            return self.generator
+        self.release()
+        started = time.perf_counter()
+        generator = get_generator(spec.generator, spec.options, self.device)
+        if spec.generator != "preview":
+            self.loads += 1
+            progress.log(f"loaded the {spec.generator} generator on {self.device} in {time.perf_counter() - started:.1f} s")
+        self.key, self.generator = key, generator
+        return generator
+
+    def release(self) -> None:
+        """Free the warm model (and the GPU memory it held)."""
+        if self.generator is None:
+            return
+        self.key = self.generator = None
+        gc.collect()
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def describe(self) -> str | None:
+        return None if self.key is None else f"{json.loads(self.key)[0]} on {self.device}"
+
+
+def generator_device(generator, default: str) -> str:
+    """The device a generator's model lives on (its pipeline's), else the worker's."""
+    pipeline = getattr(generator, "pipeline", None)
+    device = getattr(pipeline, "device", None)
+    return str(device) if device is not None else str(default)
+
+
+def is_cuda_oom(exc: BaseException) -> bool:
+    import torch
+
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or "CUDA out of memory" in str(exc)
+
+
+def run_one(conn, warm: WarmModel, job_id: str, spec_path: str, out_dir: str, cancel, stop) -> tuple[str, str | None, str]:
+    """Run one job; returns (outcome, error, traceback)."""
+    import torch
+
+    from ..run.runner import run_job
+    from .jobs import failure_message
+
+    progress = WorkerProgress(conn, job_id, cancel, stop)
+    try:
+        spec = load_job(spec_path)
+        generator = warm.get(spec, progress)
+        device = torch.device(warm.device)
+        conn.send(("device", job_id, generator_device(generator, warm.device)))
+        conn.send(("model", warm.describe(), warm.loads))
+        run_job(spec, out_dir, progress=progress, device=device, generator=generator, resume=True)
+        return "completed", None, ""
+    except JobCancelled as exc:
+        return ("cancelled" if exc.reason is CancelReason.CANCELLED else "interrupted"), None, ""
+    except Exception as exc:  # a bug in a generator must fail the job, not the worker
+        trace = traceback.format_exc()
+        if is_cuda_oom(exc):
+            warm.release()
+            return "failed", (f"out of GPU memory on {warm.device} ({exc}); the warm model was freed. Try a leaner "
+                              "'offload' option (model, sequential) or a smaller size"), trace
+        return "failed", failure_message(exc, Path(out_dir)), trace
+
+
+def worker_main(device: str, conn, cancel, stop, parent_pid: int, job_root: str) -> None:
+    """The worker process's entry point (see the module docstring)."""
+    # Ctrl-C in a terminal reaches the whole process group: the server stops its workers in order.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    from ..testing.faults import install_from_environment
+    from .watchdog import watch_parent
+
+    watch_parent(parent_pid, lambda: os._exit(3))  # the server is gone: nobody is left to report to
+    install_from_environment(Path(job_root))
+    warm = WarmModel(device)
+    conn.send(("ready", os.getpid()))
+    while True:
+        try:
+            message = conn.recv()
+        except (EOFError, OSError):
+            return
+        if message[0] == "exit":
+            return
+        _, job_id, spec_path, out_dir = message
+        outcome, error, trace = run_one(conn, warm, job_id, spec_path, out_dir, cancel, stop)
+        try:
+            conn.send(("finished", job_id, outcome, error, trace))
+        except (BrokenPipeError, OSError):
+            return
