@@ -40,3 +40,16 @@ def atomic_write(path: str | os.PathLike, fsync: bool = False) -> Iterator[Path]
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
+
+
+def remove_temporary_files(folder: str | os.PathLike) -> int:
+    """Delete the temporary files of interrupted atomic writes (``.<name>.tmp-<pid>...``); returns how many."""
+    count = 0
+    for path in Path(folder).rglob(TEMPORARY_GLOB):
+        try:
+            if path.is_file():
+                path.unlink()
+                count += 1
+        except OSError:
+            pass
+    return count

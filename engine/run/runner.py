@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ...bridge.atomic import remove_temporary_files
 from ...bridge.errors import KeyframeWorldsError
 from ...bridge.jobs import Progress
 from ...bridge.spec import JobSpec, ResultManifest
@@ -168,6 +169,11 @@ def run_job(
     mesh_every = spec.output.mesh_every
     retrieval_every = generator.retrieval_every
     restored = None
+    if resume and Path(out_dir).is_dir():
+        # A killed earlier run may have left half-written temporary files; they are not part of any result.
+        removed = remove_temporary_files(out_dir)
+        if removed:
+            progress.log(f"removed {removed} temporary file(s) an interrupted run left")
     if resume:
         resumed_memory = PointMemory(device=device, max_points=spec.output.point_budget)
         restored = checkpoint.load(out_dir, spec, resumed_memory, _History, CandidateView, ReferenceFrame)

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from ...bridge.atomic import TEMPORARY_GLOB
+from ...bridge.atomic import remove_temporary_files
 from ...bridge.errors import KeyframeWorldsError, Problem, ValidationError
 from ...bridge.jobs import FINISHED_STAGE, QUEUED_STAGE, STAGE_WORDS, STARTING_STAGE, JobState, JobStatus, ProgressEvent
 from ...bridge.spec import validate_job, write_json_atomic
@@ -127,19 +127,6 @@ def failure_message(exc: BaseException, out_dir: Path) -> str:
     if isinstance(exc, MemoryError):
         return "out of memory"
     return f"internal error: {type(exc).__name__}: {exc}"
-
-
-def remove_temporary_files(folder: Path) -> int:
-    """Delete the temporary files of interrupted atomic writes (``.<name>.tmp-<pid>...``); returns how many."""
-    count = 0
-    for path in folder.rglob(TEMPORARY_GLOB):
-        try:
-            if path.is_file():
-                path.unlink()
-                count += 1
-        except OSError:
-            pass
-    return count
 
 
 @dataclass

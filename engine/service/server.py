@@ -66,6 +66,30 @@ def read_token(token_file: str | None) -> str:
     return token
 
 
+def check_devices(devices: list[str]) -> list[str]:
+    """The ``--device`` list, each a device this machine has, named once; raises naming the first that is not."""
+    import torch
+
+    seen: set = set()
+    for name in devices:
+        try:
+            device = torch.device(name)
+        except (RuntimeError, ValueError):
+            raise KeyframeWorldsError(f"--device {name}: not a device (cpu, cpu:N, cuda, cuda:N)") from None
+        if device.type not in ("cpu", "cuda"):
+            raise KeyframeWorldsError(f"--device {name}: the engine's workers run on cpu or cuda devices")
+        if device.type == "cuda":
+            if not torch.cuda.is_available():
+                raise KeyframeWorldsError(f"--device {name}: no CUDA device is available to this torch build")
+            if (device.index or 0) >= torch.cuda.device_count():
+                raise KeyframeWorldsError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        key = (device.type, device.index or 0)
+        if key in seen:
+            raise KeyframeWorldsError(f"--device {name}: named twice (one worker per device)")
+        seen.add(key)
+    return list(devices)
+
+
 def detect_devices() -> list[str]:
     """One worker device per CUDA GPU, else the CPU."""
     import torch
@@ -138,7 +162,7 @@ def serve(config: ServiceConfig) -> int:
         raise KeyframeWorldsError(f"--parent-pid must be a process id, got {config.parent_pid}")
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    devices = list(config.devices) if config.devices else detect_devices()
+    devices = check_devices(list(config.devices)) if config.devices else detect_devices()
     from ..testing.faults import install_from_environment
 
     if install_from_environment(config.job_root):
