@@ -200,7 +200,7 @@ def _validate_job(doc: Any, base_dir, check_files: bool) -> list[Problem]:
             traj_problems = validate_trajectory_json(traj, f"trajectories[{i}]")
             problems.extend(traj_problems)
             # Only frames that carry a lens model can be refused; parsing the others again would double the cost.
-            if not traj_problems and any("distortion" in f for f in traj["frames"]):
+            if not traj_problems and any(f.get("distortion") is not None for f in traj["frames"]):
                 problems.extend(engine_lens_problems(Trajectory.from_json(traj), f"trajectories[{i}]"))
             if isinstance(traj, dict):
                 if isinstance(traj.get("name"), str):

@@ -169,7 +169,7 @@ class Trajectory:
             width=doc["width"],
             height=doc["height"],
             fps=doc.get("fps", 24.0),
-            distortion=[Distortion(f["distortion"]["model"], tuple(f["distortion"]["params"])) if "distortion" in f else None
+            distortion=[Distortion(f["distortion"]["model"], tuple(f["distortion"]["params"])) if f.get("distortion") is not None else None
                         for f in frames],
             images=[f.get("image") for f in frames],
         )
@@ -334,9 +334,10 @@ def validate_trajectory_json(doc: Any, path: str = "trajectory") -> list[Problem
                 problems.append(Problem(f"{fpath}.{key}", "is required"))
             else:
                 check_number(problems, f"{fpath}.{key}", frame[key])
-        if "distortion" in frame:
+        # null is the same as leaving the key out: a pinhole, no image.
+        if frame.get("distortion") is not None:
             _check_distortion(problems, fpath, frame)
-        if "image" in frame:
+        if frame.get("image") is not None:
             check_image_path(problems, f"{fpath}.image", frame["image"])
         if len(problems) > 200:
             problems.append(Problem(f"{path}.frames", "too many problems; stopped checking this trajectory"))

@@ -419,6 +419,8 @@ def distorted(model: str = "OPENCV", n: int = 3, name: str = "Cam"):
         (distorted("RADIAL_FISHEYE"), "worldstereo", "camera model RADIAL_FISHEYE cannot be written as worldstereo"),
         (distorted("FULL_OPENCV"), "nerfstudio",
          "camera 'Cam' frame {f}: camera model FULL_OPENCV cannot be written as nerfstudio: its OPENCV model has no rational terms"),
+        (type(distorted())(**{**distorted("RADIAL").__dict__, "fy": distorted().fx * 1.01}), "colmap-binary",
+         "camera 'Cam' frame {f}: camera model RADIAL cannot be written as colmap-binary: it has one focal length, but fx="),
     ],
 )
 def test_formats_that_cannot_hold_a_model_say_so(tmp_path, traj, fmt, message):
@@ -505,6 +507,9 @@ def test_old_trajectory_json_without_lens_or_image_still_reads():
     assert all(set(f) == {"frame", "c2w_opencv", "fx", "fy", "cx", "cy"} for f in doc["frames"])
     back = Trajectory.from_json(doc)
     assert back == traj and back.distortion == (None, None) and back.images == (None, None)
+    for f in doc["frames"]:  # null is the same as leaving the key out
+        f.update(distortion=None, image=None)
+    assert Trajectory.from_json(doc) == traj
 
 
 # --- round trips of anything the formats hold ----------------------------------------------
