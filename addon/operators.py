@@ -14,7 +14,8 @@ FORMAT_ITEMS = [
     ("keyframe-worlds", "Keyframe Worlds (.json)", "Lossless: every camera, frame number, fps and intrinsics"),
     ("worldstereo", "WorldStereo camera.json", "Upstream WorldStereo: world-to-camera OpenCV extrinsics and pixel intrinsics"),
     ("nerfstudio", "nerfstudio transforms.json", "Camera-to-world in the OpenGL camera frame, per-frame intrinsics"),
-    ("colmap", "COLMAP text (folder)", "cameras.txt + images.txt (PINHOLE) in the chosen folder"),
+    ("colmap", "COLMAP text (folder)", "cameras.txt, images.txt and points3D.txt in the chosen folder"),
+    ("colmap-binary", "COLMAP binary (folder)", "cameras.bin, images.bin and points3D.bin in the chosen folder"),
 ]
 
 CAMERA_SOURCE_ITEMS = [
@@ -65,7 +66,7 @@ class KFW_OT_import_trajectory(bpy.types.Operator, ImportHelper):
     bl_label = "Import Camera Trajectory"
     bl_options = {"REGISTER", "UNDO"}
 
-    filter_glob: StringProperty(default="*.json;*.txt", options={"HIDDEN"})
+    filter_glob: StringProperty(default="*.json;*.txt;*.bin", options={"HIDDEN"})
     format: EnumProperty(name="Format", items=[("AUTO", "Detect", "Detect the format from the file")] + FORMAT_ITEMS, default="AUTO")
 
     def execute(self, context):

@@ -111,6 +111,11 @@ def create_camera_from_trajectory(scene: bpy.types.Scene, trajectory: Trajectory
     ``fx != fy`` becomes the scene's pixel aspect (which cannot be animated, so
     the ratio ``fx / fy`` must be the same on every frame).
     """
+    if trajectory.has_distortion:
+        # A Blender camera is a pinhole: keying only fx, fy, cx, cy would silently drop the lens.
+        first = next(d for d in trajectory.distortion if d is not None and not d.is_pinhole)
+        raise KeyframeWorldsError(f"trajectory {trajectory.name!r}: camera model {first.model} has lens distortion, which a Blender "
+                                  "camera cannot hold (undistort the images and the trajectory first)")
     ycor = trajectory.fx / trajectory.fy
     if np.ptp(ycor) > 1e-9 * ycor.max():
         raise KeyframeWorldsError(f"trajectory {trajectory.name!r}: fx/fy changes over time; Blender's pixel aspect cannot be animated")

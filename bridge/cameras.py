@@ -12,6 +12,11 @@ Conventions (see DESIGN.md):
   continuous: the image spans [0, W] x [0, H] with the top-left pixel's centre
   at (0.5, 0.5), so an unshifted camera has cx = W / 2, cy = H / 2.
 - Depth is z-depth along the camera's forward axis in metres.
+- Lens models are COLMAP's camera models (``LENS_MODELS``), with their
+  parameters in COLMAP's order. COLMAP's pixel convention is ours (the
+  top-left corner of the image is (0, 0)), and its distortion maps ideal
+  pinhole normalised coordinates ``(x / z, y / z)`` to distorted ones, which
+  ``fx, fy, cx, cy`` then take to pixels.
 
 Everything here is a pure function of numbers (numpy arrays); nothing imports
 bpy. Matrices broadcast over leading batch dimensions: shapes are ``(..., 4, 4)``.
@@ -19,6 +24,7 @@ bpy. Matrices broadcast over leading batch dimensions: shapes are ``(..., 4, 4)`
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -294,3 +300,280 @@ def unproject_depth_grid(depth_z_m: np.ndarray, c2w_opencv: np.ndarray, k: np.nd
     pts = unproject_pixels_opencv(uv.reshape(-1, 2), np.where(valid, z, 1.0).reshape(-1), c2w_opencv, k).reshape(*z.shape, 3)
     pts[~valid] = np.nan
     return pts, uv
+
+
+# --- lens models and distortion (COLMAP's camera models) -------------------------
+
+
+@dataclass(frozen=True)
+class LensModel:
+    """One of COLMAP's camera models.
+
+    Attributes:
+        name: COLMAP's model name (``cameras.txt``), the one vocabulary for lens models here.
+        colmap_id: its ``model_id`` in COLMAP's ``cameras.bin``.
+        single_focal: one focal length ``f`` (``fx == fy``) instead of ``fx, fy``.
+        params: names of the distortion parameters, in COLMAP's order (after focal length and principal point).
+        fisheye: distortion acts on the angle from the axis (``theta = atan(r)``), not on ``r``;
+            such a lens is never a pinhole, even with every parameter zero (it is then equidistant).
+    """
+
+    name: str
+    colmap_id: int
+    single_focal: bool
+    params: tuple[str, ...]
+    fisheye: bool = False
+
+    @property
+    def colmap_param_names(self) -> tuple[str, ...]:
+        """Every parameter of the model in a COLMAP camera line: focal length(s), principal point, distortion."""
+        return (("f",) if self.single_focal else ("fx", "fy")) + ("cx", "cy") + self.params
+
+
+LENS_MODELS: dict[str, LensModel] = {
+    m.name: m
+    for m in (
+        LensModel("SIMPLE_PINHOLE", 0, True, ()),
+        LensModel("PINHOLE", 1, False, ()),
+        LensModel("SIMPLE_RADIAL", 2, True, ("k",)),
+        LensModel("RADIAL", 3, True, ("k1", "k2")),
+        LensModel("OPENCV", 4, False, ("k1", "k2", "p1", "p2")),
+        LensModel("OPENCV_FISHEYE", 5, False, ("k1", "k2", "k3", "k4"), fisheye=True),
+        LensModel("FULL_OPENCV", 6, False, ("k1", "k2", "p1", "p2", "k3", "k4", "k5", "k6")),
+        LensModel("SIMPLE_RADIAL_FISHEYE", 8, True, ("k",), fisheye=True),
+        LensModel("RADIAL_FISHEYE", 9, True, ("k1", "k2"), fisheye=True),
+    )
+}
+LENS_MODEL_IDS: dict[int, LensModel] = {m.colmap_id: m for m in LENS_MODELS.values()}
+
+# The two families every model is a special case of: Brown-Conrady with a rational radial term
+# (OpenCV's "rational model", COLMAP's FULL_OPENCV) and the OpenCV fisheye polynomial in theta.
+_BROWN_NAMES = ("k1", "k2", "p1", "p2", "k3", "k4", "k5", "k6")
+_FISHEYE_NAMES = ("k1", "k2", "k3", "k4")
+
+
+@dataclass(frozen=True)
+class Distortion:
+    """A camera's lens model: ``model`` (a ``LENS_MODELS`` name) and its distortion ``params`` in COLMAP's order.
+
+    Focal length and principal point are not here: they are the trajectory's
+    ``fx, fy, cx, cy`` (for a single-focal model, ``fx == fy == f``). A frame
+    without a ``Distortion`` is a plain pinhole (COLMAP's PINHOLE).
+    """
+
+    model: str
+    params: tuple[float, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.model not in LENS_MODELS:
+            raise KeyframeWorldsError(f"unknown camera model {self.model!r}; known: {', '.join(LENS_MODELS)}")
+        try:
+            params = tuple(float(p) for p in self.params)
+        except (TypeError, ValueError):
+            raise KeyframeWorldsError(f"camera model {self.model}: parameters must be numbers, got {self.params!r}") from None
+        names = LENS_MODELS[self.model].params
+        if len(params) != len(names):
+            raise KeyframeWorldsError(f"camera model {self.model} has {len(names)} distortion parameter(s) "
+                                      f"({', '.join(names) or 'none'}), got {len(params)}")
+        if not all(math.isfinite(p) for p in params):
+            raise KeyframeWorldsError(f"camera model {self.model}: distortion parameters must be finite, got {list(params)}")
+        object.__setattr__(self, "params", params)
+
+    @property
+    def lens(self) -> LensModel:
+        return LENS_MODELS[self.model]
+
+    @property
+    def is_pinhole(self) -> bool:
+        """Whether it projects exactly like a pinhole: not a fisheye, every parameter zero."""
+        return not self.lens.fisheye and not any(self.params)
+
+    def named(self) -> dict[str, float]:
+        """``{parameter name: value}`` in COLMAP's order."""
+        return dict(zip(self.lens.params, self.params))
+
+    def describe(self) -> str:
+        """``OPENCV k1=-0.1 k2=0.01 p1=0 p2=0``, for messages."""
+        return " ".join([self.model] + [f"{k}={v:g}" for k, v in self.named().items()])
+
+    def opencv_coefficients(self) -> tuple[float, ...]:
+        """The same lens as OpenCV's distortion coefficients.
+
+        A fisheye model gives ``cv2.fisheye``'s ``(k1, k2, k3, k4)``; any other
+        gives ``(k1, k2, p1, p2, k3, k4, k5, k6)``, OpenCV's rational model
+        (``CALIB_RATIONAL_MODEL``; with k4 = k5 = k6 = 0 it is the plain
+        five-coefficient model). Parameters a model lacks are zero.
+        """
+        return self._family(_FISHEYE_NAMES if self.lens.fisheye else _BROWN_NAMES)
+
+    @classmethod
+    def from_opencv_coefficients(cls, model: str, coefficients) -> "Distortion":
+        """``model`` with its parameters taken from ``opencv_coefficients`` form; refuses coefficients the model cannot hold."""
+        if model not in LENS_MODELS:
+            raise KeyframeWorldsError(f"unknown camera model {model!r}; known: {', '.join(LENS_MODELS)}")
+        lens = LENS_MODELS[model]
+        names = _FISHEYE_NAMES if lens.fisheye else _BROWN_NAMES
+        coefficients = tuple(float(c) for c in coefficients)
+        if len(coefficients) != len(names):
+            raise KeyframeWorldsError(f"{model}: expected {len(names)} coefficients ({', '.join(names)}), got {len(coefficients)}")
+        values = dict(zip(names, coefficients))
+        own = tuple("k1" if k == "k" else k for k in lens.params)
+        extra = {k: v for k, v in values.items() if k not in own and v != 0}
+        if extra:
+            raise KeyframeWorldsError(f"{model} has no {', '.join(f'{k}={v:g}' for k, v in extra.items())}")
+        return cls(model, tuple(values[k] for k in own))
+
+    def _family(self, names: tuple[str, ...]) -> tuple[float, ...]:
+        # A one-parameter model's "k" is the family's k1; the other parameters of the family are zero.
+        named = {("k1" if k == "k" else k): v for k, v in self.named().items()}
+        return tuple(named.get(k, 0.0) for k in names)
+
+
+def distort_normalized(xy: np.ndarray, distortion: Distortion | None) -> np.ndarray:
+    """Ideal (pinhole) normalised coordinates ``(x / z, y / z)`` -> distorted normalised coordinates. ``(..., 2)``.
+
+    The distorted coordinates go to pixels as ``(fx * xd + cx, fy * yd + cy)``.
+    These are COLMAP's formulas: for the pinhole-family models
+    ``xd = x * R + 2 p1 x y + p2 (r^2 + 2 x^2)`` (likewise ``yd`` with p1, p2 swapped),
+    ``R = (1 + k1 r^2 + k2 r^4 + k3 r^6) / (1 + k4 r^2 + k5 r^4 + k6 r^6)``; for the
+    fisheye models ``theta = atan(r)``, ``theta_d = theta (1 + k1 theta^2 + ... + k4 theta^8)``,
+    ``xd = x * theta_d / r``. ``None`` (a pinhole) returns the points unchanged.
+    """
+    xy = np.asarray(xy, dtype=np.float64)
+    if distortion is None:
+        return xy.copy()
+    x, y = xy[..., 0], xy[..., 1]
+    if distortion.lens.fisheye:
+        r = np.hypot(x, y)
+        theta = np.arctan(r)
+        theta_d = theta * _fisheye_poly(theta * theta, distortion._family(_FISHEYE_NAMES))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            # theta_d / r -> 1 as r -> 0.
+            scale = np.where(r > 1e-15, theta_d / r, 1.0)
+        return xy * scale[..., None]
+    xd, yd = _brown(x, y, distortion._family(_BROWN_NAMES))[:2]
+    return np.stack([xd, yd], -1)
+
+
+def undistort_normalized(xy_distorted: np.ndarray, distortion: Distortion | None, *, max_iterations: int = 100,
+                         tolerance: float = 1e-14) -> np.ndarray:
+    """Distorted normalised coordinates -> ideal (pinhole) normalised coordinates. ``(..., 2)``.
+
+    The inverse of ``distort_normalized``, by Newton's method: in two
+    dimensions with the analytic Jacobian for the pinhole-family models, in
+    ``theta`` alone for the fisheye models (their distortion is radial in
+    ``theta``). Points with no inverse (beyond where the distortion folds back,
+    or at or beyond 90 degrees off axis for a fisheye) come back as NaN.
+    """
+    xy_distorted = np.asarray(xy_distorted, dtype=np.float64)
+    if distortion is None or distortion.is_pinhole:
+        return xy_distorted.copy()
+    xd, yd = xy_distorted[..., 0], xy_distorted[..., 1]
+    with np.errstate(all="ignore"):
+        if distortion.lens.fisheye:
+            k = distortion._family(_FISHEYE_NAMES)
+            theta_d = np.hypot(xd, yd)
+            theta = theta_d.copy()
+            for _ in range(max_iterations):
+                t2 = theta * theta
+                f = theta * _fisheye_poly(t2, k) - theta_d
+                df = 1.0 + t2 * (3 * k[0] + t2 * (5 * k[1] + t2 * (7 * k[2] + t2 * 9 * k[3])))
+                step = f / df
+                theta = theta - step
+                if not np.any(np.abs(step) > tolerance):
+                    break
+            residual = np.abs(theta * _fisheye_poly(theta * theta, k) - theta_d)
+            ok = np.isfinite(theta) & (theta >= 0) & (theta < np.pi / 2) & (residual <= 1e-9 * np.maximum(1.0, theta_d))
+            ok &= _increasing_up_to(theta, lambda t: 1.0 + t * t * (3 * k[0] + t * t * (5 * k[1] + t * t * (7 * k[2] + t * t * 9 * k[3]))))
+            scale = np.where(theta_d > 1e-15, np.tan(theta) / theta_d, 1.0)
+            out = xy_distorted * scale[..., None]
+        else:
+            c = distortion._family(_BROWN_NAMES)
+            x, y = xd.copy(), yd.copy()
+            for _ in range(max_iterations):
+                fx, fy, jxx, jxy, jyx, jyy = _brown(x, y, c, jacobian=True)
+                ex, ey = fx - xd, fy - yd
+                det = jxx * jyy - jxy * jyx
+                dx = (jyy * ex - jxy * ey) / det
+                dy = (jxx * ey - jyx * ex) / det
+                x, y = x - dx, y - dy
+                if not np.any(np.maximum(np.abs(dx), np.abs(dy)) > tolerance):
+                    break
+            fx, fy = _brown(x, y, c)[:2]
+            residual = np.maximum(np.abs(fx - xd), np.abs(fy - yd))
+            ok = np.isfinite(x) & np.isfinite(y) & (residual <= 1e-9 * np.maximum(1.0, np.hypot(xd, yd)))
+            ok &= _increasing_up_to(np.hypot(x, y), lambda r: _brown_radial_slope(r, c))
+            out = np.stack([x, y], -1)
+    out[~ok] = np.nan
+    return out
+
+
+def distort_pixels(uv: np.ndarray, k: np.ndarray, distortion: Distortion | None) -> np.ndarray:
+    """Where a pinhole camera ``k`` (3x3) would see pixels ``uv (..., 2)``, the distorted camera sees them. Continuous pixels."""
+    fx, fy, cx, cy = _k_terms(k)
+    uv = np.asarray(uv, dtype=np.float64)
+    xy = np.stack([(uv[..., 0] - cx) / fx, (uv[..., 1] - cy) / fy], -1)
+    d = distort_normalized(xy, distortion)
+    return np.stack([d[..., 0] * fx + cx, d[..., 1] * fy + cy], -1)
+
+
+def undistort_pixels(uv_distorted: np.ndarray, k: np.ndarray, distortion: Distortion | None, **newton) -> np.ndarray:
+    """Pixels ``(..., 2)`` of the distorted camera -> where the pinhole camera with the same ``k`` sees them (NaN: none)."""
+    fx, fy, cx, cy = _k_terms(k)
+    uv = np.asarray(uv_distorted, dtype=np.float64)
+    xy = np.stack([(uv[..., 0] - cx) / fx, (uv[..., 1] - cy) / fy], -1)
+    u = undistort_normalized(xy, distortion, **newton)
+    return np.stack([u[..., 0] * fx + cx, u[..., 1] * fy + cy], -1)
+
+
+def _increasing_up_to(radius: np.ndarray, slope, samples: int = 33) -> np.ndarray:
+    """Whether ``slope`` (the derivative of distorted by ideal radius) stays positive from 0 to each ``radius``.
+
+    Newton's method can land on a second root beyond the radius where the
+    distortion folds back; such a point is no image of the lens's own rays.
+    """
+    r = np.nan_to_num(radius, nan=0.0)[..., None] * np.linspace(0.0, 1.0, samples)
+    return np.all(slope(r) > 0, axis=-1)
+
+
+def _brown_radial_slope(r: np.ndarray, c: tuple[float, ...]) -> np.ndarray:
+    """``d(r * R(r)) / dr`` of the radial part of the FULL_OPENCV distortion (tangential terms are small beside it)."""
+    k1, k2, _, _, k3, k4, k5, k6 = c
+    r2 = r * r
+    num = 1.0 + r2 * (k1 + r2 * (k2 + r2 * k3))
+    den = 1.0 + r2 * (k4 + r2 * (k5 + r2 * k6))
+    dnum = k1 + r2 * (2 * k2 + r2 * 3 * k3)
+    dden = k4 + r2 * (2 * k5 + r2 * 3 * k6)
+    return num / den + 2 * r2 * (dnum * den - num * dden) / (den * den)
+
+
+def _k_terms(k: np.ndarray) -> tuple[float, float, float, float]:
+    k = np.asarray(k, dtype=np.float64)
+    return float(k[0, 0]), float(k[1, 1]), float(k[0, 2]), float(k[1, 2])
+
+
+def _fisheye_poly(t2: np.ndarray, k: tuple[float, ...]) -> np.ndarray:
+    """``1 + k1 t2 + k2 t2^2 + k3 t2^3 + k4 t2^4`` (``t2`` = theta squared)."""
+    return 1.0 + t2 * (k[0] + t2 * (k[1] + t2 * (k[2] + t2 * k[3])))
+
+
+def _brown(x: np.ndarray, y: np.ndarray, c: tuple[float, ...], jacobian: bool = False) -> tuple[np.ndarray, ...]:
+    """FULL_OPENCV distortion of ``(x, y)``: ``(xd, yd)`` and, with ``jacobian``, ``d(xd, yd) / d(x, y)`` row by row."""
+    k1, k2, p1, p2, k3, k4, k5, k6 = c
+    r2 = x * x + y * y
+    num = 1.0 + r2 * (k1 + r2 * (k2 + r2 * k3))
+    den = 1.0 + r2 * (k4 + r2 * (k5 + r2 * k6))
+    radial = num / den
+    xd = x * radial + 2 * p1 * x * y + p2 * (r2 + 2 * x * x)
+    yd = y * radial + 2 * p2 * x * y + p1 * (r2 + 2 * y * y)
+    if not jacobian:
+        return xd, yd
+    # d(radial) / d(r^2), then the chain rule through d(r^2) / dx = 2x.
+    dnum = k1 + r2 * (2 * k2 + r2 * 3 * k3)
+    dden = k4 + r2 * (2 * k5 + r2 * 3 * k6)
+    dradial = (dnum * den - num * dden) / (den * den)
+    jxx = radial + 2 * x * x * dradial + 2 * p1 * y + 6 * p2 * x
+    jxy = 2 * x * y * dradial + 2 * p1 * x + 2 * p2 * y
+    jyx = 2 * x * y * dradial + 2 * p2 * y + 2 * p1 * x
+    jyy = radial + 2 * y * y * dradial + 2 * p2 * x + 6 * p1 * y
+    return xd, yd, jxx, jxy, jyx, jyy

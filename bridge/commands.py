@@ -16,21 +16,26 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     c.add_argument("input", help="trajectory file or folder")
     c.add_argument("--to", required=True, choices=FORMATS, dest="to_format")
     c.add_argument("--from", choices=FORMATS, dest="from_format", help="input format (detected when omitted)")
-    c.add_argument("--out", required=True, help="output file (folder for colmap, or for several worldstereo cameras)")
+    c.add_argument("--out", required=True, help="output file (folder for colmap and colmap-binary, or for several worldstereo cameras)")
     c.add_argument("--camera", action="append", help="only this camera (repeatable)")
     c.set_defaults(handler=cmd_trajectory_convert)
 
 
 def cmd_trajectory_convert(args: argparse.Namespace) -> int:
-    from .formats import read_trajectories, write_trajectories
+    from .formats import POINT_FORMATS, read_trajectory_set, write_trajectory_set
 
-    trajectories = read_trajectories(args.input, args.from_format)
+    tset = read_trajectory_set(args.input, args.from_format)
+    names = [t.name for t in tset.trajectories]
     if args.camera:
-        missing = [c for c in args.camera if c not in {t.name for t in trajectories}]
+        missing = [c for c in args.camera if c not in names]
         if missing:
-            raise KeyframeWorldsError(f"no camera named {', '.join(map(repr, missing))} in {args.input} (have: {', '.join(t.name for t in trajectories)})")
-        trajectories = [t for t in trajectories if t.name in args.camera]
-    written = write_trajectories(trajectories, args.out, args.to_format)
-    frames = sum(len(t) for t in trajectories)
-    print(f"wrote {len(trajectories)} camera(s), {frames} frame(s) as {args.to_format}: " + ", ".join(str(p) for p in written))
+            raise KeyframeWorldsError(f"no camera named {', '.join(map(repr, missing))} in {args.input} (have: {', '.join(names)})")
+        tset = tset.select(args.camera)
+    written = write_trajectory_set(tset, args.out, args.to_format)
+    frames = sum(len(t) for t in tset.trajectories)
+    points = ""
+    if tset.points is not None:
+        kept = args.to_format in POINT_FORMATS
+        points = f", {len(tset.points)} point(s)" if kept else f"; {len(tset.points)} point(s) not written ({args.to_format} holds no points)"
+    print(f"wrote {len(tset.trajectories)} camera(s), {frames} frame(s){points} as {args.to_format}: " + ", ".join(str(p) for p in written))
     return 0

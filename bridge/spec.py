@@ -209,7 +209,11 @@ def _validate_job(doc: Any, base_dir, check_files: bool) -> list[Problem]:
     else:
         total = 0
         for i, traj in enumerate(trajectories):
-            problems.extend(validate_trajectory_json(traj, f"trajectories[{i}]"))
+            traj_problems = validate_trajectory_json(traj, f"trajectories[{i}]")
+            problems.extend(traj_problems)
+            # Only frames that carry a lens model can be refused; parsing the others again would double the cost.
+            if not traj_problems and any(f.get("distortion") is not None for f in traj["frames"]):
+                problems.extend(engine_lens_problems(Trajectory.from_json(traj), f"trajectories[{i}]"))
             if isinstance(traj, dict):
                 if isinstance(traj.get("name"), str):
                     if traj["name"] in names:
@@ -238,6 +242,24 @@ def _validate_job(doc: Any, base_dir, check_files: bool) -> list[Problem]:
     if "options" in doc:
         check_object(problems, "options", doc["options"])
     return problems
+
+
+def engine_lens_problems(trajectory: Trajectory, path: str) -> list[Problem]:
+    """What the engine cannot do with a trajectory's lenses: the one place that says so.
+
+    Trajectory files carry lens distortion (``cameras.Distortion``), but the
+    engine renders and generates pinhole views only, so a job whose frames are
+    distorted (or fisheye) is refused until it undistorts them itself; one
+    problem per trajectory, naming its first such frame.
+    """
+    bad = [i for i, d in enumerate(trajectory.distortion) if d is not None and not d.is_pinhole]
+    if not bad:
+        return []
+    first = trajectory.distortion[bad[0]]
+    more = f" (and {len(bad) - 1} more frame(s))" if len(bad) > 1 else ""
+    return [Problem(f"{path}.frames[{bad[0]}].distortion",
+                    f"camera {trajectory.name!r} has lens distortion ({first.describe()}){more}, which is not yet supported "
+                    f"by the engine: undistort first (the images, and the trajectory to a pinhole)")]
 
 
 def _validate_reference(ref: Any, doc: dict, names: list[str], base_dir, check_files: bool) -> list[Problem]:

@@ -2,14 +2,23 @@
 
 A trajectory is one camera's evaluated animation: for every sampled frame, a
 camera-to-world matrix with an OpenCV camera frame (``c2w_opencv``, see
-``cameras.py``) and pinhole intrinsics in pixels. One trajectory has one
-output resolution (a video has one size).
+``cameras.py``), intrinsics in pixels, optionally a lens model with its
+distortion (``cameras.Distortion``; none is a pinhole) and the path of the
+frame's image. One trajectory has one output resolution (a video has one size).
 
 JSON form (inside a job spec, and as the ``keyframe-worlds`` trajectory file)::
 
     {"name": "Camera", "fps": 24.0, "width": 832, "height": 480,
      "frames": [{"frame": 1, "c2w_opencv": [[...4 numbers...] x 4],
-                 "fx": 900.0, "fy": 900.0, "cx": 416.0, "cy": 240.0}, ...]}
+                 "fx": 900.0, "fy": 900.0, "cx": 416.0, "cy": 240.0,
+                 "distortion": {"model": "OPENCV", "params": [k1, k2, p1, p2]},  # optional
+                 "image": "images/0001.jpg"}, ...]}                              # optional
+
+``distortion.params`` are in COLMAP's order for the model (``cameras.LENS_MODELS``);
+for a single-focal-length model (SIMPLE_RADIAL, ...) ``fx`` equals ``fy``. The
+image path is kept as the file it was read from wrote it (COLMAP's image
+``NAME``, nerfstudio's ``file_path``). Files without these keys read as pinhole
+frames without images, as before.
 """
 
 from __future__ import annotations
@@ -20,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from .cameras import Intrinsics, intrinsics_matrix
+from .cameras import LENS_MODELS, Distortion, Intrinsics, intrinsics_matrix
 from .errors import Problem, ValidationError
 
 MIN_SIZE_PX = 16
@@ -41,6 +50,10 @@ class Trajectory:
         fx, fy, cx, cy: ``(N,)`` float64 intrinsics in pixels of ``width`` x ``height``.
         width, height: output resolution in pixels.
         fps: scene frames per second (frame rate / frame rate base).
+        distortion: ``(N,)`` per frame, a ``Distortion`` or None (a pinhole). Given as None
+            (every frame a pinhole), one ``Distortion`` for every frame, or one entry per frame;
+            a ``PINHOLE`` entry becomes None, so a pinhole has one form.
+        images: ``(N,)`` per frame, the image's path as its file wrote it, or None (no image known).
     """
 
     name: str
@@ -53,6 +66,8 @@ class Trajectory:
     width: int
     height: int
     fps: float = 24.0
+    distortion: tuple[Distortion | None, ...] | Distortion | None = None
+    images: tuple[str | None, ...] | None = None
 
     def __post_init__(self) -> None:
         n = len(self.frames)
@@ -63,6 +78,15 @@ class Trajectory:
         object.__setattr__(self, "width", int(self.width))
         object.__setattr__(self, "height", int(self.height))
         object.__setattr__(self, "fps", float(self.fps))
+        dist = self.distortion
+        dist = (dist,) * n if dist is None or isinstance(dist, Distortion) else tuple(dist)
+        if len(dist) != n or not all(d is None or isinstance(d, Distortion) for d in dist):
+            raise ValueError(f"trajectory {self.name!r}: distortion must be None, a Distortion, or one Distortion or None per frame ({n})")
+        object.__setattr__(self, "distortion", tuple(None if d is not None and d.model == "PINHOLE" else d for d in dist))
+        images = (None,) * n if self.images is None else tuple(self.images)
+        if len(images) != n or not all(i is None or isinstance(i, str) for i in images):
+            raise ValueError(f"trajectory {self.name!r}: images must be None or one path (or None) per frame ({n})")
+        object.__setattr__(self, "images", images)
 
     def __len__(self) -> int:
         return len(self.frames)
@@ -73,14 +97,21 @@ class Trajectory:
         return self.allclose(other, atol=0.0)
 
     def allclose(self, other: "Trajectory", atol: float = 1e-9) -> bool:
-        """Same name, size, fps and frames; matrices and intrinsics equal within ``atol``."""
+        """Same name, size, fps, frames, lens models and images; matrices, intrinsics and distortion within ``atol``."""
         return (
             self.name == other.name
             and (self.width, self.height) == (other.width, other.height)
             and math.isclose(self.fps, other.fps, rel_tol=0, abs_tol=atol)
             and np.array_equal(self.frames, other.frames)
             and all(np.allclose(getattr(self, k), getattr(other, k), rtol=0, atol=atol) for k in ("c2w_opencv", "fx", "fy", "cx", "cy"))
+            and self.images == other.images
+            and all(_distortion_close(a, b, atol) for a, b in zip(self.distortion, other.distortion))
         )
+
+    @property
+    def has_distortion(self) -> bool:
+        """Whether any frame's lens does not project like a pinhole (a fisheye, or a non-zero parameter)."""
+        return any(d is not None and not d.is_pinhole for d in self.distortion)
 
     @property
     def k(self) -> np.ndarray:
@@ -104,10 +135,21 @@ class Trajectory:
                     "fy": float(self.fy[i]),
                     "cx": float(self.cx[i]),
                     "cy": float(self.cy[i]),
+                    **self._frame_extras(i),
                 }
                 for i in range(len(self))
             ],
         }
+
+    def _frame_extras(self, i: int) -> dict:
+        # Only present when set, so pinhole frames without images keep the JSON they always had.
+        extras: dict[str, Any] = {}
+        d = self.distortion[i]
+        if d is not None:
+            extras["distortion"] = {"model": d.model, "params": list(d.params)}
+        if self.images[i] is not None:
+            extras["image"] = self.images[i]
+        return extras
 
     @classmethod
     def from_json(cls, doc: Any, path: str = "trajectory") -> "Trajectory":
@@ -127,6 +169,9 @@ class Trajectory:
             width=doc["width"],
             height=doc["height"],
             fps=doc.get("fps", 24.0),
+            distortion=[Distortion(f["distortion"]["model"], tuple(f["distortion"]["params"])) if f.get("distortion") is not None else None
+                        for f in frames],
+            images=[f.get("image") for f in frames],
         )
 
     def problems(self, path: str = "trajectory") -> list[Problem]:
@@ -269,7 +314,7 @@ def validate_trajectory_json(doc: Any, path: str = "trajectory") -> list[Problem
         fpath = f"{path}.frames[{i}]"
         if not check_object(problems, fpath, frame):
             continue
-        check_unknown_keys(problems, fpath, frame, {"frame", "c2w_opencv", "fx", "fy", "cx", "cy"})
+        check_unknown_keys(problems, fpath, frame, {"frame", "c2w_opencv", "fx", "fy", "cx", "cy", "distortion", "image"})
         number = frame.get("frame")
         if check_integer(problems, f"{fpath}.frame", number, minimum=-(2**31), maximum=2**31 - 1):
             if previous is not None and number <= previous:
@@ -289,7 +334,58 @@ def validate_trajectory_json(doc: Any, path: str = "trajectory") -> list[Problem
                 problems.append(Problem(f"{fpath}.{key}", "is required"))
             else:
                 check_number(problems, f"{fpath}.{key}", frame[key])
+        # null is the same as leaving the key out: a pinhole, no image.
+        if frame.get("distortion") is not None:
+            _check_distortion(problems, fpath, frame)
+        if frame.get("image") is not None:
+            check_image_path(problems, f"{fpath}.image", frame["image"])
         if len(problems) > 200:
             problems.append(Problem(f"{path}.frames", "too many problems; stopped checking this trajectory"))
             break
     return problems
+
+
+def _distortion_close(a: Distortion | None, b: Distortion | None, atol: float) -> bool:
+    if a is None or b is None:
+        return a is b
+    return a.model == b.model and np.allclose(a.params, b.params, rtol=0, atol=atol)
+
+
+def _check_distortion(problems: list[Problem], fpath: str, frame: dict) -> None:
+    """A frame's ``distortion``: a known lens model, its parameter count, finite numbers, ``fx == fy`` where it has one focal length."""
+    path = f"{fpath}.distortion"
+    value = frame["distortion"]
+    if not check_object(problems, path, value):
+        return
+    check_unknown_keys(problems, path, value, {"model", "params"})
+    model = value.get("model")
+    if not check_string(problems, f"{path}.model", model):
+        return
+    if model not in LENS_MODELS:
+        problems.append(Problem(f"{path}.model", f"unknown camera model {model!r}; known: {', '.join(LENS_MODELS)}"))
+        return
+    lens = LENS_MODELS[model]
+    params = value.get("params")
+    if not isinstance(params, list):
+        problems.append(Problem(f"{path}.params", f"must be a list of the {model} parameters ({', '.join(lens.params) or 'none'}), got {type_name(params)}"))
+    elif len(params) != len(lens.params):
+        problems.append(Problem(f"{path}.params", f"{model} has {len(lens.params)} parameter(s) ({', '.join(lens.params) or 'none'}), got {len(params)}"))
+    else:
+        for j, p in enumerate(params):
+            check_number(problems, f"{path}.params[{j}]", p)
+    fx, fy = frame.get("fx"), frame.get("fy")
+    if lens.single_focal and is_number(fx) and is_number(fy) and fx != fy:
+        problems.append(Problem(f"{fpath}.fy", f"must equal fx for {model}, which has one focal length (fx={fx!r}, fy={fy!r})"))
+
+
+def check_image_path(problems: list[Problem], path: str, value: Any) -> bool:
+    """A frame's image path: a non-empty string every format can write (no control characters, no surrounding spaces)."""
+    if not check_string(problems, path, value):
+        return False
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in value):
+        problems.append(Problem(path, f"must not contain control characters such as line breaks, got {value!r}"))
+        return False
+    if value != value.strip():
+        problems.append(Problem(path, f"must not start or end with spaces (COLMAP's text files cannot keep them), got {value!r}"))
+        return False
+    return True

@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{width}x{height} rendered with depth {depth[hit].min():.1f}-{depth[hit].max():.1f} m on {hit.mean():.0%} of pixels; "
           f"{prepared.spec_path} validated ({time.perf_counter() - t0:.2f} s)")
     for fmt in FORMATS:
-        target = out / "trajectories" / (fmt if fmt in ("colmap", "worldstereo") else f"{fmt}.json")
+        target = out / "trajectories" / (fmt if fmt in ("colmap", "colmap-binary", "worldstereo") else f"{fmt}.json")
         write_trajectories(trajectories, target, fmt)
     print(f"[trajectories] written as {', '.join(FORMATS)} under {out / 'trajectories'}")
 

@@ -118,6 +118,19 @@ def test_trajectory_file_creates_camera_that_extracts_back(blank_blend, tmp_path
     assert (back.width, back.height) == (320, 200)
 
 
+def test_distorted_trajectory_is_not_made_a_pinhole_camera(blank_blend):
+    bpy = blank_blend
+    from keyframe_worlds.addon.scene_cameras import create_camera_from_trajectory
+    from keyframe_worlds.bridge.cameras import Distortion
+    from keyframe_worlds.bridge.errors import KeyframeWorldsError
+
+    traj = make_trajectory("Lens", n=2, seed=3)
+    traj = type(traj)(**{**traj.__dict__, "distortion": Distortion("OPENCV", (-0.2, 0.05, 0.0, 0.0))})
+    with pytest.raises(KeyframeWorldsError, match="camera model OPENCV has lens distortion, which a Blender camera cannot hold"):
+        create_camera_from_trajectory(bpy.context.scene, traj)
+    assert "Lens" not in bpy.data.objects
+
+
 def test_orthographic_camera_is_refused(blank_blend):
     bpy = blank_blend
     from keyframe_worlds.addon.scene_cameras import extract_trajectory

@@ -22,8 +22,8 @@ def test_bridge_imports_without_blender_or_torch():
     code = (
         "import sys\n"
         "import keyframe_worlds, keyframe_worlds.cli\n"
-        "from keyframe_worlds.bridge import cameras, errors, formats, imageinfo, spec, trajectory, commands\n"
-        "heavy = sorted(m for m in ('bpy', 'torch', 'mathutils') if m in sys.modules)\n"
+        "from keyframe_worlds.bridge import cameras, colmap, errors, formats, imageinfo, sparse, spec, trajectory, commands\n"
+        "heavy = sorted(m for m in ('bpy', 'torch', 'mathutils', 'cv2') if m in sys.modules)\n"
         "print(','.join(heavy) or 'none')\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
@@ -93,12 +93,12 @@ def test_validate_bad_json_is_a_clear_error(tmp_path):
     assert "not valid JSON" in out.stderr and "Traceback" not in out.stderr
 
 
-@pytest.mark.parametrize("fmt", ["keyframe-worlds", "worldstereo", "nerfstudio", "colmap"])
+@pytest.mark.parametrize("fmt", ["keyframe-worlds", "worldstereo", "nerfstudio", "colmap", "colmap-binary"])
 def test_trajectory_convert_chain(tmp_path, fmt):
     from keyframe_worlds.bridge.formats import read_trajectories
 
     source = example_camera_files()[0]
-    target = tmp_path / ("out.json" if fmt != "colmap" else "sparse")
+    target = tmp_path / ("sparse" if fmt.startswith("colmap") else "out.json")
     out = run("trajectory", "convert", source, "--to", fmt, "--out", target)
     assert out.returncode == 0, out.stderr
     assert "81 frame(s)" in out.stdout
@@ -109,6 +109,44 @@ def test_trajectory_convert_chain(tmp_path, fmt):
     np.testing.assert_allclose(b["extrinsic"], a["extrinsic"], atol=1e-5)
     np.testing.assert_allclose(b["intrinsic"], a["intrinsic"], atol=1e-9)
     assert read_trajectories(tmp_path / "back.json")[0].width == 1080
+
+
+def test_convert_distorted_colmap_binary_to_nerfstudio_and_back(tmp_path):
+    """Lens parameters and image names survive COLMAP binary -> nerfstudio -> COLMAP binary; points need a COLMAP target."""
+    from test_bridge_distortion import LENSES, colmap_fixture, write_colmap_binary
+
+    from keyframe_worlds.bridge import formats
+
+    write_colmap_binary(tmp_path / "sparse", colmap_fixture("OPENCV"))
+    source = formats.read_trajectory_set(tmp_path / "sparse")
+    out = run("trajectory", "convert", tmp_path / "sparse", "--to", "nerfstudio", "--out", tmp_path / "transforms.json")
+    assert out.returncode == 0, out.stderr
+    assert "2 camera(s), 3 frame(s); 3 point(s) not written (nerfstudio holds no points)" in out.stdout
+    out = run("trajectory", "convert", tmp_path / "transforms.json", "--to", "colmap-binary", "--out", tmp_path / "back")
+    assert out.returncode == 0, out.stderr
+    back = formats.read_trajectory_set(tmp_path / "back")
+    assert all(b.allclose(a, atol=1e-12) for a, b in zip(source.trajectories, back.trajectories))
+    assert back.trajectories[0].distortion[0].params == LENSES["OPENCV"]
+    assert back.trajectories[0].images == ("dslr/DSC_0012.JPG", "dslr/DSC_0015.JPG")
+    # Through the text model and back, the points and their tracks come too; --camera keeps its frames' part of the tracks.
+    out = run("trajectory", "convert", tmp_path / "sparse", "--to", "colmap", "--out", tmp_path / "text")
+    assert out.returncode == 0 and "3 point(s) as colmap" in out.stdout, out.stderr
+    out = run("trajectory", "convert", tmp_path / "text", "--to", "colmap-binary", "--out", tmp_path / "again")
+    assert out.returncode == 0, out.stderr
+    assert formats.read_trajectory_set(tmp_path / "again").points == source.points
+    out = run("trajectory", "convert", tmp_path / "sparse", "--to", "colmap", "--out", tmp_path / "left", "--camera", "left")
+    assert out.returncode == 0, out.stderr
+    left = formats.read_trajectory_set(tmp_path / "left").points
+    assert left.views == (("left", 7),) and [len(left.track(i)) for i in range(3)] == [1, 0, 1]
+
+
+def test_trajectory_convert_refuses_what_the_target_cannot_hold(tmp_path):
+    from test_bridge_distortion import colmap_fixture, write_colmap_binary
+
+    write_colmap_binary(tmp_path / "sparse", colmap_fixture("RADIAL_FISHEYE"))
+    out = run("trajectory", "convert", tmp_path / "sparse", "--to", "worldstereo", "--out", tmp_path / "w")
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "camera 'dslr' frame 12: camera model RADIAL_FISHEYE cannot be written as worldstereo" in out.stderr
 
 
 def test_trajectory_convert_errors(tmp_path):
