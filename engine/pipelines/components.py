@@ -5,8 +5,10 @@ diffusers folder (``tokenizer/``, ``text_encoder/``, ``image_encoder/``,
 
 The encoders follow the reference pipelines:
 
-- Text: UMT5 last hidden state of the prompt tokenised to 512 tokens; the
-  positions after the prompt's length are zeroed (the transformer's
+- Text: the prompt cleaned as the reference pipelines clean it
+  (:func:`clean_prompt`: ftfy, HTML unescaping twice, whitespace runs
+  collapsed), tokenised to 512 tokens; the UMT5 last hidden state, with the
+  positions after the prompt's length zeroed (the transformer's
   cross-attention takes the last 512 context tokens as text).
 - Image: the CLIP vision tower's penultimate hidden state (257 tokens for
   ViT-H/14 at 224 px) of the conditioning image, as 8-bit pixels. How they are
@@ -23,13 +25,15 @@ The encoders follow the reference pipelines:
   ``4 (F - 1)`` black frames, VAE-encoded as one video (``full_vae``), or the
   image and one black frame encoded on their own (``first_frame_only``).
 
-diffusers (AutoencoderKLWan, UniPCMultistepScheduler) and transformers
-(UMT5EncoderModel, CLIPVisionModel) are imported here only.
+diffusers (AutoencoderKLWan, UniPCMultistepScheduler), transformers
+(UMT5EncoderModel, CLIPVisionModel) and ftfy are imported here only.
 """
 
 from __future__ import annotations
 
+import html
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -65,8 +69,9 @@ class MissingDependencyError(CheckpointError):
     """diffusers or transformers is not installed in the engine's environment."""
 
     def __init__(self, exc: ImportError):
-        super().__init__(f"the WorldStereo pipelines need diffusers==0.36.0 and transformers>=4.57,<5 in the engine's "
-                         f"environment ({exc}); install the engine extra: pip install 'keyframe-worlds[engine]'")
+        super().__init__(f"the WorldStereo pipelines need diffusers==0.36.0, transformers>=4.57,<5 and ftfy in "
+                         f"the engine's environment ({exc}); install the engine extra: "
+                         f"pip install 'keyframe-worlds[engine]'")
 
 
 def _require_folder(base: Path, name: str) -> Path:
@@ -155,18 +160,49 @@ def _module_dtype(module: torch.nn.Module) -> torch.dtype:
     return next(module.parameters()).dtype
 
 
+def clean_prompt(text: str) -> str:
+    """The text of a prompt as it reaches the tokenizer, cleaned as the reference pipelines (and diffusers'
+    Wan pipelines) clean it: mojibake, curly quotes and control characters fixed by ``ftfy.fix_text``, HTML
+    entities unescaped twice more (ftfy leaves them when the text looks like HTML), stripped, then every
+    whitespace run made one space.
+
+    The order matters: unescaping comes before collapsing, so an escaped no-break space (``&nbsp;``)
+    collapses too.
+    """
+    try:
+        import ftfy
+    except ImportError as exc:
+        raise MissingDependencyError(exc) from None
+    text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+    # Upstream collapses with the third-party regex module's \s (Unicode White_Space); the standard
+    # library's \s also takes U+001C-U+001F, which ftfy.fix_text has already removed, so both agree here.
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def tokenize_prompts(tokenizer, prompts: list[str], max_length: int = TEXT_TOKENS
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``input_ids`` and ``attention_mask``, both ``[B, max_length]`` int64, of the cleaned prompts
+    (:func:`clean_prompt`), padded and truncated to ``max_length`` with the closing ``</s>``."""
+    tokens = tokenizer([clean_prompt(p) for p in prompts], padding="max_length", max_length=max_length,
+                       truncation=True, add_special_tokens=True, return_attention_mask=True, return_tensors="pt")
+    return tokens.input_ids, tokens.attention_mask
+
+
 @torch.no_grad()
+def encode_tokens(text_encoder: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
+                  ) -> torch.Tensor:
+    """``[B, L, text_dim]``: UMT5 last hidden states of ``[B, L]`` tokens, zero after each prompt's tokens."""
+    device = _module_device(text_encoder)
+    ids, mask = input_ids.to(device), attention_mask.to(device)
+    hidden = text_encoder(ids, mask).last_hidden_state  # [B, L, D]
+    keep = (torch.arange(ids.shape[1], device=device)[None] < mask.gt(0).sum(dim=1, keepdim=True))[..., None]
+    return torch.where(keep, hidden, torch.zeros_like(hidden))
+
+
 def encode_prompt(tokenizer, text_encoder: torch.nn.Module, prompts: list[str], max_length: int = TEXT_TOKENS
                   ) -> torch.Tensor:
-    """``[B, max_length, text_dim]``: UMT5 last hidden states, zero after each prompt's tokens."""
-    cleaned = [" ".join(p.split()) for p in prompts]
-    tokens = tokenizer(cleaned, padding="max_length", max_length=max_length, truncation=True,
-                       add_special_tokens=True, return_attention_mask=True, return_tensors="pt")
-    device = _module_device(text_encoder)
-    ids, mask = tokens.input_ids.to(device), tokens.attention_mask.to(device)
-    hidden = text_encoder(ids, mask).last_hidden_state  # [B, L, D]
-    keep = (torch.arange(max_length, device=device)[None] < mask.gt(0).sum(dim=1, keepdim=True))[..., None]
-    return torch.where(keep, hidden, torch.zeros_like(hidden))
+    """``[B, max_length, text_dim]``: :func:`tokenize_prompts` then :func:`encode_tokens`."""
+    return encode_tokens(text_encoder, *tokenize_prompts(tokenizer, prompts, max_length))
 
 
 @torch.no_grad()
