@@ -205,21 +205,33 @@ def encode_prompt(tokenizer, text_encoder: torch.nn.Module, prompts: list[str], 
     return encode_tokens(text_encoder, *tokenize_prompts(tokenizer, prompts, max_length))
 
 
-@torch.no_grad()
-def encode_image(image_processor, image_encoder: torch.nn.Module, image: torch.Tensor,
-                 clip_pixels: str = "uint8") -> torch.Tensor:
-    """``[B, tokens, image_dim]``: CLIP penultimate hidden states of ``image`` ``[B, 3, H, W]`` in [-1, 1].
+def clip_pixel_values(image_processor, image: torch.Tensor, clip_pixels: str = "uint8") -> torch.Tensor:
+    """CLIP's input ``[B, 3, S, S]`` float32 (S: the processor's crop size) for ``image`` ``[B, 3, H, W]`` in [-1, 1].
 
     The image goes to the processor as 8-bit ``[B, H, W, 3]`` pixels (what the reference pipelines
-    hand it), scaled as ``clip_pixels`` says (see the module docstring).
+    hand it), scaled as ``clip_pixels`` says (see the module docstring): with ``"uint8"`` the values
+    are ``(0..255 - mean) / std``.
     """
     if clip_pixels not in CLIP_PIXELS:
         raise KeyframeWorldsError(f"clip_pixels must be one of {', '.join(CLIP_PIXELS)}, got {clip_pixels!r}")
     pixels = ((image.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().permute(0, 2, 3, 1).numpy()
     inputs = image_processor(images=list(pixels), do_rescale=clip_pixels == "unit", rescale_factor=1 / 255,
                              return_tensors="pt")
-    pixel_values = inputs.pixel_values.to(_module_device(image_encoder), _module_dtype(image_encoder))
+    return inputs.pixel_values
+
+
+@torch.no_grad()
+def encode_pixels(image_encoder: torch.nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+    """``[B, tokens, image_dim]``: CLIP penultimate hidden states of :func:`clip_pixel_values`' output."""
+    pixel_values = pixel_values.to(_module_device(image_encoder), _module_dtype(image_encoder))
     return image_encoder(pixel_values=pixel_values, output_hidden_states=True).hidden_states[-2]
+
+
+def encode_image(image_processor, image_encoder: torch.nn.Module, image: torch.Tensor,
+                 clip_pixels: str = "uint8") -> torch.Tensor:
+    """``[B, tokens, image_dim]``: CLIP penultimate hidden states of ``image`` ``[B, 3, H, W]`` in [-1, 1]
+    (:func:`clip_pixel_values` then :func:`encode_pixels`)."""
+    return encode_pixels(image_encoder, clip_pixel_values(image_processor, image, clip_pixels))
 
 
 def _latent_stats(vae: torch.nn.Module, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
