@@ -6,6 +6,7 @@ the tests hold ours to the libraries' behaviour rather than to strings copied fr
 
 from __future__ import annotations
 
+import dataclasses
 import html
 import json
 
@@ -15,7 +16,9 @@ import regex
 import torch
 
 from conftest import WORLDSTEREO_FIXTURES
+from keyframe_worlds.engine.pipelines.check import case_conditions, read_case, read_safetensors
 from keyframe_worlds.engine.pipelines.components import clean_prompt, load_companions, tokenize_prompts
+from keyframe_worlds.engine.pipelines.worldstereo import WorldStereoPipeline
 
 PIPELINE = WORLDSTEREO_FIXTURES / "pipeline"
 CASES = ("camera", "memory", "memory-dmd")
@@ -105,3 +108,19 @@ def test_the_tokenizer_gets_the_cleaned_text(companions):
     raw_tokens = companions.tokenizer(raws[:1], padding="max_length", max_length=512, return_tensors="pt")
     # "&amp;amp;" is five tokens raw, one cleaned: the cleaning reaches the tokens, not only the text
     assert int(raw_tokens.attention_mask.sum()) == int(mask[0].sum()) + 4
+
+
+def test_the_pipeline_cleans_the_prompt_and_the_negative_prompt(companions):
+    case = read_case(PIPELINE / "camera")
+    cond = case_conditions(case, read_safetensors(PIPELINE / "camera" / "inputs.safetensors", "inputs"))
+    pipe = WorldStereoPipeline.from_pretrained(case.path, PIPELINE / "wan_tiny", device="cpu",
+                                               companions_dir=PIPELINE / "wan_tiny")
+    spy = RecordingTokenizer(pipe.companions.tokenizer)
+    pipe.companions = dataclasses.replace(pipe.companions, tokenizer=spy)
+    prompt, negative = RAW["double-escaped ampersand"], RAW["whitespace runs"]
+    traced = {}
+    pipe(cond, prompt=prompt, negative_prompt=negative, steps=1, guidance_scale=5.0, seed=0,
+         trace=lambda name, value: traced.setdefault(name, value.clone()))
+    assert spy.texts == [upstream_clean(prompt), upstream_clean(negative)]
+    cleaned = companions.tokenizer([upstream_clean(prompt)], padding="max_length", max_length=512, return_tensors="pt")
+    assert torch.equal(traced["text.input_ids"], cleaned.input_ids)

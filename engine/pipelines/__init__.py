@@ -5,6 +5,7 @@
 - ``components``: the Wan2.1 I2V companions (UMT5, CLIP, Wan VAE, UniPC) from a local folder.
 - ``worldstereo``: :class:`WorldStereoPipeline`, the sampling loop for the three variants.
 - ``tiny``: tiny model folders in the released layouts, for tests and CPU smoke runs.
+- ``check``: a pipeline case (the shared goldens' layout) run and compared key by key.
 
 The names below load their module on first use (diffusers/transformers only when needed).
 """

@@ -115,6 +115,8 @@ def load_companions(base_dir: str | Path, dtype: torch.dtype = torch.float32, va
                     device: str | torch.device = "cpu") -> WanCompanions:
     """Load the companions from a local Wan2.1 I2V diffusers folder (local files only, safetensors only)."""
     AutoencoderKLWan = wan_vae_class()
+    from diffusers.utils import is_accelerate_available
+
     try:
         from transformers import AutoTokenizer, CLIPImageProcessor, CLIPVisionModel, UMT5EncoderModel
     except ImportError as exc:
@@ -130,7 +132,10 @@ def load_companions(base_dir: str | Path, dtype: torch.dtype = torch.float32, va
         text_encoder = UMT5EncoderModel.from_pretrained(str(base / "text_encoder"), dtype=dtype, **common)
         image_encoder = CLIPVisionModel.from_pretrained(str(base / "image_encoder"), dtype=dtype, **common)
         image_processor = CLIPImageProcessor.from_pretrained(str(base / "image_processor"), local_files_only=True)
-        vae = AutoencoderKLWan.from_pretrained(str(base / "vae"), torch_dtype=vae_dtype or dtype, **common)
+        # diffusers asks for low_cpu_mem_usage by default and, without accelerate, warns on stderr that it
+        # falls back; asking for what it falls back to keeps the loading the same and the output clean
+        vae = AutoencoderKLWan.from_pretrained(str(base / "vae"), torch_dtype=vae_dtype or dtype,
+                                               low_cpu_mem_usage=is_accelerate_available(), **common)
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"cannot load the Wan2.1 companions from {base}: {exc}") from None
     config_path = base / "scheduler" / "scheduler_config.json"
