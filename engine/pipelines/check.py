@@ -20,7 +20,7 @@ pipelines' float output. Every ``diag.<setting>.<key>`` that ``case.json``'s ``d
 largest magnitude; for pictures (:data:`GREY_LEVELS`: decoded video, float and uint8 frames) the largest
 difference in 8-bit grey levels instead. Pictures come after the VAE decoder, which amplifies
 differences of its input: at the goldens' tiny size, final latents within 1e-6 of the reference's
-decode to frames within ~1e-4 (0.02 grey levels).
+decode to frames within ~1e-4 (0.02 grey levels), while the same latents decode bit for bit.
 """
 
 from __future__ import annotations

@@ -240,10 +240,16 @@ def encode_image(image_processor, image_encoder: torch.nn.Module, image: torch.T
 
 
 def _latent_stats(vae: torch.nn.Module, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``mean`` and ``1 / std`` of the latents, ``[1, z, 1, 1, 1]`` in ``like``'s dtype and device.
+
+    The reciprocal, because the reference pipelines normalise with ``(z - mean) * (1 / std)`` and undo it
+    with ``x / (1 / std) + mean``: ``x * std`` differs from that in the last bit, and the VAE decoder turns
+    that into ~1e-5 differences in the frames.
+    """
     z = vae.config.z_dim
-    mean = torch.tensor(vae.config.latents_mean, dtype=like.dtype, device=like.device).view(1, z, 1, 1, 1)
-    std = torch.tensor(vae.config.latents_std, dtype=like.dtype, device=like.device).view(1, z, 1, 1, 1)
-    return mean, std
+    mean = torch.tensor(vae.config.latents_mean).view(1, z, 1, 1, 1).to(like.device, like.dtype)
+    inv_std = (1.0 / torch.tensor(vae.config.latents_std)).view(1, z, 1, 1, 1).to(like.device, like.dtype)
+    return mean, inv_std
 
 
 @torch.no_grad()
@@ -251,8 +257,8 @@ def vae_encode_video(vae: torch.nn.Module, video: torch.Tensor) -> torch.Tensor:
     """``[B, 3, T, H, W]`` in [-1, 1] as one causal video -> normalised latent ``[B, 16, 1 + (T-1)/4, h, w]``."""
     x = video.to(_module_device(vae), _module_dtype(vae))
     z = vae.encode(x).latent_dist.mode()
-    mean, std = _latent_stats(vae, z)
-    return ((z - mean) / std).float()
+    mean, inv_std = _latent_stats(vae, z)
+    return ((z - mean) * inv_std).float()
 
 
 @torch.no_grad()
@@ -265,8 +271,8 @@ def vae_encode_keyframes(vae: torch.nn.Module, video: torch.Tensor) -> torch.Ten
 def vae_decode_keyframes(vae: torch.nn.Module, latents: torch.Tensor) -> torch.Tensor:
     """Keyframe latents ``[B, 16, F, h, w]`` -> ``[B, 3, F, H, W]`` in [-1, 1] (each frame on its own)."""
     z = latents.to(_module_device(vae), _module_dtype(vae))
-    mean, std = _latent_stats(vae, z)
-    z = z * std + mean
+    mean, inv_std = _latent_stats(vae, z)
+    z = z / inv_std + mean
     frames = [vae.decode(z[:, :, i:i + 1], return_dict=False)[0] for i in range(z.shape[2])]
     return torch.cat(frames, dim=2).float().clamp(-1, 1)
 
