@@ -58,8 +58,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
                     "and write every intermediate (prompt_embeds, image_embeds, condition, render_latent, "
                     "reference_latent, step<i>.*, final_latents, decoded_video, frames_uint8, ...) to --out under "
                     "the reference pipelines' names. With --compare, print the largest error of every key relative "
-                    "to that key's largest reference magnitude (decoded video and frames: in 8-bit grey levels) and exit 1 if any "
-                    "exceeds its tolerance.",
+                    "to that key's largest reference magnitude (decoded video and frames: in 8-bit grey levels) and "
+                    "exit 1 if any exceeds its tolerance.",
     )
     pipeline.add_argument("case", type=Path, metavar="CASE_DIR", help="case folder")
     pipeline.add_argument("--wan-dir", required=True, type=Path,
@@ -74,8 +74,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     pipeline.add_argument("--tolerance", type=float, default=1e-5,
                           help="with --compare: largest allowed max|diff| / max|reference| per key (default 1e-5)")
     pipeline.add_argument("--frame-tolerance", type=float, default=1.0,
-                          help="with --compare: largest allowed difference of the decoded video and frames in 8-bit grey "
-                               "levels (default 1)")
+                          help="with --compare: largest allowed difference of the decoded video and frames in "
+                               "8-bit grey levels (default 1)")
     pipeline.set_defaults(handler=run_check_pipeline)
 
 

@@ -262,7 +262,8 @@ class WorldStereoPipeline:
         self.check_inputs(cond, steps, guidance_scale)
         latent_cond_mode = self.latent_cond_mode if latent_cond_mode is None else latent_cond_mode
         if latent_cond_mode not in LATENT_COND_MODES:
-            raise KeyframeWorldsError(f"latent_cond_mode {latent_cond_mode!r} is not one of {', '.join(LATENT_COND_MODES)}")
+            raise KeyframeWorldsError(f"latent_cond_mode {latent_cond_mode!r} is not one of "
+                                      f"{', '.join(LATENT_COND_MODES)}")
         guided = guidance_scale > 1.0
         negative_prompt = self.negative_prompt if negative_prompt is None else negative_prompt
         device, comp = self.device, self.companions
