@@ -3,7 +3,9 @@
 ``model check`` loads a variant folder, runs one transformer forward on given
 inputs and writes the result, which is how a download is verified and how
 equivalence with the reference implementation is checked on new inputs.
-torch is imported inside the handler only.
+``model check-pipeline`` does the same for a whole pipeline call (text and
+image encoders, VAE, every denoising step, decoding) on a case folder
+(``engine/pipelines/check.py``). torch is imported inside the handlers only.
 """
 
 from __future__ import annotations
@@ -48,16 +50,53 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
                        help="with --compare: exit status 1 if max|diff|/max|reference| exceeds this")
     check.set_defaults(handler=run_check)
 
+    pipeline = model_sub.add_parser(
+        "check-pipeline", help="run a whole WorldStereo pipeline call on a case folder and compare every intermediate",
+        description="Run the WorldStereo pipeline on a case folder (config.json, model.safetensors, "
+                    "[transformer_config.json,] inputs.safetensors with the initial noise, case.json with the call's "
+                    "settings; the layout of the shared pipeline goldens) with the Wan2.1 companions of --wan-dir, "
+                    "and write every intermediate (prompt_embeds, image_embeds, condition, render_latent, "
+                    "reference_latent, step<i>.*, final_latents, decoded_video, frames_uint8, ...) to --out under "
+                    "the reference pipelines' names. With --compare, print the largest error of every key relative "
+                    "to that key's largest reference magnitude (decoded video and frames: in 8-bit grey levels) and "
+                    "exit 1 if any exceeds its tolerance.",
+    )
+    pipeline.add_argument("case", type=Path, metavar="CASE_DIR", help="case folder")
+    pipeline.add_argument("--wan-dir", required=True, type=Path,
+                          help="local Wan2.1 image-to-video diffusers folder (tokenizer, text_encoder, image_encoder, "
+                               "image_processor, vae, scheduler, transformer/config.json)")
+    pipeline.add_argument("--out", required=True, type=Path, help="safetensors file to write")
+    pipeline.add_argument("--compare", type=Path, default=None,
+                          help="reference outputs (e.g. CASE_DIR/outputs.safetensors) to compare every key with")
+    pipeline.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda if available)")
+    pipeline.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                          help="precision of every model (default float32, the goldens' precision)")
+    pipeline.add_argument("--tolerance", type=float, default=1e-5,
+                          help="with --compare: largest allowed max|diff| / max|reference| per key (default 1e-5)")
+    pipeline.add_argument("--frame-tolerance", type=float, default=1.0,
+                          help="with --compare: largest allowed difference of the decoded video and frames in "
+                               "8-bit grey levels (default 1)")
+    pipeline.set_defaults(handler=run_check_pipeline)
+
 
 def _load_tensors(path: Path, what: str) -> dict:
-    from safetensors.torch import load_file
+    from ..pipelines.check import read_safetensors
 
-    if not path.is_file():
-        raise KeyframeWorldsError(f"{what} not found: {path}")
+    return read_safetensors(path, what)
+
+
+def _device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        return load_file(str(path))
-    except Exception as exc:  # a malformed header raises one of several types
-        raise KeyframeWorldsError(f"{what} {path} is not a readable safetensors file: {exc}") from None
+        torch.device(name)
+    except RuntimeError as exc:
+        raise KeyframeWorldsError(f"--device: {exc}") from None
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise KeyframeWorldsError(f"device {name!r} was asked for but this torch has no usable CUDA device")
+    return name
 
 
 def run_check(args: argparse.Namespace) -> int:
@@ -66,11 +105,7 @@ def run_check(args: argparse.Namespace) -> int:
 
     from .weights import ModelPaths, load_worldstereo
 
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise KeyframeWorldsError(f"device {device!r} was asked for but this torch has no usable CUDA device")
+    device = _device(args.device)
     dtype = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
 
     inputs = _load_tensors(args.inputs, "inputs file")
@@ -110,5 +145,46 @@ def run_check(args: argparse.Namespace) -> int:
     print(f"max |diff| {diff:.3e}, relative {rel:.3e} (tolerance {args.tolerance:g}): {verdict}")
     if rel > args.tolerance:
         print(f"keyframe-worlds: output differs from {args.compare}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def run_check_pipeline(args: argparse.Namespace) -> int:
+    import torch
+    from safetensors.torch import save_file
+
+    from ...bridge.atomic import atomic_write
+    from ..pipelines.check import compare_outputs, format_comparison, read_case, read_safetensors, run_case
+
+    for name in ("tolerance", "frame_tolerance"):
+        value = getattr(args, name)
+        if not value >= 0 or value == float("inf"):
+            raise KeyframeWorldsError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
+    case = read_case(args.case)
+    # read before the run, so a wrong path fails in a second rather than after it
+    reference = read_safetensors(args.compare, "reference outputs file") if args.compare is not None else None
+    device = _device(args.device)
+    outputs = run_case(case, args.wan_dir, device=device, dtype=getattr(torch, args.dtype))
+    if args.out.is_dir():
+        raise KeyframeWorldsError(f"--out {args.out} is a folder; give a .safetensors file name")
+    try:
+        with atomic_write(args.out) as tmp:
+            save_file(outputs, str(tmp))
+    except OSError as exc:
+        raise KeyframeWorldsError(f"cannot write {args.out}: {exc}") from None
+    print(f"case: {case.describe()}")
+    print(f"ran on {device} in {args.dtype}; {len(outputs)} tensors written to {args.out}")
+    if reference is None:
+        return 0
+    rows = compare_outputs(outputs, reference, tolerance=args.tolerance, frame_tolerance=args.frame_tolerance,
+                           reference_name=str(args.compare))
+    for line in format_comparison(rows):
+        print(line)
+    failed = [r.key for r in rows if not r.ok]
+    print(f"{len(rows) - len(failed)} of {len(rows)} keys within tolerance ({args.tolerance:g} relative, "
+          f"{args.frame_tolerance:g} grey levels for the decoded video and frames)")
+    if failed:
+        print(f"keyframe-worlds: {len(failed)} key(s) differ from {args.compare} beyond tolerance: {', '.join(failed)}",
+              file=sys.stderr)
         return 1
     return 0

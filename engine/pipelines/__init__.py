@@ -4,6 +4,7 @@
   render and references -> the networks' tensors (torch/numpy only).
 - ``components``: the Wan2.1 I2V companions (UMT5, CLIP, Wan VAE, UniPC) from a local folder.
 - ``worldstereo``: :class:`WorldStereoPipeline`, the sampling loop for the three variants.
+- ``check``: a pipeline case (the shared goldens' layout) run and compared key by key.
 
 The names below load their module on first use (diffusers/transformers only when needed).
 """

@@ -24,6 +24,10 @@ Steps of one call (``__call__``), as in the reference pipelines:
    :class:`~keyframe_worlds.bridge.jobs.JobCancelled` before the next step starts).
 6. Keyframe decoding (every latent frame on its own) to uint8 frames.
 
+``trace`` (optional) receives every intermediate of a call, named as in the
+reference pipelines' golden outputs (:data:`TRACE_KEYS`), which is how
+``keyframe-worlds model check-pipeline`` compares a whole call with them.
+
 Offload (``offload``): ``none`` keeps everything on the device; ``model``
 keeps every model in CPU memory and moves one at a time to the device in the
 order text encoder -> image encoder -> VAE -> transformer -> VAE;
@@ -44,16 +48,43 @@ import torch
 from ...bridge.errors import KeyframeWorldsError
 from ...bridge.jobs import JobCancelled
 from ..models.dmd_scheduler import DMDScheduler, DMDSchedulerConfig
-from ..models.offload import OFFLOAD_MODES, enable_sequential_offload
 from ..models.names import CAMERA_VARIANT, MEMORY_DMD_VARIANT, MEMORY_VARIANT, VARIANTS
-from .components import (CLIP_PIXELS, LATENT_COND_MODES, WanCompanions, condition_latent, encode_image, encode_prompt,
-                         make_unipc, vae_decode_keyframes, vae_encode_keyframes)
+from ..models.offload import OFFLOAD_MODES, enable_sequential_offload
+from .components import (CLIP_PIXELS, LATENT_COND_MODES, WanCompanions, clip_pixel_values, condition_latent,
+                         encode_pixels, encode_tokens, make_unipc, tokenize_prompts, vae_decode_keyframes,
+                         vae_encode_keyframes)
 from .prep import SegmentConditions, check_generation_size, video_to_uint8
 
 #: Sampling defaults of the reference scripts.
 DEFAULT_STEPS = {CAMERA_VARIANT: 40, MEMORY_VARIANT: 40}
 DEFAULT_GUIDANCE = 5.0
 MAX_STEPS = 1000
+
+#: What ``trace(name, tensor)`` receives in one call (B = 1; ``step{i}.*`` for every step i; ``negative``
+#: and ``uncond`` entries only when guided, ``reference_latent`` only for the memory variants):
+TRACE_KEYS = {
+    "text.input_ids": "[1, 512] int64 tokens of the cleaned prompt",
+    "text.attention_mask": "[1, 512] int64",
+    "text.negative_input_ids": "[1, 512] int64 tokens of the cleaned negative prompt",
+    "text.negative_attention_mask": "[1, 512] int64",
+    "prompt_embeds": "[1, 512, text_dim] UMT5 states, zero after the prompt's tokens",
+    "negative_prompt_embeds": "[1, 512, text_dim]",
+    "clip.pixel_values": "[1, 3, S, S] CLIP input",
+    "image_embeds": "[1, tokens, image_dim] CLIP penultimate states",
+    "image_preprocessed": "[1, 3, H, W] conditioning image in [-1, 1]",
+    "condition": "[1, 4 + 16, F, h, w] first-frame mask | condition latent",
+    "render_latent": "[1, 16, F, h, w] memory render, each keyframe encoded alone",
+    "reference_latent": "[1, 36, F_ref, h, w] [latent | ones(4) | latent] of the references",
+    "step{i}.latents_in": "[1, 16, F, h, w] latents given to the transformer (beside the condition)",
+    "step{i}.timestep": "[1] the step's timestep (UniPC int64, DMD float32)",
+    "step{i}.noise_pred_cond": "[1, 16, F, h, w] transformer output with the prompt",
+    "step{i}.noise_pred_uncond": "[1, 16, F, h, w] with the negative prompt",
+    "step{i}.noise_pred": "[1, 16, F, h, w] what the sampler gets: uncond + g (cond - uncond), or cond",
+    "step{i}.latents_out": "[1, 16, F, h, w] latents after the step",
+    "final_latents": "[1, 16, F, h, w] the last latents_out, input of decoding",
+    "decoded_video": "[1, 3, F, H, W] in [-1, 1], each keyframe decoded alone",
+    "frames_uint8": "[F, H, W, 3] uint8, the returned frames (rounded)",
+}
 
 
 @dataclass
@@ -209,8 +240,14 @@ class WorldStereoPipeline:
     def __call__(self, cond: SegmentConditions, prompt: str = "", negative_prompt: str | None = None,
                  steps: int | None = None, guidance_scale: float | None = None, seed: int = 0,
                  callback: Callable[[int, int], None] | None = None,
-                 should_cancel: Callable[[], bool] | None = None) -> PipelineOutput:
-        """Generate the ``F`` keyframes of ``cond``; deterministic for ``seed`` on a given device."""
+                 should_cancel: Callable[[], bool] | None = None, latents: torch.Tensor | None = None,
+                 latent_cond_mode: str | None = None,
+                 trace: Callable[[str, torch.Tensor], None] | None = None) -> PipelineOutput:
+        """Generate the ``F`` keyframes of ``cond``; deterministic for ``seed`` on a given device.
+
+        ``latents``: the initial noise ``[1, 16, F, h, w]`` float32 instead of the one ``seed`` draws.
+        ``latent_cond_mode``: this call's instead of the pipeline's. ``trace``: see :data:`TRACE_KEYS`.
+        """
         if self.is_dmd:
             if steps is not None and steps != self.dmd_config.steps:
                 raise KeyframeWorldsError(f"{self.variant} is distilled for {self.dmd_config.steps} steps; got steps={steps}")
@@ -220,28 +257,48 @@ class WorldStereoPipeline:
         steps = self.default_steps() if steps is None else steps
         guidance_scale = DEFAULT_GUIDANCE if guidance_scale is None else guidance_scale
         self.check_inputs(cond, steps, guidance_scale)
+        latent_cond_mode = self.latent_cond_mode if latent_cond_mode is None else latent_cond_mode
+        if latent_cond_mode not in LATENT_COND_MODES:
+            raise KeyframeWorldsError(f"latent_cond_mode {latent_cond_mode!r} is not one of "
+                                      f"{', '.join(LATENT_COND_MODES)}")
         guided = guidance_scale > 1.0
         negative_prompt = self.negative_prompt if negative_prompt is None else negative_prompt
         device, comp = self.device, self.companions
         dtype = next(self.transformer.parameters()).dtype
+        emit = trace if trace is not None else (lambda name, value: None)
 
-        # 2. Text [1 or 2, 512, text_dim]
+        # 2. Text [1 or 2, 512, text_dim]; each prompt encoded on its own, as the reference pipelines do
+        texts = [("", "prompt_embeds", prompt)] + ([("negative_", "negative_prompt_embeds", negative_prompt)]
+                                                    if guided else [])
+        embeds = []
         with self._on_device(comp.text_encoder):
-            context = encode_prompt(comp.tokenizer, comp.text_encoder, [prompt] + ([negative_prompt] if guided else []))
-        context = context.to(device, dtype)
+            for prefix, name, text in texts:
+                ids, mask = tokenize_prompts(comp.tokenizer, [text])
+                emit(f"text.{prefix}input_ids", ids)
+                emit(f"text.{prefix}attention_mask", mask)
+                embeds.append(encode_tokens(comp.text_encoder, ids, mask))
+                emit(name, embeds[-1])
+        context = torch.cat(embeds).to(device, dtype)
         # 3. Image [1, 257, image_dim]
+        emit("image_preprocessed", cond.image)
+        pixel_values = clip_pixel_values(comp.image_processor, cond.image, self.clip_pixels)
+        emit("clip.pixel_values", pixel_values)
         with self._on_device(comp.image_encoder):
-            image_embeds = encode_image(comp.image_processor, comp.image_encoder, cond.image,
-                                        self.clip_pixels).to(device, dtype)
+            image_embeds = encode_pixels(comp.image_encoder, pixel_values).to(device, dtype)
+        emit("image_embeds", image_embeds)
         # 4. Latents: condition [1, 20, F, h, w], render [1, 16, F, h, w], references [1, 36, F_ref, h, w]
         frames = cond.frames
         with self._on_device(comp.vae) as vae:
-            condition = condition_latent(vae, cond.image, frames, comp.vae_temporal_factor, self.latent_cond_mode)
+            condition = condition_latent(vae, cond.image, frames, comp.vae_temporal_factor, latent_cond_mode)
             render_latent = vae_encode_keyframes(vae, cond.render_video)
             reference_latent = None
             if self.is_memory:
                 ref = vae_encode_keyframes(vae, cond.reference_video)
                 reference_latent = torch.cat([ref, torch.ones_like(ref[:, :4]), ref], dim=1)
+        emit("condition", condition)
+        emit("render_latent", render_latent)
+        if reference_latent is not None:
+            emit("reference_latent", reference_latent)
         condition = condition.to(device, dtype)
         net_inputs = dict(render_latent=render_latent.to(device, dtype),
                           render_mask=cond.render_mask.to(device, dtype),
@@ -254,8 +311,12 @@ class WorldStereoPipeline:
 
         # 5. Denoising; the noise is drawn on the CPU so a seed means the same start on every device
         shape = (1, condition.shape[1] - comp.vae_temporal_factor, frames, *condition.shape[-2:])
-        latents = torch.randn(shape, generator=torch.Generator("cpu").manual_seed(int(seed)),
-                              dtype=torch.float32).to(device)
+        if latents is None:
+            latents = torch.randn(shape, generator=torch.Generator("cpu").manual_seed(int(seed)), dtype=torch.float32)
+        elif tuple(latents.shape) != shape or not latents.is_floating_point():
+            raise KeyframeWorldsError(f"latents must be a float tensor {list(shape)}, got {latents.dtype} "
+                                      f"{list(latents.shape)}")
+        latents = latents.to(device, torch.float32)
         if self.is_dmd:
             sampler = DMDScheduler(self.dmd_config)
             timesteps = sampler.timesteps.to(device)
@@ -266,21 +327,31 @@ class WorldStereoPipeline:
         total = len(timesteps)
         with self._on_device(self.transformer, is_transformer=True) as net:
             for i, t in enumerate(timesteps):
+                emit(f"step{i}.latents_in", latents)
+                emit(f"step{i}.timestep", t.expand(1))
                 x = torch.cat([latents.to(dtype), condition], dim=1)
                 velocity = net(x, t.expand(1), context[:1], **net_inputs).float()
+                emit(f"step{i}.noise_pred_cond", velocity)
                 if guided:
                     uncond = net(x, t.expand(1), context[1:], **net_inputs).float()
+                    emit(f"step{i}.noise_pred_uncond", uncond)
                     velocity = uncond + guidance_scale * (velocity - uncond)
+                emit(f"step{i}.noise_pred", velocity)
                 if self.is_dmd:
                     latents = sampler.step(velocity, latents, i)
                 else:
                     latents = sampler.step(velocity, t, latents, return_dict=False)[0]
+                emit(f"step{i}.latents_out", latents)
                 if callback is not None:
                     callback(i + 1, total)
                 if i + 1 < total and should_cancel is not None and should_cancel():
                     raise JobCancelled(f"generation cancelled after step {i + 1} of {total}")
 
         # 6. Keyframe decoding [1, 3, F, H, W] -> (F, H, W, 3) uint8
+        emit("final_latents", latents)
         with self._on_device(comp.vae) as vae:
             video = vae_decode_keyframes(vae, latents)
-        return PipelineOutput(frames=video_to_uint8(video.cpu()), latents=latents.float().cpu())
+        emit("decoded_video", video)
+        out = PipelineOutput(frames=video_to_uint8(video.cpu()), latents=latents.float().cpu())
+        emit("frames_uint8", out.frames)
+        return out
