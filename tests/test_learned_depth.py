@@ -377,3 +377,19 @@ def test_frames_must_be_uint8_t_h_w_3(folders):
     with pytest.raises(KeyframeWorldsError, match="intrinsics"):
         estimator.predict(_frames(), intrinsics=torch.ones(2, 4))
 
+
+def test_a_loaded_network_aligned_to_a_memory_render_gives_a_valid_depth_estimate(folders):
+    from keyframe_worlds.engine.world.depth_alignment import AlignedLearnedDepth
+
+    rgb = _frames(5)
+    generator = torch.Generator().manual_seed(11)
+    depth = 2.0 + 3.0 * torch.rand(T, H, W, generator=generator)
+    visible = torch.zeros(T, H, W, dtype=torch.bool)
+    visible[:, :, : W // 2] = True  # the right half is a disocclusion
+    for name in ("da_relative", "da_metric", "prompt"):
+        aligned = AlignedLearnedDepth(load_depth_estimator(folders[name][0]))
+        estimate = aligned.estimate(rgb, _render(depth, visible))
+        assert estimate.depth_z_m.shape == (T, H, W) and estimate.confidence.shape == (T, H, W), name
+        assert bool((estimate.depth_z_m > 0).all()) and bool(torch.isfinite(estimate.depth_z_m).all()), name
+        assert bool(((estimate.confidence >= 0) & (estimate.confidence <= 1)).all()), name
+        assert len(aligned.last_fits) == T and all(f.support == H * W // 2 for f in aligned.last_fits), name
