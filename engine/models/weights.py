@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 from ...bridge.errors import KeyframeWorldsError
+from ..io.checkpoint_files import CheckpointError, refuse_pickles
 
 if TYPE_CHECKING:  # torch stays out of import time for the CLI
     import torch
@@ -38,18 +39,12 @@ VARIANT_BACKBONE_CONFIG = "transformer_config.json"
 BACKBONE_SUBFOLDER = "transformer"
 BACKBONE_WEIGHTS = "diffusion_pytorch_model.safetensors"
 BACKBONE_INDEX = "diffusion_pytorch_model.safetensors.index.json"
-#: Pickle-based weight files: never opened (unpickling can run arbitrary code).
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 #: Keys some Wan checkpoints carry that the network has no use for (diffusers ignores them too).
 IGNORED_BACKBONE_KEY_PATTERN = re.compile(r"(^|\.)norm_added_q\.")
 #: Environment variable for the local Wan2.1 I2V diffusers folder (the engine setting's fallback).
 WAN_DIR_ENV = "KEYFRAME_WORLDS_WAN_I2V_DIR"
 #: How many keys an error message lists before summarising.
 MAX_LISTED_KEYS = 20
-
-
-class CheckpointError(KeyframeWorldsError):
-    """A checkpoint folder or file is missing, unreadable or not what it should be."""
 
 
 class WrongVariantError(CheckpointError):
@@ -144,15 +139,6 @@ def _read_json(path: Path, what: str) -> Any:
         raise CheckpointError(f"{what} {path} is not readable JSON: {exc}") from None
 
 
-def _refuse_pickles(folder: Path, what: str) -> None:
-    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES) if folder.is_dir() else []
-    if pickles:
-        raise CheckpointError(
-            f"{what} {folder} holds only pickle weight files ({', '.join(pickles)}); they are not loaded because "
-            "unpickling can run arbitrary code. Convert them to safetensors (or download the safetensors release)."
-        )
-
-
 def read_variant_folder(path: str | os.PathLike, expect_variant: str | None = None) -> VariantFolder:
     """Parse ``config.json`` (+ ``transformer_config.json``) of a variant folder and find its weights."""
     from .wan_transformer import WanTransformerConfig
@@ -173,7 +159,7 @@ def read_variant_folder(path: str | os.PathLike, expect_variant: str | None = No
         )
     weights = folder / VARIANT_WEIGHTS
     if not weights.is_file():
-        _refuse_pickles(folder, "checkpoint folder")
+        refuse_pickles(folder, "checkpoint folder")
         raise CheckpointError(f"weights not found: {weights} (a WorldStereo variant folder holds "
                               f"{VARIANT_CONFIG} and {VARIANT_WEIGHTS})")
     backbone_config = None
@@ -238,7 +224,7 @@ def backbone_weight_files(base_dir: Path) -> list[Path]:
     shards = sorted(folder.glob("*.safetensors"))
     if shards:
         return shards
-    _refuse_pickles(folder, "backbone folder")
+    refuse_pickles(folder, "backbone folder")
     raise CheckpointError(f"no backbone weights in {folder} (expected {BACKBONE_WEIGHTS} or {BACKBONE_INDEX})")
 
 

@@ -42,7 +42,7 @@ import torch
 
 from ...bridge.errors import KeyframeWorldsError
 from ..models.names import CLIP_PIXELS
-from ..models.weights import CheckpointError, PICKLE_SUFFIXES
+from ..io.checkpoint_files import PICKLE_SUFFIXES, CheckpointError
 
 #: Text tokens of the context (the I2V cross-attention's fixed text length).
 TEXT_TOKENS = 512
