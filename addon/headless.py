@@ -61,6 +61,8 @@ def add_scene_commands(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--depth", choices=("scene", "none"), default="scene", help="depth of the rendered reference from the scene")
     g.add_argument("--depth-file", help="reference depth file (.npy z-depth in metres, or .exr)")
     g.add_argument("--samples", type=int, default=16, help="Cycles samples for the reference render")
+    g.add_argument("--mesh-every", type=int, help="a depth mesh in the bundle every N frames of each camera (default 8)")
+    g.add_argument("--mesh-stride", type=int, help="a mesh vertex every N pixels (default 4)")
     g.add_argument("--engine-python", help="the engine's Python (default: $KEYFRAME_WORLDS_ENGINE_PYTHON, else this Python)")
     g.add_argument("--model-dir", help="worldstereo: folder with one folder per variant (and the Wan2.1 I2V folder)")
     g.add_argument("--variant", default="worldstereo-memory-dmd", help="worldstereo: the model variant")
@@ -71,8 +73,6 @@ def add_scene_commands(subparsers: argparse._SubParsersAction) -> None:
 
     i = subparsers.add_parser("import", help="import a result bundle into the file and save it")
     i.add_argument("bundle", help="result bundle folder (with manifest.json)")
-    i.add_argument("--mesh-every", type=int, default=8)
-    i.add_argument("--mesh-stride", type=int, default=4)
     i.add_argument("--no-meshes", action="store_true")
     i.add_argument("--no-points", action="store_true")
     i.add_argument("--no-video", action="store_true")
@@ -201,6 +201,7 @@ def cmd_generate(args) -> int:
         reference="FILE" if args.reference else "RENDER", reference_path=args.reference or "",
         depth="FILE" if args.depth_file else ("SCENE" if args.depth == "scene" and not args.reference else "NONE"),
         depth_path=args.depth_file or "", prompt=args.prompt, generator=args.generator, seed=args.seed, samples=args.samples,
+        mesh_every=args.mesh_every, mesh_stride=args.mesh_stride,
         options=worldstereo_options(args.model_dir, args.variant, args.offload) if args.generator == "worldstereo" else {},
     )
     prepared = prepare_job(scene, settings, out, selected=selected)
@@ -230,8 +231,7 @@ def cmd_import(args) -> int:
 
     from .importers import ImportOptions, import_bundle
 
-    options = ImportOptions(video=not args.no_video, point_cloud=not args.no_points, meshes=not args.no_meshes,
-                            mesh_every=args.mesh_every, mesh_stride=args.mesh_stride)
+    options = ImportOptions(video=not args.no_video, point_cloud=not args.no_points, meshes=not args.no_meshes)
     result = import_bundle(bpy.context.scene, args.bundle, options)
     _print_warnings(result.warnings)
     target = args.save or bpy.data.filepath

@@ -14,25 +14,22 @@ from pathlib import Path
 import bpy
 import numpy as np
 
-from ..bridge import cameras as conv
 from ..bridge.errors import KeyframeWorldsError
+from ..bridge.ply import read_ply
 from ..bridge.spec import load_manifest
 from ..bridge.trajectory import Trajectory
 
 COLLECTION_PREFIX = "KFW "
-# Neighbouring depths further apart than this fraction are a discontinuity, not a surface.
-DEPTH_JUMP_RATIO = 0.08
 
 
 @dataclass(frozen=True)
 class ImportOptions:
-    """What to import and how coarse the meshes are."""
+    """What to import. Which frames get meshes, and how fine they are, is the job's ``output.mesh_every`` and
+    ``output.mesh_stride``: the add-on imports the meshes the bundle holds."""
 
     video: bool = True
     point_cloud: bool = True
     meshes: bool = True
-    mesh_every: int = 8  # a depth mesh every N frames of each trajectory
-    mesh_stride: int = 4  # a mesh vertex every N pixels (bounds the vertex count)
     point_radius: float = 0.02  # metres
 
 
@@ -82,12 +79,11 @@ def import_bundle(scene: bpy.types.Scene, bundle_dir: str | os.PathLike, options
         if options.video:
             result.warnings += attach_video(scene, cam, rt.trajectory, [bundle / f.image for f in rt.frames],
                                             None if rt.video is None else bundle / rt.video)
-        if options.meshes:
-            for i in range(0, len(rt.frames), options.mesh_every):
-                f = rt.frames[i]
-                depth = np.load(bundle / f.depth_npy)
-                name = f"{rt.trajectory.name} depth {f.frame}"
-                result.meshes.append(depth_mesh(name, depth, rt.trajectory, i, bundle / f.image, result.collection, options.mesh_stride))
+    if options.meshes:
+        # The bundle is the contract: exactly the meshes the manifest lists, as the engine triangulated them.
+        for m in manifest.meshes:
+            result.meshes.append(import_mesh(f"{m.trajectory} depth {m.frame}", bundle / m.path, bundle / m.texture,
+                                             result.collection))
     if options.point_cloud and manifest.point_cloud is not None:
         result.point_cloud = import_point_cloud(bundle / manifest.point_cloud, f"{manifest.job_name} points", result.collection,
                                                 options.point_radius)
@@ -167,50 +163,30 @@ def _file_number(path: Path) -> int | None:
 # --- depth-textured meshes ------------------------------------------------------------
 
 
-def depth_grid_faces(points: np.ndarray, depth: np.ndarray, max_jump: float = DEPTH_JUMP_RATIO) -> np.ndarray:
-    """Triangles ``(F, 3)`` over an ``(h, w)`` grid, leaving out cells with a missing vertex or a depth discontinuity."""
-    h, w = depth.shape
-    idx = np.arange(h * w).reshape(h, w)
-    a, b, c, d = idx[:-1, :-1], idx[:-1, 1:], idx[1:, :-1], idx[1:, 1:]
-    corners = np.stack([depth[:-1, :-1], depth[:-1, 1:], depth[1:, :-1], depth[1:, 1:]], -1)
-    valid = np.all(np.isfinite(corners) & (corners > 0), -1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        jump = (corners.max(-1) - corners.min(-1)) / corners.min(-1)
-    keep = valid & (jump <= max_jump)
-    tris = np.concatenate([np.stack([a, c, b], -1)[keep], np.stack([b, c, d], -1)[keep]])
-    return tris
-
-
-def depth_mesh(name: str, depth_z_m: np.ndarray, trajectory: Trajectory, index: int, image_path: Path, collection,
-               stride: int = 4) -> bpy.types.Object:
-    """A grid mesh unprojected from one frame's depth with its camera, textured with the frame, in world space."""
-    if depth_z_m.shape != (trajectory.height, trajectory.width):
-        raise KeyframeWorldsError(f"{name}: depth is {depth_z_m.shape[1]}x{depth_z_m.shape[0]}, "
-                                  f"the camera is {trajectory.width}x{trajectory.height}")
-    points, uv_px = conv.unproject_depth_grid(depth_z_m, trajectory.c2w_opencv[index], trajectory.k[index], stride)
-    h, w = points.shape[:2]
-    sampled = depth_z_m[np.ix_(conv.grid_indices(depth_z_m.shape[0], stride), conv.grid_indices(depth_z_m.shape[1], stride))]
-    faces = depth_grid_faces(points, sampled)
-    used = np.unique(faces)
-    remap = np.full(h * w, -1, np.int64)
-    remap[used] = np.arange(len(used))
-    verts = points.reshape(-1, 3)[used].astype(np.float32)
-    faces = remap[faces]
+def import_mesh(name: str, path: Path, texture: Path, collection) -> bpy.types.Object:
+    """The bundle's depth-textured mesh ``path`` (the engine's triangulation, world space, UVs ``s t``) as an
+    object textured with its frame ``texture``. Vertices and triangles are the PLY's, unchanged."""
+    if not Path(path).is_file():
+        raise KeyframeWorldsError(f"mesh not found: {path}")
+    data = read_ply(path)
+    if not all(k in data.vertex for k in ("x", "y", "z", "s", "t")) or not len(data.faces):
+        raise KeyframeWorldsError(f"{path} is not a depth mesh of a result bundle (needs x y z s t and triangles)")
+    verts = data.positions()
+    faces = data.faces.astype(np.int32, copy=False)
     mesh = bpy.data.meshes.new(name)
     mesh.vertices.add(len(verts))
     mesh.vertices.foreach_set("co", verts.ravel())
     mesh.loops.add(faces.size)
-    mesh.loops.foreach_set("vertex_index", faces.ravel().astype(np.int32))
+    mesh.loops.foreach_set("vertex_index", faces.ravel())
     mesh.polygons.add(len(faces))
     mesh.polygons.foreach_set("loop_start", np.arange(0, faces.size, 3, dtype=np.int32))
-    # UVs from pixel coordinates: u right, v up (Blender's), so the top image row is v = 1.
-    uv = uv_px.reshape(-1, 2)[used][faces.ravel()] / np.array([trajectory.width, trajectory.height])
-    uv[:, 1] = 1.0 - uv[:, 1]
+    # The engine's UVs are already Blender's (t up); one per loop.
+    st = np.stack([data.vertex["s"], data.vertex["t"]], -1).astype(np.float32)
     layer = mesh.uv_layers.new(name="UVMap")
-    layer.data.foreach_set("uv", uv.astype(np.float32).ravel())
+    layer.data.foreach_set("uv", st[faces.ravel()].ravel())
     mesh.update()
     mesh.validate()
-    mesh.materials.append(_textured_material(name, image_path))
+    mesh.materials.append(_textured_material(name, texture))
     obj = bpy.data.objects.new(name, mesh)
     collection.objects.link(obj)
     return obj

@@ -39,6 +39,8 @@ class JobSettings:
     seed: int = 0
     samples: int = 16  # Cycles samples for a rendered reference
     point_budget: int | None = None  # most points the world memory keeps (None: the engine's default)
+    mesh_every: int | None = None  # a depth mesh in the bundle every N frames (None: the spec's default)
+    mesh_stride: int | None = None  # a mesh vertex every N pixels (None: the spec's default)
     options: dict = field(default_factory=dict)  # generator settings, checked by the generator
 
 
@@ -84,8 +86,10 @@ def prepare_job(scene: bpy.types.Scene, settings: JobSettings, job_dir: str | Pa
         "trajectories": [t.to_json() for t in trajectories],
         "options": dict(settings.options),
     }
-    if settings.point_budget is not None:
-        doc["output"] = {"point_budget": int(settings.point_budget)}
+    output = {key: int(value) for key, value in (("point_budget", settings.point_budget), ("mesh_every", settings.mesh_every),
+                                                  ("mesh_stride", settings.mesh_stride)) if value is not None}
+    if output:
+        doc["output"] = output
     job = spec.JobSpec.from_json(doc, base_dir=out)
     path = out / "job.json"
     spec.write_json_atomic(path, doc)

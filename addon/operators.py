@@ -94,8 +94,6 @@ class KFW_OT_import_result(bpy.types.Operator):
     bl_options = {"REGISTER", "UNDO"}
 
     directory: StringProperty(name="Bundle Folder", subtype="DIR_PATH")
-    mesh_every: IntProperty(name="Mesh Every", default=8, min=1, description="A depth mesh every N frames")
-    mesh_stride: IntProperty(name="Mesh Stride", default=4, min=1, description="A mesh vertex every N pixels")
 
     def invoke(self, context, event):
         last = context.scene.keyframe_worlds.last_job_dir if hasattr(context.scene, "keyframe_worlds") else ""
@@ -108,8 +106,7 @@ class KFW_OT_import_result(bpy.types.Operator):
         from .importers import ImportOptions, import_bundle
 
         try:
-            result = import_bundle(context.scene, bpy.path.abspath(self.directory),
-                                   ImportOptions(mesh_every=self.mesh_every, mesh_stride=self.mesh_stride))
+            result = import_bundle(context.scene, bpy.path.abspath(self.directory), ImportOptions())
         except KeyframeWorldsError as exc:
             self.report({"ERROR"}, str(exc))
             return {"CANCELLED"}

@@ -22,31 +22,33 @@ def looking_down(height: float, x: float) -> np.ndarray:
     return c2w
 
 
-def make_bundle(folder, name="shot", frames=(1, 2, 3, 4), height=5.0, with_step_box=False):
-    """A bundle over the ground plane z = 0 seen from above; optionally a raised box that makes a depth jump."""
+def make_bundle(folder, name="shot", frames=(1, 2, 3, 4), height=5.0, with_step_box=False, mesh_every=2, mesh_stride=4):
+    """A bundle over the ground plane z = 0 seen from above, written by the engine's own bundle writer (frames,
+    depth, meshes every ``mesh_every`` frames, point cloud, manifest); optionally a raised box that makes a depth jump."""
+    from keyframe_worlds.engine.run.bundle import BundleWriter
+
     n = len(frames)
     traj = Trajectory(name="Cam", frames=list(frames), c2w_opencv=np.stack([looking_down(height, 0.2 * i) for i in range(n)]),
                       fx=40.0, fy=40.0, cx=W / 2, cy=H / 2, width=W, height=H, fps=24)
-    files = []
-    for i, frame in enumerate(frames):
+    writer = BundleWriter(folder, name, "preview", "geometric preview")
+    output = writer.trajectory(traj)
+    for i in range(n):
         depth = np.full((H, W), height, np.float32)
         if with_step_box:
             depth[8:20, 10:24] = height - 2.0  # top of a 2 m box
         rgb = np.zeros((H, W, 3), np.uint8)
         rgb[..., 0] = np.linspace(0, 255, W, dtype=np.uint8)[None]
         rgb[..., 1] = 40 * i
-        (folder / "frames").mkdir(parents=True, exist_ok=True)
-        (folder / "depth").mkdir(exist_ok=True)
-        Image.fromarray(rgb).save(folder / f"frames/Cam_{frame:06d}.png")
-        np.save(folder / f"depth/Cam_{frame:06d}.npy", depth)
-        files.append(spec.ResultFrame(frame, f"frames/Cam_{frame:06d}.png", f"depth/Cam_{frame:06d}.npy"))
+        output.write_frame(i, rgb, depth)
+        if i % mesh_every == 0:
+            output.write_mesh(i, depth, mesh_stride)
+    output.flush()
+    writer.add(output)
     rng = np.random.default_rng(1)
     pts = np.column_stack([rng.uniform(-2, 2, 500), rng.uniform(-1, 1, 500), np.zeros(500)]).astype(np.float32)
     rgb = rng.integers(0, 256, (500, 3), dtype=np.uint8)
-    write_ply(folder / "world.ply", {"x": pts[:, 0], "y": pts[:, 1], "z": pts[:, 2], "red": rgb[:, 0], "green": rgb[:, 1], "blue": rgb[:, 2]})
-    manifest = spec.ResultManifest(job_name=name, generator="preview", generator_label="geometric preview",
-                                   trajectories=(spec.ResultTrajectory(traj, tuple(files)),), point_cloud="world.ply", point_count=500)
-    spec.write_json_atomic(folder / spec.MANIFEST_FILENAME, manifest.to_json())
+    writer.write_point_cloud(pts, rgb, np.ones(500, np.float32), np.zeros(500, np.int32))
+    writer.finish()
     return traj, pts, rgb
 
 
@@ -61,11 +63,19 @@ def test_import_places_everything_in_world_space(blank_blend, tmp_path):
     from keyframe_worlds.addon.importers import ImportOptions, import_bundle
 
     traj, pts, rgb = make_bundle(tmp_path)
-    result = import_bundle(bpy.context.scene, tmp_path, ImportOptions(mesh_every=2, mesh_stride=4))
+    result = import_bundle(bpy.context.scene, tmp_path, ImportOptions())
     assert result.collection.name == "KFW shot"
-    assert len(result.meshes) == 2  # frames 1 and 3
-    for obj, index in zip(result.meshes, (0, 2)):
+    manifest = spec.load_manifest(tmp_path)
+    assert [o.name for o in result.meshes] == ["Cam depth 1", "Cam depth 3"] == [f"Cam depth {m.frame}" for m in manifest.meshes]
+    for obj, index, entry in zip(result.meshes, (0, 2), manifest.meshes):
+        # exactly the bundle's mesh: its vertices, in its order, and its triangles
+        ply_mesh = read_ply(tmp_path / entry.path)
         v = mesh_vertices(obj)
+        assert len(obj.data.vertices) == ply_mesh.count and len(obj.data.polygons) == len(ply_mesh.faces)
+        np.testing.assert_allclose(v, ply_mesh.positions(), atol=1e-5)
+        polys = np.empty(len(obj.data.polygons) * 3, np.int32)
+        obj.data.polygons.foreach_get("vertices", polys)
+        np.testing.assert_array_equal(polys.reshape(-1, 3), ply_mesh.faces)
         # The depth of a plane at distance 5 unprojects onto the plane z = 0, inside the camera's footprint.
         np.testing.assert_allclose(v[:, 2], 0.0, atol=1e-5)
         # Columns 0, 4, ..., 44 and the last, 47: pixel centres u + 0.5, seen from 5 m with fx = 40.
@@ -107,8 +117,8 @@ def test_depth_discontinuities_are_not_bridged(blank_blend, tmp_path):
     bpy = blank_blend
     from keyframe_worlds.addon.importers import ImportOptions, import_bundle
 
-    make_bundle(tmp_path, with_step_box=True)
-    result = import_bundle(bpy.context.scene, tmp_path, ImportOptions(mesh_every=10, mesh_stride=2, point_cloud=False, video=False))
+    make_bundle(tmp_path, with_step_box=True, mesh_every=10, mesh_stride=2)
+    result = import_bundle(bpy.context.scene, tmp_path, ImportOptions(point_cloud=False, video=False))
     (obj,) = result.meshes
     v = mesh_vertices(obj)
     heights = np.unique(np.round(v[:, 2], 4))
@@ -142,7 +152,7 @@ def test_bad_bundle_is_a_clear_error(blank_blend, tmp_path):
     with pytest.raises(KeyframeWorldsError, match="not found"):
         import_bundle(bpy.context.scene, tmp_path)
     make_bundle(tmp_path)
-    (tmp_path / "world.ply").unlink()
+    (tmp_path / "points.ply").unlink()
     with pytest.raises(KeyframeWorldsError, match="point_cloud.path"):
         import_bundle(bpy.context.scene, tmp_path)
 

@@ -230,8 +230,17 @@ def test_openapi_document_is_served_and_kept_in_the_repository(engine):
     stored = json.loads(OPENAPI_PATH.read_text())
     assert stored == json.loads(render()), "run: python -m keyframe_worlds.engine.service.openapi"
     assert served["paths"].keys() == stored["paths"].keys()
-    assert {"/v1/health", "/v1/jobs", "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/cancel", "/v1/jobs/{job_id}/manifest",
-            "/v1/jobs/{job_id}/files/{file_path}"} <= set(stored["paths"])
+    assert {"/v1/health", "/v1/jobs", "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/cancel", "/v1/jobs/{job_id}/retry",
+            "/v1/jobs/{job_id}/manifest", "/v1/jobs/{job_id}/files/{file_path}"} <= set(stored["paths"])
+    # the status schema is the bridge's JobStatus, field for field, with its documented words
+    from dataclasses import fields
+
+    from keyframe_worlds.bridge.jobs import STATUS_FIELD_DOCS, JobState, JobStatus
+
+    schema = stored["components"]["schemas"]["JobStatusModel"]["properties"]
+    assert set(schema) == {f.name for f in fields(JobStatus)}
+    assert all(schema[name]["description"] == STATUS_FIELD_DOCS[name] for name in schema)
+    assert schema["state"]["type"] == "string" and JobState("running") is JobState.RUNNING
 
 
 def serve(tmp_path, *args, env_token="x" * 32):
