@@ -36,6 +36,9 @@ from ...bridge.spec import JobSpec, load_job
 
 #: Outcome words of a finished run (``interrupted``: the engine stopped; the job resumes at the next start).
 OUTCOMES = ("completed", "failed", "cancelled", "interrupted")
+#: The worker yields the CPU to the server (and to Blender on the same machine) when both want it: status answers stay
+#: prompt while a CPU-heavy job runs, and the job still gets every cycle nobody else asks for.
+WORKER_NICENESS = 10
 
 
 class WorkerProgress(Progress):
@@ -154,6 +157,8 @@ def worker_main(device: str, conn, cancel, stop, parent_pid: int, job_root: str)
     from ..testing.faults import install_from_environment
     from .watchdog import watch_parent
 
+    if hasattr(os, "nice"):
+        os.nice(WORKER_NICENESS)
     watch_parent(parent_pid, lambda: os._exit(3))  # the server is gone: nobody is left to report to
     install_from_environment(Path(job_root))
     warm = WarmModel(device)
