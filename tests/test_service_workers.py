@@ -155,10 +155,11 @@ def test_serve_refuses_a_device_it_cannot_use(tmp_path):
     import sys
 
     from keyframe_worlds.bridge.errors import KeyframeWorldsError
-    from keyframe_worlds.engine.service.server import check_devices
+    from keyframe_worlds.engine.service.devices import check_devices, usable_gpu_count
 
     assert check_devices(["cpu:0", "cpu:1"]) == ["cpu:0", "cpu:1"]
-    cases = [(["gpu"], "--device gpu: not a device"), (["cpu", "cpu:0"], "named twice"), (["meta"], "cpu or cuda")]
+    cases = [(["gpu"], "--device gpu: not a device"), (["cpu", "cpu:0"], "named twice"), (["meta"], "cpu, cpu:N, cuda")]
+    assert usable_gpu_count() == torch.cuda.device_count()  # the driver's count, without torch, agrees with torch's
     if not torch.cuda.is_available():
         cases.append((["cuda:0"], "no CUDA device"))
     for devices, words in cases:
@@ -168,6 +169,24 @@ def test_serve_refuses_a_device_it_cannot_use(tmp_path):
                            "--device", "gpu"], capture_output=True, text=True, timeout=60,
                           env={**os.environ, "KEYFRAME_WORLDS_TOKEN": "t" * 32})
     assert proc.returncode == 2 and "--device gpu: not a device" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_the_server_never_imports_torch(tmp_path):
+    """The HTTP side stays light and off the GPU: torch is loaded by the workers only."""
+    import subprocess
+    import sys
+
+    code = ("import sys, threading, time\n"
+            "from keyframe_worlds.engine.service.server import ServiceConfig, serve\n"
+            "from pathlib import Path\n"
+            "def check():\n"
+            "    time.sleep(4)\n"
+            "    print('TORCH', 'torch' in sys.modules, flush=True)\n"
+            "    import os; os._exit(0)\n"
+            "threading.Thread(target=check, daemon=True).start()\n"
+            f"serve(ServiceConfig(job_root=Path({str(tmp_path / 'jobs')!r}), token='t' * 32, devices=('cpu',)))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert "READY port=" in proc.stdout and "TORCH False" in proc.stdout, proc.stdout + proc.stderr
 
 
 @pytest.mark.parametrize("kill_after", [2])

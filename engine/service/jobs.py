@@ -214,6 +214,10 @@ class JobManager:
     def worker_info(self) -> list[dict]:
         return [w.info().to_json() for w in self.workers]
 
+    def gpu_memory(self) -> list[dict]:
+        """Each GPU worker's device memory, as it last reported it (the server itself never touches a GPU)."""
+        return [m for m in (w.gpu_memory() for w in self.workers) if m is not None]
+
     # --- the HTTP side ----------------------------------------------------------
 
     def submit(self, spec_doc: dict, inputs: dict[str, Callable[[Path], None]]) -> JobStatus:

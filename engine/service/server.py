@@ -66,54 +66,6 @@ def read_token(token_file: str | None) -> str:
     return token
 
 
-def check_devices(devices: list[str]) -> list[str]:
-    """The ``--device`` list, each a device this machine has, named once; raises naming the first that is not."""
-    import torch
-
-    seen: set = set()
-    for name in devices:
-        try:
-            device = torch.device(name)
-        except (RuntimeError, ValueError):
-            raise KeyframeWorldsError(f"--device {name}: not a device (cpu, cpu:N, cuda, cuda:N)") from None
-        if device.type not in ("cpu", "cuda"):
-            raise KeyframeWorldsError(f"--device {name}: the engine's workers run on cpu or cuda devices")
-        if device.type == "cuda":
-            if not torch.cuda.is_available():
-                raise KeyframeWorldsError(f"--device {name}: no CUDA device is available to this torch build")
-            if (device.index or 0) >= torch.cuda.device_count():
-                raise KeyframeWorldsError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-        key = (device.type, device.index or 0)
-        if key in seen:
-            raise KeyframeWorldsError(f"--device {name}: named twice (one worker per device)")
-        seen.add(key)
-    return list(devices)
-
-
-def detect_devices() -> list[str]:
-    """One worker device per CUDA GPU, else the CPU."""
-    import torch
-
-    if torch.cuda.is_available():
-        return [f"cuda:{i}" for i in range(torch.cuda.device_count())]
-    return ["cpu"]
-
-
-def gpu_memory() -> list[dict]:
-    try:
-        import torch
-
-        if not torch.cuda.is_available():
-            return []
-        info = []
-        for i in range(torch.cuda.device_count()):
-            free, total = torch.cuda.mem_get_info(i)
-            info.append({"device": f"cuda:{i}", "name": torch.cuda.get_device_name(i), "free_bytes": int(free), "total_bytes": int(total)})
-        return info
-    except Exception:  # health must answer even when the driver misbehaves
-        return []
-
-
 def available_generators() -> tuple[str, ...]:
     """The generators this engine can run: preview always; worldstereo when its pipeline is installed."""
     import importlib.util
@@ -149,12 +101,8 @@ def serve(config: ServiceConfig) -> int:
     """Run until SIGINT/SIGTERM or the parent's death; returns the exit status."""
     import asyncio
 
-    import uvicorn
-
-    from .app import AppSettings, create_app
-    from ..generators.options import check_options
+    from .devices import check_devices, detect_devices
     from .jobs import JobManager
-    from .watchdog import watch_parent
 
     if not is_loopback_host(config.host) and not config.allow_remote:
         raise KeyframeWorldsError(f"refusing to listen on {config.host}: not a loopback address; pass --allow-remote to serve other machines")
@@ -168,11 +116,23 @@ def serve(config: ServiceConfig) -> int:
     if install_from_environment(config.job_root):
         log.warning("fault injection on: the job root behaves as a full disk after a number of writes (tests only)")
     manager = JobManager(config.job_root, devices, config.queue_size)
+    # The workers start now, so their imports overlap the HTTP side's (FastAPI, uvicorn) and the first job waits less.
+    manager.start()
+    try:
+        sock = bind(config.host, config.port)
+    except BaseException:
+        manager.stop(timeout=5.0)
+        raise
+    import uvicorn
+
+    from ..generators.options import check_options
+    from .app import AppSettings, create_app
+    from .watchdog import watch_parent
+
     settings = AppSettings(token=config.token, max_body_bytes=config.max_body_bytes,
-                           generators=available_generators(), gpu_memory=gpu_memory,
+                           generators=available_generators(), gpu_memory=manager.gpu_memory,
                            check_options=check_options)
     app = create_app(manager, settings)
-    sock = bind(config.host, config.port)
     port = sock.getsockname()[1]
 
     class Server(uvicorn.Server):
@@ -204,7 +164,6 @@ def serve(config: ServiceConfig) -> int:
 
         watch_parent(config.parent_pid, parent_gone)
 
-    manager.start()
     log.info("serving %s on http://%s:%d with %s worker(s) on %s", config.job_root, config.host, port, len(devices), ", ".join(devices))
     try:
         asyncio.run(server.serve(sockets=[sock]))

@@ -9,7 +9,9 @@ Protocol over the pipe (tuples, pickled by ``multiprocessing``):
 
     server -> worker   ("run", job_id, spec_path, out_dir)       run one job, resuming from its checkpoint
                        ("exit",)                                  finish
-    worker -> server   ("ready", pid)                             started, waiting for a job
+    worker -> server   ("ready", pid, memory)                     started, waiting for a job (memory: see device_memory)
+                       ("broken", message)                        its device cannot be used; the worker exits
+                       ("memory", memory)                         the device's memory after a job
                        ("event", job_id, ProgressEvent)           progress (bridge.jobs)
                        ("log", job_id, message)                   a line for the job's log
                        ("model", description, loads)              the warm model and how many loads so far
@@ -150,6 +152,31 @@ def run_one(conn, warm: WarmModel, job_id: str, spec_path: str, out_dir: str, ca
         return "failed", failure_message(exc, Path(out_dir)), trace
 
 
+def device_memory(device) -> dict | None:
+    """What health shows of a GPU: its name and free/total bytes (None for the CPU)."""
+    import torch
+
+    if device.type != "cuda":
+        return None
+    free, total = torch.cuda.mem_get_info(device)
+    return {"device": str(device), "name": torch.cuda.get_device_name(device), "free_bytes": int(free),
+            "total_bytes": int(total)}
+
+
+def open_device(name: str):
+    """The torch device a worker was started for, checked; raises with a plain message when it cannot be used."""
+    import torch
+
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"{name}: this engine's torch sees no CUDA device")
+        if (device.index or 0) >= torch.cuda.device_count():
+            raise RuntimeError(f"{name}: torch sees {torch.cuda.device_count()} CUDA device(s)")
+        torch.cuda.set_device(device)  # kernels this process launches without a device go here, not to cuda:0
+    return device
+
+
 def worker_main(device: str, conn, cancel, stop, parent_pid: int, job_root: str) -> None:
     """The worker process's entry point (see the module docstring)."""
     # Ctrl-C in a terminal reaches the whole process group: the server stops its workers in order.
@@ -161,8 +188,16 @@ def worker_main(device: str, conn, cancel, stop, parent_pid: int, job_root: str)
         os.nice(WORKER_NICENESS)
     watch_parent(parent_pid, lambda: os._exit(3))  # the server is gone: nobody is left to report to
     install_from_environment(Path(job_root))
+    from ..run import runner  # noqa: F401  (torch and the runner load now, while the server starts, not at the first job)
+
+    try:
+        torch_device = open_device(device)
+        memory = device_memory(torch_device)
+    except Exception as exc:  # a wrong device must say so, not leave the server waiting
+        conn.send(("broken", f"the worker for {device} cannot use its device: {exc}"))
+        return
     warm = WarmModel(device)
-    conn.send(("ready", os.getpid()))
+    conn.send(("ready", os.getpid(), memory))
     while True:
         try:
             message = conn.recv()
@@ -173,6 +208,7 @@ def worker_main(device: str, conn, cancel, stop, parent_pid: int, job_root: str)
         _, job_id, spec_path, out_dir = message
         outcome, error, trace = run_one(conn, warm, job_id, spec_path, out_dir, cancel, stop)
         try:
+            conn.send(("memory", device_memory(torch_device)))
             conn.send(("finished", job_id, outcome, error, trace))
         except (BrokenPipeError, OSError):
             return

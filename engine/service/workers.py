@@ -68,6 +68,7 @@ class WorkerHandle:
         self.cancel = self._ctx.Event()
         self.stop = self._ctx.Event()
         self.model: str | None = None
+        self.memory: dict | None = None  # the GPU's name and free/total bytes, as the worker last reported them
         self.loads = 0
         self.restarts = 0
         self.state = "dead"
@@ -98,8 +99,11 @@ class WorkerHandle:
             message = self.receive(min(0.5, max(0.0, deadline - time.monotonic())))
             if message is not None and message[0] == "ready":
                 with self._lock:
-                    self.state = "idle"
+                    self.state, self.memory = "idle", message[2]
                 return
+            if message is not None and message[0] == "broken":
+                self.kill()
+                raise WorkerGone(message[1])
             if time.monotonic() >= deadline:
                 self.kill()
                 raise WorkerGone(f"the worker process for {self.device} did not start within {timeout:.0f} s")
@@ -172,11 +176,19 @@ class WorkerHandle:
             with self._lock:
                 self.model, self.loads = message[1], int(message[2])
             return None
+        if message[0] == "memory":
+            with self._lock:
+                self.memory = message[1]
+            return None
         return message
 
     def set_state(self, state: str) -> None:
         with self._lock:
             self.state = state
+
+    def gpu_memory(self) -> dict | None:
+        with self._lock:
+            return None if self.memory is None else dict(self.memory)
 
     def info(self) -> WorkerInfo:
         with self._lock:
