@@ -18,19 +18,9 @@ import pytest
 
 from keyframe_worlds.bridge.client import EngineError
 from keyframe_worlds.bridge.spec import MANIFEST_FILENAME, load_manifest
-from keyframe_worlds.engine.testing.service import Engine, tree_digest, write_preview_job
+from keyframe_worlds.engine.testing.service import Engine, tree_digest, wait_for, write_preview_job
 
 TIMEOUT = 60
-
-
-def wait_for(predicate, timeout=TIMEOUT, interval=0.02, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def assert_complete_files(out: Path) -> None:

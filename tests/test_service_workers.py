@@ -19,21 +19,11 @@ import torch
 from keyframe_worlds.bridge.jobs import JobState
 from keyframe_worlds.engine.io.images import write_png
 from keyframe_worlds.engine.testing import faults
-from keyframe_worlds.engine.testing.service import Engine, tree_digest, write_preview_job
+from keyframe_worlds.engine.testing.service import Engine, tree_digest, wait_for, write_preview_job
 from keyframe_worlds.engine.testing.synthetic import demo_scene, intrinsics_for_fov, look_at_c2w_opencv, raycast
 from keyframe_worlds.engine.testing.tiny_models import write_tiny_variant, write_tiny_wan_folder
 
 TIMEOUT = 90
-
-
-def wait_for(predicate, timeout=TIMEOUT, interval=0.02, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def worker_of(client, device):

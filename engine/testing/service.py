@@ -13,6 +13,7 @@ import json
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +56,17 @@ def write_preview_job(folder: str | os.PathLike, frames: int = 24, segment_lengt
     path = folder / "job.json"
     path.write_text(json.dumps(doc))
     return path
+
+
+def wait_for(predicate, timeout: float = 60.0, interval: float = 0.02, what: str = "condition"):
+    """Poll ``predicate()`` until it returns something true (returned), or fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out waiting for {what}")
 
 
 def tree_digest(folder: str | os.PathLike) -> dict[str, str]:
