@@ -27,7 +27,8 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+import re
+from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -98,6 +99,53 @@ class OutputOptions:
         return cls(**values)
 
 
+#: How observed optical flow between consecutive frames is estimated (``none``: no flow, scene flow or dynamic mask).
+FLOW_METHODS = ("dis", "raft", "none")
+GEOMETRY_DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:[0-9]+)?)$")
+
+
+@dataclass(frozen=True)
+class GeometryOptions:
+    """How the engine gets geometry for the reference and every generated frame, and which 4D outputs it writes.
+
+    depth_model: a local Hugging Face folder of a transformers depth model (None: no learned depth; the memory's
+    own completion); relative to the job folder, or absolute. device: where that model runs (``auto``: the job's
+    device). flow: observed optical flow method. point_maps: write per-frame world XYZ maps.
+    """
+
+    depth_model: str | None = None
+    device: str = "auto"
+    flow: str = "dis"
+    point_maps: bool = True
+
+    def to_json(self) -> dict:
+        return {"depth_model": self.depth_model, "device": self.device, "flow": self.flow, "point_maps": self.point_maps}
+
+
+def _validate_geometry(geometry: Any, base_dir: Path | None, check_files: bool) -> list[Problem]:
+    problems: list[Problem] = []
+    if not check_object(problems, "geometry", geometry):
+        return problems
+    check_unknown_keys(problems, "geometry", geometry, set(GeometryOptions.__dataclass_fields__))
+    model = geometry.get("depth_model")
+    if model is not None and check_string(problems, "geometry.depth_model", model):
+        if not model.strip():
+            problems.append(Problem("geometry.depth_model", "must name a folder (or be null for no learned depth)"))
+        elif check_files:
+            folder = Path(model) if base_dir is None or Path(model).is_absolute() else base_dir / model
+            if not folder.is_dir():
+                problems.append(Problem("geometry.depth_model", f"folder not found: {folder}"))
+    device = geometry.get("device", "auto")
+    if check_string(problems, "geometry.device", device) and not GEOMETRY_DEVICE_PATTERN.match(device):
+        problems.append(Problem("geometry.device", f"must be auto, cpu, cuda or cuda:N, got {device!r}"))
+    flow = geometry.get("flow", "dis")
+    if flow not in FLOW_METHODS:
+        problems.append(Problem("geometry.flow", f"must be one of {', '.join(FLOW_METHODS)}, got {flow!r}"))
+    if not isinstance(geometry.get("point_maps", True), bool):
+        problems.append(Problem("geometry.point_maps", "must be true or false"))
+    return problems
+
+
 @dataclass(frozen=True)
 class JobSpec:
     """A validated job. Paths are kept as written; ``resolve`` makes them absolute against a folder."""
@@ -111,6 +159,7 @@ class JobSpec:
     output: OutputOptions = field(default_factory=OutputOptions)
     options: dict = field(default_factory=dict)
     version: int = JOB_VERSION
+    geometry: GeometryOptions = field(default_factory=GeometryOptions)
 
     def to_json(self) -> dict:
         return {
@@ -122,6 +171,7 @@ class JobSpec:
             "reference": self.reference.to_json(),
             "trajectories": [t.to_json() for t in self.trajectories],
             "output": self.output.to_json(),
+            "geometry": self.geometry.to_json(),
             "options": dict(self.options),
         }
 
@@ -143,6 +193,7 @@ class JobSpec:
             output=OutputOptions.from_json(out),
             options=dict(doc.get("options", {})),
             version=doc["version"],
+            geometry=GeometryOptions(**doc.get("geometry", {})),
         )
 
     def resolve(self, base_dir: str | os.PathLike) -> "JobSpec":
@@ -151,7 +202,11 @@ class JobSpec:
         ref = self.reference
         image = str((base / ref.image).resolve())
         depth = str((base / ref.depth).resolve()) if ref.depth else None
-        return JobSpec(**{**self.__dict__, "reference": Reference(image, depth, ref.trajectory, ref.frame)})
+        geometry = self.geometry
+        if geometry.depth_model:
+            geometry = replace(geometry, depth_model=str((base / geometry.depth_model).resolve()))
+        return JobSpec(**{**self.__dict__, "reference": Reference(image, depth, ref.trajectory, ref.frame),
+                          "geometry": geometry})
 
     def reference_view(self) -> tuple[Trajectory, int]:
         """The trajectory and frame index the reference image shows."""
@@ -180,7 +235,8 @@ def _validate_job(doc: Any, base_dir, check_files: bool) -> list[Problem]:
     problems: list[Problem] = []
     if not check_object(problems, "", doc):
         return [Problem("(document)", problems[0].reason)]
-    check_unknown_keys(problems, "", doc, {"version", "name", "generator", "prompt", "seed", "reference", "trajectories", "output", "options"})
+    check_unknown_keys(problems, "", doc, {"version", "name", "generator", "prompt", "seed", "reference", "trajectories", "output",
+                                           "geometry", "options"})
     problems = [Problem(p.path.lstrip("."), p.reason) for p in problems]
     version = doc.get("version")
     if "version" not in doc:
@@ -239,6 +295,8 @@ def _validate_job(doc: Any, base_dir, check_files: bool) -> list[Problem]:
                 check_integer(problems, "output.mesh_stride", out["mesh_stride"], minimum=1, maximum=256)
             if "point_budget" in out:
                 check_integer(problems, "output.point_budget", out["point_budget"], minimum=1000, maximum=200_000_000)
+    if "geometry" in doc:
+        problems.extend(_validate_geometry(doc["geometry"], Path(base_dir) if base_dir is not None else None, check_files))
     if "options" in doc:
         check_object(problems, "options", doc["options"])
     return problems
