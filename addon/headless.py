@@ -217,6 +217,9 @@ def cmd_generate(args) -> int:
 
     bundle = run_through_engine(prepared.spec_path, out / "bundle", python=args.engine_python, device=args.device, on_status=show)
     print(f"bundle: {bundle}", flush=True)
+    from ..bridge.spec import load_manifest
+
+    _print_warnings(load_manifest(bundle).warnings)
     if args.import_result:
         from .importers import import_bundle
 

@@ -72,7 +72,7 @@ def import_bundle(scene: bpy.types.Scene, bundle_dir: str | os.PathLike, options
     """Import a result bundle folder into ``scene``; returns what was made."""
     bundle = Path(bundle_dir)
     manifest = load_manifest(bundle)
-    result = ImportResult(job_collection(scene, manifest.job_name))
+    result = ImportResult(job_collection(scene, manifest.job_name), warnings=list(manifest.warnings))
     for rt in manifest.trajectories:
         cam = _camera_for(scene, rt.trajectory, result.collection)
         result.cameras.append(cam)

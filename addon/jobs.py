@@ -42,6 +42,7 @@ class JobSettings:
     mesh_every: int | None = None  # a depth mesh in the bundle every N frames (None: the spec's default)
     mesh_stride: int | None = None  # a mesh vertex every N pixels (None: the spec's default)
     options: dict = field(default_factory=dict)  # generator settings, checked by the generator
+    geometry: dict = field(default_factory=dict)  # the job spec's geometry section (depth_model, flow, ...)
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,8 @@ def prepare_job(scene: bpy.types.Scene, settings: JobSettings, job_dir: str | Pa
                                                   ("mesh_stride", settings.mesh_stride)) if value is not None}
     if output:
         doc["output"] = output
+    if settings.geometry:
+        doc["geometry"] = dict(settings.geometry)
     job = spec.JobSpec.from_json(doc, base_dir=out)
     path = out / "job.json"
     spec.write_json_atomic(path, doc)

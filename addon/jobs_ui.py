@@ -75,7 +75,10 @@ def settings_with_preferences(settings, context):
         options.update(worldstereo_options(prefs.model_dir if prefs else None, props.variant, prefs.offload if prefs else "none"))
     if prefs is None:
         return replace(settings, options=options)
-    return replace(settings, point_budget=prefs.point_budget, options=options)
+    geometry = dict(settings.geometry)
+    if prefs.depth_model:
+        geometry["depth_model"] = bpy.path.abspath(prefs.depth_model)
+    return replace(settings, point_budget=prefs.point_budget, options=options, geometry=geometry)
 
 
 def start_job(context) -> ActiveJob:
@@ -134,14 +137,14 @@ def _poll() -> float | None:
         if status.finished_state:
             _active.pop(scene_name, None)
             if status.state is JobState.COMPLETED:
-                _finish(scene, job)
+                _finish(scene, job, status.warnings)
             else:
                 props.message = status.error or status.state.value
     _redraw()
     return POLL_INTERVAL_S if _active else None
 
 
-def _finish(scene, job: ActiveJob) -> None:
+def _finish(scene, job: ActiveJob, warnings: list[str] = ()) -> None:
     from .importers import import_bundle
 
     props = scene.keyframe_worlds
@@ -151,7 +154,7 @@ def _finish(scene, job: ActiveJob) -> None:
     except KeyframeWorldsError as exc:
         props.state, props.message = JobState.FAILED.value, f"the result could not be imported: {exc}"
         return
-    props.message = f"imported into {result.collection.name}"
+    props.message = f"imported into {result.collection.name}" + "".join(f"; warning: {w}" for w in warnings)
 
 
 def _redraw() -> None:

@@ -29,6 +29,10 @@ class KFW_Preferences(bpy.types.AddonPreferences):
         ("sequential", "Block by Block", "Transformer blocks streamed to the GPU: fits a 24 GB card"),
     ])
     point_budget: IntProperty(name="Point Budget", default=2_000_000, min=10_000, description="Most points the world memory keeps")
+    depth_model: StringProperty(
+        name="Depth Model", subtype="DIR_PATH",
+        description="A depth network's Hugging Face folder (Depth Anything V2, Depth Pro, Prompt Depth Anything ...): "
+                    "gives the reference and every generated frame geometry of its own; empty: none")
 
     def draw(self, context):
         layout = self.layout
@@ -43,6 +47,7 @@ class KFW_Preferences(bpy.types.AddonPreferences):
         row.prop(self, "device")
         row.prop(self, "offload")
         col.prop(self, "point_budget")
+        col.prop(self, "depth_model")
 
 
 def preferences(context=None):

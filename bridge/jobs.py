@@ -20,7 +20,7 @@ from __future__ import annotations
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from enum import Enum
 from typing import Any, Callable, TextIO
 
@@ -97,6 +97,7 @@ STATUS_FIELD_DOCS = {
     "finished": "Unix seconds",
     "device": "the device the job's generator runs on",
     "attempts": "times a worker started the job; above 1 after a resume",
+    "warnings": "what a person must know about how the result is made (a reference that became a flat board, ...)",
     "queue_position": "0 = next to run; null when not pending",
 }
 
@@ -131,6 +132,7 @@ class JobStatus:
     device: str | None = None
     attempts: int = 0
     queue_position: int | None = None
+    warnings: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.state = JobState(self.state)
@@ -200,6 +202,11 @@ class Progress:
     def log(self, message: str) -> None:
         """A line for the job's log; the default drops it."""
 
+    def warn(self, message: str) -> None:
+        """Something a person must know about the result (it reaches the status, the log and the manifest);
+        the default logs it."""
+        self.log(f"warning: {message}")
+
     def cancel_reason(self) -> CancelReason | None:
         return CancelReason.CANCELLED if self.cancel_event is not None and self.cancel_event.is_set() else None
 
@@ -239,6 +246,10 @@ class TerminalProgress(Progress):
         self.width = width
         self.start = time.perf_counter()
         self._last_stage: str | None = None
+
+    def warn(self, message: str) -> None:
+        self.stream.write(f"\nwarning: {message}\n")
+        self.stream.flush()
 
     def report(self, event: ProgressEvent) -> None:
         elapsed = time.perf_counter() - self.start

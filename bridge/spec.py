@@ -426,6 +426,7 @@ class ResultManifest:
     meshes: tuple[ResultMesh, ...] = ()
     seed: int = 0
     version: int = MANIFEST_VERSION
+    warnings: tuple[str, ...] = ()  # what a person must know about how the result was made (a flat reference, ...)
 
     def to_json(self) -> dict:
         return {
@@ -444,6 +445,7 @@ class ResultManifest:
             ],
             "point_cloud": None if self.point_cloud is None else {"path": self.point_cloud, "points": self.point_count},
             "meshes": [{"trajectory": m.trajectory, "frame": m.frame, "path": m.path, "texture": m.texture} for m in self.meshes],
+            "warnings": list(self.warnings),
         }
 
     @classmethod
@@ -467,6 +469,7 @@ class ResultManifest:
             meshes=tuple(ResultMesh(m["trajectory"], m["frame"], m["path"], m["texture"]) for m in doc.get("meshes", [])),
             seed=doc["job"].get("seed", 0),
             version=doc["version"],
+            warnings=tuple(doc.get("warnings", ())),
         )
 
 
@@ -507,8 +510,11 @@ def _validate_manifest(doc: Any, bundle_dir) -> list[Problem]:
     if not isinstance(doc, dict):
         return [Problem("(document)", f"must be an object, got {type_name(doc)}")]
     for key in doc:
-        if key not in {"version", "job", "generator_label", "trajectories", "point_cloud", "meshes"}:
+        if key not in {"version", "job", "generator_label", "trajectories", "point_cloud", "meshes", "warnings"}:
             problems.append(Problem(key, "unknown field"))
+    warnings = doc.get("warnings", [])
+    if not isinstance(warnings, list) or not all(isinstance(w, str) for w in warnings):
+        problems.append(Problem("warnings", "must be a list of strings"))
     if doc.get("version") != MANIFEST_VERSION or not is_integer(doc.get("version")):
         problems.append(Problem("version", f"unsupported result manifest version {doc.get('version')!r}; this reads version {MANIFEST_VERSION}"))
     job = doc.get("job")

@@ -174,7 +174,7 @@ def test_generators_that_use_references_get_the_retrieved_earlier_frames(tmp_pat
     class CountingDepth(MemoryDepthCompletion):
         calls = 0
 
-        def estimate(self, rgb, rendered):
+        def estimate(self, rgb, rendered, **kwargs):
             CountingDepth.calls += 1
             return super().estimate(rgb, rendered)
 

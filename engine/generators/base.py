@@ -8,7 +8,7 @@ from typing import Callable
 
 import torch
 
-from ..world.depth import DepthEstimate
+from ..world.depth import DepthEstimate, DepthEstimator
 from ..world.memory import PointMemory
 from ..world.render import RenderOutput
 
@@ -41,6 +41,7 @@ class SegmentRequest:
     each frame's best reference (-1: none).
     memory: the global-geometric memory (read it, do not change it).
     frame_offset: index of the segment's first frame within its trajectory.
+    depth: the job's learned depth estimator, for frames a generator makes by re-projection (None: its own).
     """
 
     c2w_opencv: torch.Tensor
@@ -54,6 +55,7 @@ class SegmentRequest:
     prompt: str = ""
     seed: int = 0
     frame_offset: int = 0
+    depth: DepthEstimator | None = None
 
 
 @dataclass

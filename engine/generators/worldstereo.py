@@ -197,7 +197,9 @@ class WorldStereoGenerator(Generator):
         pick = [first_of[k] for k in unique]
         sub = RenderOutput(rendered.rgb[unique], rendered.depth_z_m[unique], rendered.mask[unique],
                            rendered.point_index[unique])
-        key_depth = self.depth.estimate(key_rgb[pick].to(rendered.rgb.device), sub).depth_z_m
+        estimator = request.depth or self.depth  # the job's learned depth when it has one
+        key_depth = estimator.estimate(key_rgb[pick].to(rendered.rgb.device), sub,
+                                       intrinsics=request.intrinsics[unique].to(torch.float32)).depth_z_m
         c2w = request.c2w_opencv.to(torch.float64)
         intr = request.intrinsics.to(torch.float64)
         for a, b in zip(range(len(unique) - 1), range(1, len(unique))):

@@ -235,7 +235,7 @@ class BundleWriter:
         )
         self.point_cloud, self.point_count = "points.ply", int(len(positions_world))
 
-    def finish(self) -> ResultManifest:
+    def finish(self, warnings: tuple[str, ...] = ()) -> ResultManifest:
         """Validate against every file and write ``manifest.json``; returns the manifest."""
         manifest = ResultManifest(
             job_name=self.job_name,
@@ -246,6 +246,7 @@ class BundleWriter:
             point_count=self.point_count,
             meshes=tuple(self.meshes),
             seed=self.seed,
+            warnings=tuple(warnings),
         )
         doc = manifest.to_json()
         problems = validate_manifest(doc, self.root)

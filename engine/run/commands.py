@@ -29,6 +29,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true",
                    help="continue the interrupted run of this job that --out holds, from its last finished segment")
     p.add_argument("--device", default="auto", help="torch device: auto (CUDA when present), cpu, cuda, cuda:1 ...")
+    p.add_argument("--depth-model", metavar="DIR",
+                   help="a depth network's local Hugging Face folder, for this job's geometry.depth_model")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(handler=cmd_run)
 
@@ -78,6 +80,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     from ..generators.options import check_options
 
     spec = load_job(args.job)
+    if args.depth_model:
+        from dataclasses import replace
+
+        folder = Path(args.depth_model).expanduser().resolve()
+        if not folder.is_dir():
+            raise KeyframeWorldsError(f"--depth-model: folder not found: {folder}")
+        spec = replace(spec, geometry=replace(spec.geometry, depth_model=str(folder)))
     problems = check_options(spec.generator, spec.options)
     if problems:
         raise ValidationError(f"job spec {args.job}", problems)

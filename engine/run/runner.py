@@ -35,12 +35,12 @@ from ..generators import Generator, ReferenceFrame, SegmentRequest, get_generato
 from ..io.images import read_rgb
 from ..testing import faults
 from ..world.cameras import rescale_intrinsics_vec
-from ..world.depth import DepthEstimator, MemoryDepthCompletion
+from ..world.depth import DepthEstimator
 from ..world.memory import PointMemory
 from ..world.retrieval import CandidateView, retrieve, target_samples
 from . import checkpoint
+from .geometry import DEFAULT_REFERENCE_DEPTH_M, build_depth_estimator, reference_depth
 
-DEFAULT_REFERENCE_DEPTH_M = 5.0
 RETRIEVAL_SCALE = 0.125  # candidate depth maps and target samples at 1/8 of the frame size
 
 
@@ -120,6 +120,16 @@ def _candidate(key, rgb: torch.Tensor, depth: torch.Tensor, c2w, k, width: int, 
     return CandidateView(key, c2w, rescale_intrinsics_vec(k, (width, height), (w, h)), w, h, small), ReferenceFrame(key, rgb.cpu(), depth.cpu(), c2w, k)
 
 
+def _log_fits(progress: Progress, traj: Trajectory, start: int, fits) -> None:
+    """One log line per segment: how the learned depth was aligned to the memory."""
+    if not fits:
+        return
+    sources = sorted({f.source for f in fits})
+    scales = [f.scale for f in fits]
+    progress.log(f"depth {traj.name} frames {int(traj.frames[start])}-{int(traj.frames[start + len(fits) - 1])}: "
+                 f"aligned by {', '.join(sources)}, scale {min(scales):.4g}-{max(scales):.4g}")
+
+
 def run_job(
     spec: JobSpec,
     out_dir: str | Path,
@@ -133,8 +143,9 @@ def run_job(
 
     generator: an already built generator (e.g. the one a worker keeps warm);
     default: the one the job names, built from its options on ``device``.
-    depth_estimator: depth for frames whose generator gives none (default:
-    :class:`MemoryDepthCompletion`; a learned estimator plugs in here).
+    depth_estimator: depth for the reference and the generated frames (default: what the job's ``geometry``
+    configures, see ``geometry.build_depth_estimator``: a learned network aligned to the memory, else
+    :class:`MemoryDepthCompletion` for frames whose generator gives no depth).
     resume: continue from the checkpoint an interrupted run of the same spec left in
     ``out_dir``. A checkpoint is written after every segment either way
     (``checkpoint``) and removed when the bundle is complete.
@@ -147,23 +158,29 @@ def run_job(
     progress.stage("reference", "reading the reference")
     ref_traj, ref_index, ref_rgb_np, ref_depth_np = load_reference(spec)
     ref_c2w, ref_k = _camera(ref_traj, ref_index)
-    ref_conf = 1.0
-    if ref_depth_np is None:
-        # No depth: a fronto-parallel plane, honest but flat; trusted little.
-        ref_depth_np = np.full((ref_traj.height, ref_traj.width), float(spec.options.get("reference_depth_m", DEFAULT_REFERENCE_DEPTH_M)), np.float32)
-        ref_conf = 0.3
+    estimator = depth_estimator or build_depth_estimator(spec.geometry, device)
+    if estimator.learned:
+        progress.log(f"depth: {getattr(getattr(estimator, 'predictor', None), 'info', estimator.name)}")
     progress.stage("memory", "lifting the reference")
-    memory = PointMemory(device=device, max_points=spec.output.point_budget)
     ref_rgb = torch.from_numpy(ref_rgb_np).to(device)
-    ref_depth = torch.from_numpy(ref_depth_np).to(device)
-    memory.add_rgbd(ref_rgb, ref_depth, ref_c2w, ref_k, frame_index=0, confidence=ref_conf)
+    lifted = reference_depth(ref_rgb, None if ref_depth_np is None else torch.from_numpy(ref_depth_np).to(device), ref_k,
+                             estimator, float(spec.options.get("reference_depth_m", DEFAULT_REFERENCE_DEPTH_M)))
+    warnings = [lifted.warning] if lifted.warning else []
+    progress.log(f"reference depth: {lifted.source}")
+    if lifted.focal_px is not None:
+        progress.log(f"reference focal: the depth network estimates {lifted.focal_px:.1f} px, the camera has "
+                     f"{float(ref_k[0]):.1f} px")
+    if lifted.warning:
+        progress.warn(lifted.warning)
+    memory = PointMemory(device=device, max_points=spec.output.point_budget)
+    ref_depth = lifted.depth_z_m.to(device)
+    memory.add_rgbd(ref_rgb, ref_depth, ref_c2w, ref_k, frame_index=0, confidence=lifted.confidence)
     add_backdrop(memory, ref_rgb, ref_depth, ref_c2w, ref_k)
     cand, frame = _candidate((ref_traj.name, int(ref_traj.frames[ref_index])), ref_rgb, ref_depth, ref_c2w, ref_k, ref_traj.width, ref_traj.height)
     history = _History([cand], [frame])
     progress.stage("memory", f"{len(memory)} points", done=1, total=1)
 
     bundle = BundleWriter(out_dir, spec.name, generator.name, generator.label, spec.seed)
-    estimator = depth_estimator or MemoryDepthCompletion()
     done = 0
     global_index = 1
     mesh_every = spec.output.mesh_every
@@ -187,6 +204,7 @@ def run_job(
         if restored is not None and traj_index < saved.trajectory:
             continue
         output = bundle.trajectory(traj)
+        estimator.reset()  # alignment history is per trajectory
         first = 0
         if restored is not None and traj_index == saved.trajectory:
             checkpoint.replay_video(output, saved.frames)
@@ -199,7 +217,8 @@ def run_job(
                 stamp = memory.stamp
                 rendered = memory.render(c2w, intr, traj.width, traj.height)
                 request = SegmentRequest(c2w, intr, traj.width, traj.height, rendered, memory,
-                                         prompt=spec.prompt, seed=spec.seed, frame_offset=start)
+                                         prompt=spec.prompt, seed=spec.seed, frame_offset=start,
+                                         depth=estimator if estimator.learned else None)
                 if generator.uses_references:
                     samples = target_samples(memory, c2w, intr, traj.width, traj.height, RETRIEVAL_SCALE)
                     picked = retrieve(samples, history.candidates)
@@ -215,7 +234,12 @@ def run_job(
                     progress.frames(done, total, _span, in_flight=_count * step / steps, step=step, steps=steps)
 
                 result = generator.generate(request, on_frame, on_step=on_step)
-                depth = result.depth or estimator.estimate(result.rgb, rendered)
+                if estimator.learned or result.depth is None:
+                    # A learned estimator gives every generated frame geometry of its own, aligned to the memory.
+                    depth = estimator.estimate(result.rgb, rendered, point_confidence=memory.confidence, intrinsics=intr)
+                    _log_fits(progress, traj, start, getattr(estimator, "last_fits", ()))
+                else:
+                    depth = result.depth
                 for t in range(stop - start):
                     i = start + t
                     one = type(rendered)(rendered.rgb[t : t + 1], rendered.depth_z_m[t : t + 1], rendered.mask[t : t + 1], rendered.point_index[t : t + 1])
@@ -246,7 +270,7 @@ def run_job(
         memory.positions_world.cpu().numpy(), memory.colors.cpu().numpy(),
         memory.confidence.cpu().numpy(), memory.frame_index.cpu().numpy(),
     )
-    manifest = bundle.finish()
+    manifest = bundle.finish(tuple(warnings))
     checkpoint.remove(out_dir)
     progress.stage("done", f"{total} frames -> {out_dir}", done=total, total=total)
     return manifest

@@ -504,6 +504,11 @@ class JobManager:
                 self._progress(job, message[2])
             elif kind == "log" and message[1] == job_id:
                 self.log(job_id, message[2])
+            elif kind == "warning" and message[1] == job_id:
+                self.log(job_id, f"warning: {message[2]}")
+                with self._lock:
+                    if message[2] not in job.status.warnings:
+                        job.status.warnings = [*job.status.warnings, message[2]]
             elif kind == "device" and message[1] == job_id:
                 with self._lock:
                     job.status.device = message[2]

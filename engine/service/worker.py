@@ -14,6 +14,7 @@ Protocol over the pipe (tuples, pickled by ``multiprocessing``):
                        ("memory", memory)                         the device's memory after a job
                        ("event", job_id, ProgressEvent)           progress (bridge.jobs)
                        ("log", job_id, message)                   a line for the job's log
+                       ("warning", job_id, message)               a warning for the job's status and log
                        ("model", description, loads)              the warm model and how many loads so far
                        ("device", job_id, device)                 the device the job's generator is built on
                        ("finished", job_id, outcome, error, trace)   outcome: completed, failed, cancelled, interrupted
@@ -56,6 +57,9 @@ class WorkerProgress(Progress):
     def log(self, message: str) -> None:
         self._conn.send(("log", self._job_id, str(message)))
 
+    def warn(self, message: str) -> None:
+        self._conn.send(("warning", self._job_id, str(message)))
+
     def cancel_reason(self) -> CancelReason | None:
         if self._cancel.is_set():
             return CancelReason.CANCELLED
@@ -79,6 +83,8 @@ class WarmModel:
         self.device = device
         self.key: str | None = None
         self.generator = None
+        self.depth_key: str | None = None
+        self.depth_network = None
         self.loads = 0  # generators built with weights (worldstereo): what a warm model saves
 
     def get(self, spec: JobSpec, progress: Progress):
@@ -97,9 +103,30 @@ class WarmModel:
         self.key, self.generator = key, generator
         return generator
 
-    def release(self) -> None:
-        """Free the warm model (and the GPU memory it held)."""
-        if self.generator is None:
+    def depth(self, spec: JobSpec, progress: Progress):
+        """The job's learned depth estimator (its network kept warm like the generator), or None (the runner's default)."""
+        geometry = spec.geometry
+        if not geometry.depth_model:
+            return None
+        from ..world.depth_alignment import AlignedLearnedDepth
+        from ..world.learned_depth import load_depth_estimator
+
+        key = json.dumps([geometry.depth_model, geometry.device, self.device])
+        if key != self.depth_key or self.depth_network is None:
+            device = self.device if geometry.device == "auto" else geometry.device
+            started = time.perf_counter()
+            self.depth_network, self.depth_key = load_depth_estimator(geometry.depth_model, device=device), key
+            self.loads += 1
+            progress.log(f"loaded the depth model {geometry.depth_model} on {device} in {time.perf_counter() - started:.1f} s")
+        else:
+            progress.log(f"depth model warm: reusing {geometry.depth_model}")
+        return AlignedLearnedDepth(self.depth_network)  # a fresh alignment history for each job
+
+    def release(self, depth_too: bool = False) -> None:
+        """Free the warm generator (and the GPU memory it held); with ``depth_too`` the depth network as well."""
+        if depth_too:
+            self.depth_network = self.depth_key = None
+        if self.generator is None and not depth_too:
             return
         self.key = self.generator = None
         gc.collect()
@@ -136,17 +163,18 @@ def run_one(conn, warm: WarmModel, job_id: str, spec_path: str, out_dir: str, ca
     try:
         spec = load_job(spec_path)
         generator = warm.get(spec, progress)
+        depth = warm.depth(spec, progress)
         device = torch.device(warm.device)
         conn.send(("device", job_id, generator_device(generator, warm.device)))
         conn.send(("model", warm.describe(), warm.loads))
-        run_job(spec, out_dir, progress=progress, device=device, generator=generator, resume=True)
+        run_job(spec, out_dir, progress=progress, device=device, generator=generator, resume=True, depth_estimator=depth)
         return "completed", None, ""
     except JobCancelled as exc:
         return ("cancelled" if exc.reason is CancelReason.CANCELLED else "interrupted"), None, ""
     except Exception as exc:  # a bug in a generator must fail the job, not the worker
         trace = traceback.format_exc()
         if is_cuda_oom(exc):
-            warm.release()
+            warm.release(depth_too=True)
             return "failed", (f"out of GPU memory on {warm.device} ({exc}); the warm model was freed. Try a leaner "
                               "'offload' option (model, sequential) or a smaller size"), trace
         return "failed", failure_message(exc, Path(out_dir)), trace

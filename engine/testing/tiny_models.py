@@ -128,3 +128,23 @@ def write_tiny_wan_folder(folder: str | Path, seed: int = 7, text_dim: int = 24,
     (folder / "transformer").mkdir(exist_ok=True)
     (folder / "transformer" / "config.json").write_text(json.dumps(TINY_BACKBONE, indent=1), encoding="utf-8")
     return folder
+
+
+def write_tiny_depth_model(folder: str | Path, kind: str = "relative", seed: int = 5) -> Path:
+    """A tiny Depth Anything folder (``relative`` or ``metric``) in the Hugging Face layout, random weights in
+    safetensors, with its image processor: what ``load_depth_estimator`` loads, without any download."""
+    import transformers
+
+    folder = Path(folder)
+    backbone = transformers.Dinov2Config(image_size=28, patch_size=14, hidden_size=16, num_hidden_layers=4,
+                                         num_attention_heads=2, intermediate_size=32, out_indices=[1, 2, 3, 4],
+                                         reshape_hidden_states=False, apply_layernorm=True)
+    config = transformers.DepthAnythingConfig(
+        backbone_config=backbone, reassemble_hidden_size=16, neck_hidden_sizes=[8, 8, 8, 8], fusion_hidden_size=8,
+        head_hidden_size=4, patch_size=14, depth_estimation_type=kind, max_depth=20.0 if kind == "metric" else None)
+    model = transformers.DepthAnythingForDepthEstimation(config)
+    _randomise(model.eval(), seed)
+    model.save_pretrained(folder, safe_serialization=True)
+    transformers.DPTImageProcessor(size={"height": 28, "width": 28}, keep_aspect_ratio=True,
+                                   ensure_multiple_of=14).save_pretrained(folder)
+    return folder

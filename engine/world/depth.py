@@ -29,13 +29,24 @@ class DepthEstimate:
 
 
 class DepthEstimator(ABC):
-    """Estimates z-depth for generated frames; may use the memory's render along the same cameras."""
+    """Estimates z-depth for generated frames; may use the memory's render along the same cameras.
+
+    ``learned``: whether it brings geometry of its own (a depth network) rather than completing the
+    memory's; the runner then asks it for every generated frame, even when the generator gives depth.
+    """
 
     name: str = "depth"
+    learned: bool = False
 
     @abstractmethod
-    def estimate(self, rgb: torch.Tensor, rendered: RenderOutput) -> DepthEstimate:
-        """rgb: (T, H, W, 3) uint8 generated frames; rendered: the memory along their cameras."""
+    def estimate(self, rgb: torch.Tensor, rendered: RenderOutput, *, point_confidence: torch.Tensor | None = None,
+                 intrinsics: torch.Tensor | None = None) -> DepthEstimate:
+        """rgb: (T, H, W, 3) uint8 generated frames; rendered: the memory along their cameras;
+        point_confidence: the memory's (N,) per-point confidences (``PointMemory.confidence``), for
+        estimators that trust some points less; intrinsics: (T, 4) fx, fy, cx, cy for those that use a focal."""
+
+    def reset(self) -> None:
+        """A new trajectory starts: forget what was learnt along the previous one (default: nothing to forget)."""
 
 
 class MemoryDepthCompletion(DepthEstimator):
@@ -81,7 +92,8 @@ class MemoryDepthCompletion(DepthEstimator):
             out[empty] = self.fallback_depth_m
         return out
 
-    def estimate(self, rgb: torch.Tensor, rendered: RenderOutput) -> DepthEstimate:
+    def estimate(self, rgb: torch.Tensor, rendered: RenderOutput, *, point_confidence: torch.Tensor | None = None,
+                 intrinsics: torch.Tensor | None = None) -> DepthEstimate:
         depth = self.complete(rendered.depth_z_m, rendered.mask, rgb)
         confidence = torch.where(rendered.mask, float(self.visible_confidence), float(self.completed_confidence))
         return DepthEstimate(depth_z_m=depth, confidence=confidence)

@@ -507,6 +507,7 @@ class AlignedLearnedDepth(DepthEstimator):
     """
 
     name = "learned-aligned"
+    learned = True
 
     def __init__(self, predictor: DepthPredictor, settings: AlignmentSettings = AlignmentSettings(),
                  completion: MemoryDepthCompletion | None = None):

@@ -420,9 +420,10 @@ class LearnedDepthEstimator(DepthEstimator):
             prompted=prompted,
         )
 
-    def estimate(self, rgb: torch.Tensor, rendered: RenderOutput | None = None) -> DepthEstimate:
+    def estimate(self, rgb: torch.Tensor, rendered: RenderOutput | None = None, *, point_confidence: torch.Tensor | None = None,
+                 intrinsics: torch.Tensor | None = None) -> DepthEstimate:
         """Unaligned metric depth (T, H, W) in metres, confidence :data:`UNALIGNED_CONFIDENCE`."""
-        prediction = self.predict(rgb, rendered)
+        prediction = self.predict(rgb, rendered, intrinsics=intrinsics)
         if prediction.kind != METRIC_DEPTH:
             raise KeyframeWorldsError(
                 f"{self.info.folder} predicts {prediction.kind}, which becomes metres only by alignment to "
