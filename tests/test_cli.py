@@ -86,6 +86,20 @@ def test_validate_prints_every_problem_and_fails(tmp_path):
     assert {p["path"] for p in problems} >= {"generator", "version", "trajectories[0].frames[1].fx"}
 
 
+def test_validate_checks_the_generators_options_and_the_geometry_without_torch(tmp_path):
+    job = _write_job(tmp_path, generator="worldstereo", options={"checkpoint": "x", "offload": "bogus", "steps": -1},
+                     geometry={"depth_model": "nowhere", "flow": "magic"})
+    out = run("validate", job, "--json")
+    assert out.returncode == 1
+    paths = {p["path"] for p in json.loads(out.stdout)["problems"]}
+    assert {"options.offload", "options.steps", "geometry.depth_model", "geometry.flow"} <= paths, paths
+    # the check is cheap: validating imports neither torch nor the engine's networks
+    probe = subprocess.run([sys.executable, "-c", "import sys, argparse; import keyframe_worlds.engine.run.commands as c; "
+                            f"c.cmd_validate(argparse.Namespace(path={str(job)!r}, no_files=False, json=True)); "
+                            "print('TORCH', 'torch' in sys.modules)"], capture_output=True, text=True, timeout=60)
+    assert "TORCH False" in probe.stdout, probe.stdout + probe.stderr
+
+
 def test_validate_bad_json_is_a_clear_error(tmp_path):
     (tmp_path / "job.json").write_text("{oops")
     out = run("validate", tmp_path / "job.json")
