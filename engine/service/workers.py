@@ -78,6 +78,8 @@ class WorkerHandle:
 
     def start(self) -> None:
         """Start the process (without waiting for it to be ready)."""
+        # Fresh events for each process: one killed while it held an event's lock would leave that lock held.
+        self.cancel, self.stop = self._ctx.Event(), self._ctx.Event()
         parent, child = self._ctx.Pipe(duplex=True)
         process = self._ctx.Process(target=worker_main, name=f"kfw-worker-{self.device}", daemon=True,
                                     args=(self.device, child, self.cancel, self.stop, os.getpid(), self.job_root))
@@ -87,8 +89,6 @@ class WorkerHandle:
             if self.process is not None:
                 self.restarts += 1
             self.process, self.conn, self.state, self.model = process, parent, "starting", None
-        self.cancel.clear()
-        self.stop.clear()
 
     def wait_ready(self, timeout: float = START_TIMEOUT_S) -> None:
         """Block until the worker said ready; raises :class:`WorkerGone` if it died or took too long."""
