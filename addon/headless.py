@@ -124,9 +124,14 @@ def unregister_blender_command() -> None:
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
     """``keyframe-worlds scene <command> --blend FILE`` (the console command, with the bpy module)."""
-    scene = subparsers.add_parser("scene", help="headless Blender commands on a .blend file (needs the bpy module)")
-    scene.add_argument("--blend", required=True, help="the .blend file to open")
-    add_scene_commands(scene.add_subparsers(dest="scene_command", required=True, metavar="COMMAND"))
+    scene = subparsers.add_parser("scene", help="headless Blender commands on a .blend file (needs the bpy module)",
+                                  description="keyframe-worlds scene COMMAND --blend FILE ... (or scene --blend FILE COMMAND ...)")
+    scene.add_argument("--blend", dest="blend_before", metavar="FILE", help="the .blend file to open")
+    commands = scene.add_subparsers(dest="scene_command", required=True, metavar="COMMAND")
+    add_scene_commands(commands)
+    # --blend is also taken after the command, as the README writes it: both orders work.
+    for parser in commands.choices.values():
+        parser.add_argument("--blend", dest="blend_after", metavar="FILE", help="the .blend file to open")
     scene.set_defaults(handler=cmd_scene)
 
 
@@ -136,7 +141,12 @@ def cmd_scene(args: argparse.Namespace) -> int:
     except ImportError:
         raise KeyframeWorldsError("the bpy module is not installed in this Python (pip install bpy==5.0.1), "
                                   "or run: blender -b FILE.blend -c keyframe_worlds ...") from None
-    blend = Path(args.blend)
+    given = [b for b in (getattr(args, "blend_before", None), getattr(args, "blend_after", None)) if b]
+    if not given:
+        raise KeyframeWorldsError("scene: give the .blend file with --blend FILE")
+    if len(given) == 2 and given[0] != given[1]:
+        raise KeyframeWorldsError(f"scene: two different --blend files given ({given[0]}, {given[1]}): give one")
+    blend = Path(given[0])
     if not blend.is_file():
         raise KeyframeWorldsError(f".blend file not found: {blend}")
     bpy.ops.wm.open_mainfile(filepath=str(blend.resolve()))

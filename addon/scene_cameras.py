@@ -94,12 +94,20 @@ def extract_trajectory(scene: bpy.types.Scene, camera: bpy.types.Object, frames:
 
 
 def frame_range(scene: bpy.types.Scene, start: int | None = None, end: int | None = None, step: int = 1) -> list[int]:
+    """Frames ``start..end`` every ``step`` (the scene's range by default). A range reaching past the scene's is
+    refused: there the cameras only hold their last pose, which would be generated as frames of a frozen camera."""
     start = scene.frame_start if start is None else start
     end = scene.frame_end if end is None else end
     if step < 1:
         raise KeyframeWorldsError(f"frame step must be at least 1, got {step}")
     if end < start:
         raise KeyframeWorldsError(f"frame range {start}-{end} is empty")
+    if start < scene.frame_start or end > scene.frame_end:
+        outside = [f"{a}-{b}" for a, b in ((start, min(end, scene.frame_start - 1)), (max(start, scene.frame_end + 1), end))
+                   if a <= b]
+        raise KeyframeWorldsError(f"frames {start}-{end} reach outside the scene's frame range {scene.frame_start}-"
+                                  f"{scene.frame_end} (frames {', '.join(outside)}), where the cameras would hold "
+                                  f"their pose; choose frames within it or extend the scene's range")
     return list(range(start, end + 1, step))
 
 

@@ -54,6 +54,26 @@ def test_trajectory_command_writes_the_animation(scene_blend, tmp_path):
     assert all(b > a for a, b in zip(xs, xs[1:])), "the dolly moves along +X"
 
 
+def test_blend_goes_before_or_after_the_command(scene_blend, tmp_path):
+    """The README writes ``scene <command> --blend FILE ...``; ``scene --blend FILE <command>`` works too."""
+    after = run("scene", "trajectory", "--blend", scene_blend, "--camera", "Dolly", "--frames", "3-5",
+                "--format", "keyframe-worlds", "--out", tmp_path / "after.json")
+    before = run("scene", "--blend", scene_blend, "trajectory", "--camera", "Dolly", "--frames", "3-5",
+                 "--format", "keyframe-worlds", "--out", tmp_path / "before.json")
+    assert after.returncode == 0 and before.returncode == 0, after.stderr + before.stderr
+    assert (tmp_path / "after.json").read_text() == (tmp_path / "before.json").read_text()
+    neither = run("scene", "trajectory", "--format", "colmap", "--out", tmp_path / "x")
+    assert neither.returncode == 2 and "--blend FILE" in neither.stderr and "Traceback" not in neither.stderr
+
+
+def test_frames_beyond_the_scene_are_refused(scene_blend, tmp_path):
+    """The 12-frame scene: frames 10-20 would hold the last pose for 8 frames; that is said, not written."""
+    out = run("scene", "trajectory", "--blend", scene_blend, "--camera", "Dolly", "--frames", "10-20",
+              "--format", "keyframe-worlds", "--out", tmp_path / "t.json")
+    assert out.returncode == 2 and "outside the scene's frame range 1-12 (frames 13-20)" in out.stderr, out.stderr
+    assert not (tmp_path / "t.json").exists()
+
+
 def test_marker_cameras_and_bad_camera(scene_blend, tmp_path):
     out = run("scene", "--blend", scene_blend, "trajectory", "--cameras", "MARKERS", "--format", "colmap", "--out", tmp_path / "c")
     assert out.returncode == 0, out.stderr
