@@ -27,9 +27,15 @@ test: setup
 demo: setup
 	$(VPY) scripts/demo.py --out demo_out
 
+# The zip is built from the files git tracks only (staged in build/), so whatever else lies in the
+# checkout (a sparse/ model, job folders, a .blend from the README's examples) never ends up in it.
+EXT_SRC := build/extension-source
 extension: setup
-	mkdir -p $(DIST)
-	$(BLENDER_EXT) build --source-dir . --output-dir $(DIST)
+	@git rev-parse --is-inside-work-tree >/dev/null 2>&1 || { echo "make extension: needs a git checkout (it packs the tracked files)"; exit 1; }
+	rm -rf $(EXT_SRC)
+	mkdir -p $(EXT_SRC) $(DIST)
+	git ls-files -z | tar --null -T - -cf - | tar -xf - -C $(EXT_SRC)
+	$(BLENDER_EXT) build --source-dir $(EXT_SRC) --output-dir $(DIST)
 	$(BLENDER_EXT) validate $(DIST)/keyframe_worlds-*.zip
 
 bench: setup

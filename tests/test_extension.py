@@ -51,11 +51,21 @@ def test_manifest_is_honest():
 
 
 def test_build_validate_install_enable_unregister(tmp_path):
+    import shutil
+
     dist = tmp_path / "dist"
-    build = subprocess.run(["make", "-s", "extension", f"DIST={dist}"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    # What the README's headless examples leave in the checkout (an untracked folder) must stay out of the zip.
+    stray = REPO_ROOT / "sparse-kfw-extension-test"
+    stray.mkdir(exist_ok=True)
+    (stray / "points3D.txt").write_text("# not part of the extension\n" * 1000)
+    try:
+        build = subprocess.run(["make", "-s", "extension", f"DIST={dist}"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    finally:
+        shutil.rmtree(stray, ignore_errors=True)
     assert build.returncode == 0, build.stdout + build.stderr
     (zip_path,) = dist.glob("keyframe_worlds-*.zip")
     names = zipfile.ZipFile(zip_path).namelist()
+    assert not [n for n in names if n.startswith("sparse-kfw-extension-test")], names
     assert "blender_manifest.toml" in names and "__init__.py" in names and "addon/operators.py" in names
     assert "bridge/spec.py" in names
     assert not [n for n in names if n.startswith(("engine/", "tests/", "bench/", ".venv/")) or "__pycache__" in n]
