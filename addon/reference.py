@@ -71,6 +71,11 @@ def _render_setup(scene: bpy.types.Scene, camera: bpy.types.Object, frame: int, 
         for marker, _camera in bound:
             marker.camera = None
         stack.callback(lambda: [setattr(marker, "camera", cam) for marker, cam in bound])
+        # Imported results (each job's "KFW <name>" collection) are the generator's output, not the scene:
+        # they are held out of the reference render and its depth, so a second Generate sees the blockout only.
+        for layer_collection in _job_layer_collections(view_layer.layer_collection):
+            stack.enter_context(_saved(layer_collection, "exclude"))
+            layer_collection.exclude = True
         scene.camera = camera
         render.engine = "CYCLES"
         scene.cycles.device = "CPU"
@@ -80,6 +85,19 @@ def _render_setup(scene: bpy.types.Scene, camera: bpy.types.Object, frame: int, 
         render.film_transparent = False
         scene.frame_set(frame)
         yield
+
+
+def _job_layer_collections(layer_collection) -> list:
+    """The view layer's collections that hold imported results (``importers.COLLECTION_PREFIX``), outermost first."""
+    from .importers import COLLECTION_PREFIX
+
+    found = []
+    for child in layer_collection.children:
+        if child.collection.name.startswith(COLLECTION_PREFIX):
+            found.append(child)
+        else:
+            found.extend(_job_layer_collections(child))
+    return found
 
 
 def _render_to(scene: bpy.types.Scene, path: Path) -> None:

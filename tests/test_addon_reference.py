@@ -73,3 +73,34 @@ def test_reference_needs_a_perspective_camera(blank_blend, tmp_path):
     cam = add_camera(bpy, "Ortho", kind="ORTHO")
     with pytest.raises(KeyframeWorldsError, match="Ortho"):
         render_reference(bpy.context.scene, cam, 1, tmp_path)
+
+
+def test_imported_results_are_held_out_of_the_reference(blank_blend, tmp_path):
+    """A job's imported collection (here a wall right in front of the camera) is not seen by the next reference
+    render or its depth, and stays visible in the scene afterwards."""
+    bpy = blank_blend
+    from keyframe_worlds.addon.importers import job_collection
+    from keyframe_worlds.addon.reference import render_reference
+
+    scene = bpy.context.scene
+    bpy.ops.mesh.primitive_plane_add(size=200, location=(0, 0, 0))
+    cam = add_camera(bpy, "Cam", location=(0.0, 0.0, 6.0))
+    scene.render.resolution_x, scene.render.resolution_y = 32, 24
+    clean = render_reference(scene, cam, 1, tmp_path / "clean", samples=2)
+    result = job_collection(scene, "previous")
+    bpy.ops.mesh.primitive_cube_add(size=2, location=(0, 0, 3))
+    wall = bpy.context.active_object
+    for other in list(wall.users_collection):
+        other.objects.unlink(wall)
+    result.objects.link(wall)
+    again = render_reference(scene, cam, 1, tmp_path / "again", samples=2)
+    np.testing.assert_array_equal(np.load(again.depth), np.load(clean.depth))
+    np.testing.assert_array_equal(np.asarray(Image.open(again.image)), np.asarray(Image.open(clean.image)))
+    layer = next(c for c in scene.view_layers[0].layer_collection.children if c.collection == result)
+    assert not layer.exclude  # restored
+    # without the hold-out the wall would be in the depth: the cube's top is 4 m from the camera
+    layer.exclude = False
+    scene.collection.children.unlink(result)
+    scene.collection.objects.link(wall)
+    seen = render_reference(scene, cam, 1, tmp_path / "seen", samples=2)
+    assert np.load(seen.depth).min() < 4.5 < np.load(clean.depth).min()
