@@ -69,6 +69,8 @@ def test_validate_ok(tmp_path):
     out = run("validate", _write_job(tmp_path))
     assert out.returncode == 0, out.stderr
     assert "valid job spec" in out.stdout
+    folder = run("validate", tmp_path)  # a job folder validates the job it holds
+    assert folder.returncode == 0 and "job.json: valid job spec" in folder.stdout, folder.stderr
 
 
 def test_validate_prints_every_problem_and_fails(tmp_path):

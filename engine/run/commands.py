@@ -16,7 +16,7 @@ from pathlib import Path
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("validate", help="check a job spec (or result manifest) and print every problem")
-    p.add_argument("path", help="job.json, or a result bundle folder / manifest.json")
+    p.add_argument("path", help="job.json or a job folder holding one, or a result bundle folder / manifest.json")
     p.add_argument("--no-files", action="store_true", help="do not check that referenced files and folders exist")
     p.add_argument("--json", action="store_true", help="print the problems as JSON")
     p.set_defaults(handler=cmd_validate)
@@ -53,7 +53,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
     path = Path(args.path)
     if path.is_dir():
-        path = path / MANIFEST_FILENAME
+        # A bundle folder holds manifest.json; a job folder (what the add-on writes) holds job.json.
+        path = path / (MANIFEST_FILENAME if (path / MANIFEST_FILENAME).exists() or not (path / "job.json").exists()
+                       else "job.json")
     doc = read_json(path, "document")
     is_manifest = path.name == MANIFEST_FILENAME or (isinstance(doc, dict) and "job" in doc and "generator_label" in doc)
     if is_manifest:
