@@ -42,6 +42,7 @@ from .trajectory import (
     check_string,
     check_unknown_keys,
     is_integer,
+    text_problems,
     type_name,
     validate_trajectory_json,
 )
@@ -235,6 +236,10 @@ def _validate_job(doc: Any, base_dir, check_files: bool) -> list[Problem]:
     problems: list[Problem] = []
     if not check_object(problems, "", doc):
         return [Problem("(document)", problems[0].reason)]
+    # Text that is not UTF-8 is refused before anything else, so no later message repeats it.
+    bad_text = text_problems(doc)
+    if bad_text:
+        return bad_text
     check_unknown_keys(problems, "", doc, {"version", "name", "generator", "prompt", "seed", "reference", "trajectories", "output",
                                            "geometry", "options"})
     problems = [Problem(p.path.lstrip("."), p.reason) for p in problems]

@@ -39,6 +39,7 @@ from ... import __version__
 from ...bridge.errors import KeyframeWorldsError, Problem, ValidationError
 from ...bridge.jobs import STATUS_FIELD_DOCS, JobState, JobStatus
 from ...bridge.spec import MANIFEST_FILENAME, validate_job
+from ...bridge.trajectory import safe_text
 from .jobs import (
     JOB_ID_PATTERN,
     LOG_FILENAME,
@@ -71,7 +72,8 @@ class BodyTooLarge(Exception):
 
 
 def error_response(status: int, error: str, problems: list[Problem] | None = None, headers: dict | None = None) -> JSONResponse:
-    body = {"error": error, "problems": [p.to_json() for p in problems or []]}
+    # Every text is made UTF-8-safe here, so no message (echoing a client's bad field name) can turn into a 500.
+    body = {"error": safe_text(error), "problems": [{"path": safe_text(p.path), "reason": safe_text(p.reason)} for p in problems or []]}
     return JSONResponse(body, status_code=status, headers=headers)
 
 

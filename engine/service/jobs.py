@@ -24,15 +24,18 @@ does not stop within ``CANCEL_GRACE_S`` of it, and restarts a worker that died.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import logging
+import math
 import os
 import re
 import secrets
 import shutil
 import threading
 import time
+import typing
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +45,7 @@ from ...bridge.atomic import remove_temporary_files
 from ...bridge.errors import KeyframeWorldsError, Problem, ValidationError
 from ...bridge.jobs import FINISHED_STAGE, QUEUED_STAGE, STAGE_WORDS, STARTING_STAGE, JobState, JobStatus, ProgressEvent
 from ...bridge.spec import validate_job, write_json_atomic
+from ...bridge.trajectory import safe_text, text_problems
 from .workers import WorkerGone, WorkerHandle
 
 log = logging.getLogger("keyframe_worlds.service")
@@ -129,6 +133,49 @@ def failure_message(exc: BaseException, out_dir: Path) -> str:
     return f"internal error: {type(exc).__name__}: {exc}"
 
 
+def stored_status(doc: Any) -> JobStatus:
+    """A status read back from disk, checked so it can be answered: right types, UTF-8 text.
+
+    Text an older engine stored unchecked (a lone surrogate in a job name) is repaired with backslash
+    escapes rather than dropping the job; a field of the wrong type raises ValueError.
+    """
+    if not isinstance(doc, dict):
+        raise ValueError(f"not an object: {type(doc).__name__}")
+    if text_problems(doc):
+        doc = _repaired_text(doc)
+    status = JobStatus.from_json(doc)
+    hints = typing.get_type_hints(JobStatus)
+    for f in dataclasses.fields(JobStatus):
+        value, kind = getattr(status, f.name), hints[f.name]
+        if f.name == "state":
+            continue
+        if f.name == "warnings":
+            ok = isinstance(value, list) and all(isinstance(w, str) for w in value)
+        else:
+            kinds = typing.get_args(kind) or (kind,)
+            ok = ((value is None and type(None) in kinds)
+                  or (isinstance(value, str) and str in kinds)
+                  or (isinstance(value, (int, float)) and not isinstance(value, bool) and float in kinds)
+                  or (isinstance(value, int) and not isinstance(value, bool) and int in kinds))
+        if isinstance(value, float) and not math.isfinite(value):
+            ok = False
+        if not ok:
+            raise ValueError(f"field {f.name!r} has the wrong type ({type(value).__name__})")
+    if not JOB_ID_PATTERN.match(status.id):
+        raise ValueError(f"id {status.id[:40]!r} is not a job id")
+    return status
+
+
+def _repaired_text(value: Any) -> Any:
+    if isinstance(value, str):
+        return safe_text(value)
+    if isinstance(value, dict):
+        return {safe_text(k) if isinstance(k, str) else k: _repaired_text(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_repaired_text(v) for v in value]
+    return value
+
+
 @dataclass
 class _Job:
     status: JobStatus
@@ -175,9 +222,10 @@ class JobManager:
             if not (folder.is_dir() and JOB_ID_PATTERN.match(folder.name)):
                 continue
             try:
-                status = JobStatus.from_json(json.loads((folder / STATUS_FILENAME).read_text(encoding="utf-8")))
+                status = stored_status(json.loads((folder / STATUS_FILENAME).read_text(encoding="utf-8")))
             except (OSError, ValueError, TypeError, KeyError) as exc:
-                log.warning("skipping job folder %s: unreadable %s (%s)", folder, STATUS_FILENAME, exc)
+                # One bad folder must not break listing the others: it is left on disk, unlisted.
+                log.warning("skipping job folder %s: unreadable %s (%s)", folder, STATUS_FILENAME, safe_text(str(exc)))
                 continue
             if status.id != folder.name:
                 log.warning("skipping job folder %s: its status names job %s", folder, status.id)
