@@ -22,6 +22,11 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
                    help="worker device (repeatable: one worker each); default every CUDA GPU, else cpu")
     p.add_argument("--queue-size", type=int, default=32, help="most jobs waiting; more get HTTP 429 (default 32)")
     p.add_argument("--max-body-mb", type=float, default=512, help="request body limit in MiB (default 512)")
+    p.add_argument("--read-timeout-s", type=float, default=10.0,
+                   help="a request's headers must arrive within this many seconds, and its body may pause 3x as long; "
+                        "slower or stalled connections are closed (default 10)")
+    p.add_argument("--max-connections", type=int, default=256,
+                   help="open connections kept; beyond it each new one closes the longest-idle one (default 256)")
     p.add_argument("--parent-pid", type=int, help="exit within seconds when this process has gone (the process manager passes Blender's)")
     p.set_defaults(handler=cmd_serve)
 
@@ -38,6 +43,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise KeyframeWorldsError("--queue-size must be at least 1")
     if args.max_body_mb <= 0:
         raise KeyframeWorldsError("--max-body-mb must be positive")
+    if not 0 < args.read_timeout_s <= 3600:
+        raise KeyframeWorldsError(f"--read-timeout-s must be more than 0 and at most 3600, got {args.read_timeout_s}")
+    if not 8 <= args.max_connections <= 10000:
+        raise KeyframeWorldsError(f"--max-connections must be 8-10000, got {args.max_connections}")
     config = ServiceConfig(
         job_root=Path(args.job_root).resolve(),
         token=read_token(args.token_file),
@@ -48,5 +57,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         queue_size=args.queue_size,
         max_body_bytes=int(args.max_body_mb * 1024 * 1024),
         parent_pid=args.parent_pid,
+        read_timeout_s=args.read_timeout_s,
+        max_connections=args.max_connections,
     )
     return serve(config)
