@@ -49,6 +49,7 @@ from .jobs import (
     JobManager,
     JobNotFound,
     QueueFull,
+    StorageError,
 )
 
 API_PREFIX = "/v1"
@@ -314,6 +315,7 @@ def create_app(manager: JobManager, settings: AppSettings) -> FastAPI:
               responses={400: {"model": ErrorModel, "description": "invalid spec: every problem with its field path"},
                          413: {"model": ErrorModel, "description": "request body too large"},
                          429: {"model": ErrorModel, "description": "the queue is full"},
+                         500: {"model": ErrorModel, "description": "the engine cannot write its job root (read-only, permissions)"},
                          507: {"model": ErrorModel, "description": "no space left for the job's folder"}})
     async def submit(request: Request) -> JSONResponse:
         content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -339,6 +341,8 @@ def create_app(manager: JobManager, settings: AppSettings) -> FastAPI:
             raise ApiError(429, str(exc), headers={"Retry-After": "5"}) from None
         except DiskFull as exc:
             raise ApiError(507, str(exc)) from None
+        except StorageError as exc:
+            raise ApiError(500, str(exc)) from None
         except JobConflict as exc:
             raise ApiError(503, str(exc)) from None
         except KeyframeWorldsError as exc:

@@ -72,6 +72,10 @@ class DiskFull(KeyframeWorldsError):
     """The job root has no space left."""
 
 
+class StorageError(KeyframeWorldsError):
+    """The engine cannot write its job root (read-only, no permission, ...): the server's problem, not the request's."""
+
+
 class JobNotFound(KeyframeWorldsError):
     pass
 
@@ -121,6 +125,10 @@ def failure_message(exc: BaseException, out_dir: Path) -> str:
     for cause in _chain(exc):
         if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):
             return describe_os_error(cause, out_dir)
+    for cause in _chain(exc):
+        # Native writers (safetensors, ffmpeg's wrappers) carry the OS error in their text only.
+        if not isinstance(cause, OSError) and re.search(r"No space left on device|\(os error 28\)", str(cause)):
+            return f"disk full: no space left on the device holding {out_dir} ({type(cause).__name__}: {cause})"
     if any(isinstance(c, OSError) for c in _chain(exc)) and free_bytes(out_dir) < LOW_SPACE_BYTES:
         # Some writers report a short write without an errno (numpy: "N requested and M written").
         return f"disk full: no space left on the device holding {out_dir} ({free_bytes(out_dir)} bytes free; {exc})"
@@ -294,6 +302,13 @@ class JobManager:
                 write(incoming / relative)
                 reference[key] = relative
             problems = validate_job(spec, base_dir=incoming, check_files=True)
+            if not problems:
+                # The headers passed (sizes within the limits): the content is decoded once now, so a truncated
+                # or corrupt file is a 400 here and not a failed job later.
+                from ..io.inputs import reference_problems
+
+                problems = reference_problems(incoming / reference["image"],
+                                              incoming / reference["depth"] if reference.get("depth") else None)
             if problems:
                 raise ValidationError("job spec", problems)
             write_json_atomic(incoming / SPEC_FILENAME, spec)
@@ -315,7 +330,11 @@ class JobManager:
             shutil.rmtree(incoming, ignore_errors=True)
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise DiskFull(describe_os_error(exc, self.root)) from None
-            raise KeyframeWorldsError(describe_os_error(exc, self.root)) from None
+            if exc.filename and not Path(os.path.abspath(exc.filename)).is_relative_to(self.root.resolve()):
+                # Reading a local-path reference failed: the request's file, not the engine's storage.
+                raise KeyframeWorldsError(f"cannot read {exc.filename}: {exc.strerror or exc}") from None
+            raise StorageError(f"the engine cannot store the job: {describe_os_error(exc, self.root)} "
+                               f"(a problem of the engine's job root, not of the request)") from None
         except BaseException:
             shutil.rmtree(incoming, ignore_errors=True)
             raise
