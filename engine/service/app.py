@@ -2,7 +2,7 @@
 
 Routes (all under ``/v1``; every one but ``health`` needs ``Authorization: Bearer <token>``):
 
-    GET  /health                     version, devices, generators, GPU memory, job counts
+    GET  /health                     version, devices, generators, GPU memory, job counts, disk use
     POST /jobs                       submit: multipart (spec + image [+ depth] uploads),
                                      or a JSON spec with local paths (loopback clients only)
     GET  /jobs                       every job, oldest first
@@ -10,6 +10,7 @@ Routes (all under ``/v1``; every one but ``health`` needs ``Authorization: Beare
     POST /jobs/{id}/cancel           cancel (pending: at once; running: at its next progress check, or its
                                      worker process is ended within seconds)
     POST /jobs/{id}/retry            queue a failed or cancelled job again; it resumes from its checkpoint
+    DELETE /jobs/{id}                delete a finished, failed or cancelled job and its folder
     GET  /jobs/{id}/manifest         the result manifest of a completed job
     GET  /jobs/{id}/files/{path}     a file of the result bundle (path relative to the bundle)
     GET  /jobs/{id}/log              the job's log
@@ -129,6 +130,18 @@ class WorkerModel(BaseModel):
     restarts: int = Field(description="times it was restarted after dying or being ended")
 
 
+class DiskModel(BaseModel):
+    used_bytes: int = Field(description="what the job root holds")
+    budget_bytes: int | None = Field(description="the most it may hold (serve --disk-budget-gb); null: no budget")
+    free_bytes: int = Field(description="space left on the device holding it")
+
+
+class DeletedModel(BaseModel):
+    id: str
+    deleted: bool
+    freed_bytes: int = Field(description="the bytes its folder took")
+
+
 class HealthModel(BaseModel):
     status: str
     version: str
@@ -139,6 +152,7 @@ class HealthModel(BaseModel):
     queue_size: int
     jobs: dict[str, int]
     workers: list[WorkerModel] = Field(description="one worker process per device")
+    disk: DiskModel
 
 
 # --- the app -----------------------------------------------------------------------------
@@ -279,6 +293,7 @@ def create_app(manager: JobManager, settings: AppSettings) -> FastAPI:
             "queue_size": manager.queue_size,
             "jobs": manager.counts(),
             "workers": manager.worker_info(),
+            "disk": manager.disk(),
         }
 
     api = APIRouter(prefix=API_PREFIX, dependencies=[Depends(require_token)],
@@ -425,6 +440,21 @@ def create_app(manager: JobManager, settings: AppSettings) -> FastAPI:
         except JobConflict as exc:
             raise ApiError(409, str(exc)) from None
         return status_of(job_id)
+
+    @api.delete("/jobs/{job_id}", response_model=DeletedModel, tags=["jobs"], summary="Delete a finished, failed or cancelled job",
+                description="Its folder (inputs, log, result bundle, checkpoint) is removed; the space is free at once.",
+                responses={**not_found, 409: {"model": ErrorModel, "description": "the job is pending or running: cancel it first"},
+                           500: {"model": ErrorModel, "description": "the engine cannot remove its folder"}})
+    def delete_job(job_id: str) -> dict:
+        try:
+            freed = manager.delete(job_id_checked(job_id))
+        except JobNotFound as exc:
+            raise ApiError(404, str(exc)) from None
+        except JobConflict as exc:
+            raise ApiError(409, str(exc)) from None
+        except StorageError as exc:
+            raise ApiError(500, str(exc)) from None
+        return {"id": job_id, "deleted": True, "freed_bytes": freed}
 
     @api.post("/jobs/{job_id}/retry", response_model=JobStatusModel, tags=["jobs"], summary="Queue a failed or cancelled job again",
               description="It resumes from its last finished segment (the job's checkpoint).",

@@ -109,6 +109,31 @@ def free_bytes(folder: Path) -> int:
         return 1 << 62
 
 
+#: How often the job root's size is measured again for the disk budget (walking it costs a little).
+USAGE_INTERVAL_S = 0.5
+
+
+def folder_bytes(folder: Path) -> int:
+    """The bytes the files under ``folder`` take on disk (allocated blocks; apparent size where unknown)."""
+    total = 0
+    stack = [str(folder)]
+    while stack:
+        try:
+            with os.scandir(stack.pop()) as entries:
+                for entry in entries:
+                    try:
+                        if entry.is_dir(follow_symlinks=False):
+                            stack.append(entry.path)
+                        elif entry.is_file(follow_symlinks=False):
+                            st = entry.stat(follow_symlinks=False)
+                            total += getattr(st, "st_blocks", 0) * 512 or st.st_size
+                    except OSError:
+                        continue
+        except OSError:
+            continue
+    return total
+
+
 def _chain(exc: BaseException):
     seen = set()
     while exc is not None and id(exc) not in seen:
@@ -194,6 +219,7 @@ class _Job:
     # rate of this attempt, for the time left: when the first frame report came, and the work done then
     first_report: float | None = None
     first_work: float = 0.0
+    budget_error: str | None = None  # set when the disk budget stopped this attempt
 
 
 class JobManager:
@@ -204,11 +230,15 @@ class JobManager:
     until :meth:`start`.
     """
 
-    def __init__(self, job_root: str | os.PathLike, devices: list[str], queue_size: int = 32):
+    def __init__(self, job_root: str | os.PathLike, devices: list[str], queue_size: int = 32,
+                 disk_budget_bytes: int | None = None):
         self.root = Path(job_root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.devices = list(devices) or ["cpu"]
         self.queue_size = int(queue_size)
+        self.disk_budget_bytes = disk_budget_bytes
+        self._usage: tuple[float, int] | None = None  # (when measured, bytes)
+        self._usage_lock = threading.Lock()
         self.stopping = threading.Event()
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
@@ -223,8 +253,9 @@ class JobManager:
 
     def _load(self) -> None:
         """Read every job folder back; requeue the jobs that had not finished."""
-        for leftover in self.root.glob(".incoming-*"):
-            shutil.rmtree(leftover, ignore_errors=True)
+        for pattern in (".incoming-*", ".deleting-*"):
+            for leftover in self.root.glob(pattern):
+                shutil.rmtree(leftover, ignore_errors=True)
         found: list[_Job] = []
         for folder in self.root.iterdir():
             if not (folder.is_dir() and JOB_ID_PATTERN.match(folder.name)):
@@ -290,6 +321,9 @@ class JobManager:
                 raise JobConflict("the engine is shutting down")
             if len(self._pending) >= self.queue_size:
                 raise QueueFull(f"the queue is full ({self.queue_size} jobs waiting); try again when one has started")
+        over = self.over_budget(fresh=True)
+        if over:
+            raise DiskFull(over)
         job_id = new_job_id()
         incoming = self.root / f".incoming-{job_id}"
         try:
@@ -412,6 +446,59 @@ class JobManager:
         self.log(job_id, f"retry requested after it {state.value}: queued again, it resumes from its last finished segment")
         return snapshot
 
+    def delete(self, job_id: str) -> int:
+        """Delete a finished, failed or cancelled job and its folder; returns the bytes freed.
+
+        The folder is first renamed to ``.deleting-<id>`` (atomic), so a crash halfway through removing it
+        never leaves half a job listed; the next start removes what is left.
+        """
+        with self._lock:
+            job = self._jobs.get(job_id)
+            if job is None:
+                raise JobNotFound(f"no job {job_id!r}")
+            state = job.status.state
+            if not state.finished:
+                raise JobConflict(f"job {job_id} is {state.value}: cancel it first, then delete it")
+            doomed = self.root / f".deleting-{job_id}"
+            try:
+                os.replace(job.folder, doomed)
+            except FileNotFoundError:
+                doomed = None
+            except OSError as exc:
+                raise StorageError(f"cannot delete job {job_id}: {describe_os_error(exc, self.root)}") from None
+            del self._jobs[job_id]
+        freed = folder_bytes(doomed) if doomed is not None else 0
+        if doomed is not None:
+            shutil.rmtree(doomed, ignore_errors=True)
+        with self._usage_lock:
+            self._usage = None
+        log.info("deleted job %s (%d bytes)", job_id, freed)
+        return freed
+
+    def disk(self) -> dict:
+        """What the job root uses, its budget (None: none) and the space left on its device, in bytes."""
+        return {"used_bytes": self.usage_bytes(), "budget_bytes": self.disk_budget_bytes, "free_bytes": free_bytes(self.root)}
+
+    def usage_bytes(self, fresh: bool = False) -> int:
+        """The job root's size in bytes, measured at most every USAGE_INTERVAL_S unless ``fresh``."""
+        with self._usage_lock:
+            if not fresh and self._usage is not None and time.monotonic() - self._usage[0] < USAGE_INTERVAL_S:
+                return self._usage[1]
+        used = folder_bytes(self.root)
+        with self._usage_lock:
+            self._usage = (time.monotonic(), used)
+        return used
+
+    def over_budget(self, fresh: bool = False) -> str | None:
+        """The message when the job root has used its disk budget, else None."""
+        if self.disk_budget_bytes is None:
+            return None
+        used = self.usage_bytes(fresh=fresh)
+        if used < self.disk_budget_bytes:
+            return None
+        return (f"disk budget used: the job root {self.root} holds {used / 1e9:.3f} GB of its {self.disk_budget_bytes / 1e9:.3f} GB "
+                f"(serve --disk-budget-gb); delete finished jobs (DELETE /v1/jobs/{{id}}, keyframe-worlds jobs delete) to make room")
+
     def counts(self) -> dict[str, int]:
         with self._lock:
             counts = {s.value: 0 for s in JobState}
@@ -526,6 +613,9 @@ class JobManager:
             remove_temporary_files(job.folder)
             return
         state = JobState(outcome)
+        if job.budget_error and state is JobState.CANCELLED:
+            state, error = JobState.FAILED, f"{job.budget_error}; then retry this job, it resumes from its finished segments"
+        job.budget_error = None
         if state is not JobState.COMPLETED:
             self.log(job_id, f"{state.value}: {error or ''}\n{trace}".rstrip())
             removed = remove_temporary_files(job.folder)
@@ -540,6 +630,8 @@ class JobManager:
             if state is JobState.COMPLETED:
                 s.progress, s.frames_done = 1.0, s.frames_total
             self._write_status(job)
+        with self._usage_lock:
+            self._usage = None  # the job's files changed the job root's size: measure it again when asked
 
     def _supervise(self, job: _Job, worker: WorkerHandle) -> tuple[str, str | None, str]:
         """Relay the worker's messages for ``job`` until it finishes; end the worker if a cancel or a stop
@@ -561,6 +653,13 @@ class JobManager:
                     return "cancelled", (f"the job did not stop within {CANCEL_GRACE_S:.0f} s of the cancel: its worker "
                                          f"process was ended and restarted (finished segments are kept)"), ""
                 return "interrupted", None, ""
+            if deadline is None and not job.cancel.is_set() and self.disk_budget_bytes is not None:
+                over = self.over_budget()
+                if over:
+                    # Stopped like a cancel (finished segments stay), recorded as failed with the reason.
+                    job.budget_error = over
+                    job.cancel.set()
+                    continue
             message = worker.receive(0.05 if deadline is not None else 0.25)
             if message is None:
                 continue

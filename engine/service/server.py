@@ -39,6 +39,7 @@ class ServiceConfig:
     parent_pid: int | None = None
     read_timeout_s: float = 10.0  # request headers must arrive within it; a body may pause 3x as long
     max_connections: int = 256  # beyond it a new connection closes the longest-idle one
+    disk_budget_bytes: int | None = None  # the most the job root may hold; None: no budget
 
 
 def is_loopback_host(host: str) -> bool:
@@ -117,7 +118,7 @@ def serve(config: ServiceConfig) -> int:
 
     if install_from_environment(config.job_root):
         log.warning("fault injection on: the job root behaves as a full disk after a number of writes (tests only)")
-    manager = JobManager(config.job_root, devices, config.queue_size)
+    manager = JobManager(config.job_root, devices, config.queue_size, disk_budget_bytes=config.disk_budget_bytes)
     # The workers start now, so their imports overlap the HTTP side's (FastAPI, uvicorn) and the first job waits less.
     manager.start()
     try:
