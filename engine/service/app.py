@@ -155,6 +155,82 @@ class HealthModel(BaseModel):
     disk: DiskModel
 
 
+def job_spec_schema() -> dict:
+    """The JSON schema of a job spec v1 as the server accepts it: what ``bridge.spec.validate_job`` requires.
+
+    The validator stays the authority (it also checks what a schema cannot: rigid matrices, frame order,
+    files); a test checks that this schema requires exactly the fields the validator requires.
+    """
+    from ...bridge.spec import GENERATORS, JOB_VERSION, MAX_TRAJECTORIES
+    from ...bridge.trajectory import MAX_FRAMES, MAX_SIZE_PX, MIN_SIZE_PX
+
+    number = {"type": "number"}
+    side = {"type": "integer", "minimum": MIN_SIZE_PX, "maximum": MAX_SIZE_PX}
+    frame = {"type": "object", "additionalProperties": False, "required": ["frame", "c2w_opencv", "fx", "fy", "cx", "cy"],
+             "properties": {"frame": {"type": "integer"},
+                            "c2w_opencv": {"type": "array", "minItems": 4, "maxItems": 4,
+                                           "items": {"type": "array", "minItems": 4, "maxItems": 4, "items": number},
+                                           "description": "camera-to-world, OpenCV axes (x right, y down, z forward), metres"},
+                            "fx": {"type": "number", "exclusiveMinimum": 0}, "fy": {"type": "number", "exclusiveMinimum": 0},
+                            "cx": number, "cy": number,
+                            "distortion": {"type": ["object", "null"]}, "image": {"type": ["string", "null"]}}}
+    trajectory = {"type": "object", "additionalProperties": False, "required": ["name", "width", "height", "frames"],
+                  "properties": {"name": {"type": "string", "minLength": 1}, "fps": {"type": "number", "exclusiveMinimum": 0},
+                                 "width": side, "height": side,
+                                 "frames": {"type": "array", "minItems": 1, "maxItems": MAX_FRAMES, "items": frame}}}
+    return {
+        "type": "object", "additionalProperties": False, "title": "JobSpec",
+        "description": "job spec v1 (bridge/spec.py); every text must be valid UTF-8",
+        "required": ["version", "name", "generator", "reference", "trajectories"],
+        "properties": {
+            "version": {"type": "integer", "enum": [JOB_VERSION]},
+            "name": {"type": "string", "minLength": 1, "maxLength": 200},
+            "generator": {"type": "string", "enum": list(GENERATORS)},
+            "prompt": {"type": "string"},
+            "seed": {"type": "integer", "minimum": 0, "maximum": 2**63 - 1},
+            "reference": {"type": "object", "additionalProperties": False, "required": ["image"],
+                          "properties": {"image": {"type": "string", "description": "the reference image's path"},
+                                         "depth": {"type": "string", "description": "its z-depth in metres (.npy or .exr)"},
+                                         "trajectory": {"type": "string"}, "frame": {"type": "integer"}}},
+            "trajectories": {"type": "array", "minItems": 1, "maxItems": MAX_TRAJECTORIES, "items": trajectory},
+            "output": {"type": "object", "additionalProperties": False,
+                       "properties": {"mesh_every": {"type": "integer", "minimum": 1, "maximum": 100_000},
+                                      "keyframe_every": {"type": "integer", "minimum": 1, "maximum": 100_000,
+                                                         "deprecated": True},
+                                      "mesh_stride": {"type": "integer", "minimum": 1, "maximum": 256},
+                                      "point_budget": {"type": "integer", "minimum": 1000, "maximum": 200_000_000}}},
+            "geometry": {"type": "object", "additionalProperties": False,
+                         "properties": {"depth_model": {"type": ["string", "null"]}, "device": {"type": "string"},
+                                        "flow": {"type": "string", "enum": ["dis", "raft", "none"]},
+                                        "point_maps": {"type": "boolean"}}},
+            "options": {"type": "object", "description": "the generator's own settings, checked before queueing"},
+        },
+    }
+
+
+def _document_what_the_server_does(doc: dict) -> dict:
+    """Make the generated OpenAPI document say what the server answers.
+
+    FastAPI documents a 422 with its own body for every route with parameters; this server answers a
+    malformed request with 400 and an ErrorModel. Error bodies are JSON even on routes whose success is
+    plain text (the log).
+    """
+    error_ref = {"$ref": "#/components/schemas/ErrorModel"}
+    for path_item in doc.get("paths", {}).values():
+        for operation in path_item.values():
+            responses = operation.get("responses", {})
+            # Only a body can fail FastAPI's own checks here (path parameters are plain strings, checked by the routes).
+            if responses.pop("422", None) is not None and "requestBody" in operation and "400" not in responses:
+                responses["400"] = {"description": "the request is malformed", "content": {"application/json": {"schema": error_ref}}}
+            for code, response in responses.items():
+                if code.startswith(("4", "5")):
+                    response["content"] = {"application/json": {"schema": error_ref}}
+    schemas = doc.get("components", {}).get("schemas", {})
+    for name in ("HTTPValidationError", "ValidationError"):
+        schemas.pop(name, None)
+    return doc
+
+
 # --- the app -----------------------------------------------------------------------------
 
 
@@ -312,14 +388,16 @@ def create_app(manager: JobManager, settings: AppSettings) -> FastAPI:
                         "type": "object",
                         "required": ["spec", "image"],
                         "properties": {
-                            "spec": {"type": "string", "description": "the job spec v1 as JSON text (bridge/spec.py)"},
+                            "spec": {"type": "string", "contentMediaType": "application/json", "contentSchema": job_spec_schema(),
+                                     "description": "the job spec v1 as JSON text (bridge/spec.py); its reference paths "
+                                                    "name the uploaded files"},
                             "image": {"type": "string", "format": "binary", "description": "the reference image"},
                             "depth": {"type": "string", "format": "binary", "description": "its z-depth (.npy or .exr), when the spec names one"},
                         },
                     }
                 },
                 "application/json": {
-                    "schema": {"type": "object", "description": "the job spec v1 with local reference paths (loopback clients only)"}
+                    "schema": {**job_spec_schema(), "description": "the job spec v1 with local reference paths (loopback clients only)"}
                 },
             },
         },
@@ -328,7 +406,9 @@ def create_app(manager: JobManager, settings: AppSettings) -> FastAPI:
     @api.post("/jobs", status_code=201, response_model=JobStatusModel, tags=["jobs"], summary="Submit a job",
               openapi_extra=submit_doc,
               responses={400: {"model": ErrorModel, "description": "invalid spec: every problem with its field path"},
+                         403: {"model": ErrorModel, "description": "a spec with local paths from another machine"},
                          413: {"model": ErrorModel, "description": "request body too large"},
+                         415: {"model": ErrorModel, "description": "neither multipart/form-data nor application/json"},
                          429: {"model": ErrorModel, "description": "the queue is full"},
                          500: {"model": ErrorModel, "description": "the engine cannot write its job root (read-only, permissions)"},
                          507: {"model": ErrorModel, "description": "no space left for the job's folder"}})
@@ -507,6 +587,15 @@ def create_app(manager: JobManager, settings: AppSettings) -> FastAPI:
             return PlainTextResponse(path.read_text(encoding="utf-8", errors="replace"))
         except OSError:
             return PlainTextResponse("")
+
+    generated_openapi = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            app.openapi_schema = _document_what_the_server_does(generated_openapi())
+        return app.openapi_schema
+
+    app.openapi = openapi
 
     @api.get("/openapi.json", include_in_schema=False)
     def openapi_document() -> JSONResponse:
