@@ -86,6 +86,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     from ...bridge.spec import load_job
     from ..generators.options import check_options
 
+    from ...bridge.paths import check_output
+
+    check_output(args.out, "--out", folder=True)
     spec = load_job(args.job)
     if args.depth_model:
         from dataclasses import replace

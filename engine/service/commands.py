@@ -54,6 +54,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from ...bridge.errors import KeyframeWorldsError
     from .server import ServiceConfig, read_token, serve
 
+    from ...bridge.paths import check_output
+
+    check_output(args.job_root, "--job-root", folder=True, create_parents=True)
     if not 0 <= args.port <= 65535:
         raise KeyframeWorldsError(f"--port must be 0-65535, got {args.port}")
     if args.queue_size < 1:
