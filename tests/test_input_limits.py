@@ -139,7 +139,7 @@ def rss_bytes(pid: int) -> int:
 
 def test_the_service_refuses_bad_files_with_4xx_and_little_memory(job, tmp_path):
     files = bad_files(job.parent)
-    with Engine(tmp_path / "jobs", extra_args=("--device", "cpu")) as eng:
+    with Engine(tmp_path / "jobs", extra_args=("--device", "cpu", "--allow-path", str(tmp_path))) as eng:
         eng.start()
         headers = {"Authorization": f"Bearer {eng.token}"}
         # one valid submission first, so the server's own imports (Pillow) are counted before measuring

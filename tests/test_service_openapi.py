@@ -17,7 +17,8 @@ TIMEOUT = 20
 
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory):
-    with Engine(tmp_path_factory.mktemp("openapi") / "jobs", extra_args=("--device", "cpu")) as eng:
+    with Engine(tmp_path_factory.mktemp("openapi") / "jobs",
+                extra_args=("--device", "cpu", "--allow-path", str(tmp_path_factory.getbasetemp()))) as eng:
         eng.start()
         yield eng
 

@@ -23,7 +23,7 @@ BAD = "\ud800"
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory):
     root = tmp_path_factory.mktemp("service_text")
-    with Engine(root / "jobs", extra_args=("--device", "cpu")) as eng:
+    with Engine(root / "jobs", extra_args=("--device", "cpu", "--allow-path", str(tmp_path_factory.getbasetemp()))) as eng:
         eng.start()
         yield eng
 

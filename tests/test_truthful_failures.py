@@ -89,7 +89,7 @@ def test_run_onto_a_full_disk_says_disk_full_in_one_line(tmpfs, tmp_path):
 def test_a_read_only_job_root_is_a_server_side_500_and_the_engine_keeps_serving(tmpfs, tmp_path):
     spec = write_preview_job(tmp_path / "job", frames=3)
     root = tmpfs(tmp_path / "root", "4m", read_only=True)
-    with Engine(root, log_dir=tmp_path / "logs", extra_args=("--device", "cpu")) as eng:
+    with Engine(root, log_dir=tmp_path / "logs", extra_args=("--device", "cpu", "--allow-path", str(tmp_path / "job"))) as eng:
         eng.start()
         headers = {"Authorization": f"Bearer {eng.token}"}
         doc = json.loads(spec.read_text())
@@ -104,7 +104,8 @@ def test_a_read_only_job_root_is_a_server_side_500_and_the_engine_keeps_serving(
 
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory):
-    with Engine(tmp_path_factory.mktemp("options") / "jobs", extra_args=("--device", "cpu")) as eng:
+    with Engine(tmp_path_factory.mktemp("options") / "jobs",
+                extra_args=("--device", "cpu", "--allow-path", str(tmp_path_factory.getbasetemp()))) as eng:
         eng.start()
         yield eng
 

@@ -24,7 +24,9 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import json
+import os
 import shutil
+import stat
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable
@@ -245,6 +247,8 @@ class AppSettings:
     gpu_memory: Callable[[], list[dict]] = lambda: []
     # The generator's own check of the job's options before queueing: (generator, options) -> problems.
     check_options: Callable[[str, dict], list[Problem]] = lambda generator, options: []
+    # The only folders local-path submissions may read from (serve --allow-path), as real paths; none: no local paths.
+    allowed_paths: tuple[Path, ...] = ()
 
 
 class BodyLimitMiddleware:
@@ -406,7 +410,7 @@ def create_app(manager: JobManager, settings: AppSettings) -> FastAPI:
     @api.post("/jobs", status_code=201, response_model=JobStatusModel, tags=["jobs"], summary="Submit a job",
               openapi_extra=submit_doc,
               responses={400: {"model": ErrorModel, "description": "invalid spec: every problem with its field path"},
-                         403: {"model": ErrorModel, "description": "a spec with local paths from another machine"},
+                         403: {"model": ErrorModel, "description": "local paths from another machine, or outside the folders given to serve --allow-path"},
                          413: {"model": ErrorModel, "description": "request body too large"},
                          415: {"model": ErrorModel, "description": "neither multipart/form-data nor application/json"},
                          429: {"model": ErrorModel, "description": "the queue is full"},
@@ -458,8 +462,14 @@ def create_app(manager: JobManager, settings: AppSettings) -> FastAPI:
                 raise ApiError(400, "job spec is invalid (1 problem(s))",
                                [Problem(f"reference.{key}", "is relative: give an absolute path, or base_dir in the query")])
         base = Path(base_dir or "/")
+        # Before the files are looked at, so nothing (not even whether a file exists) is told outside the allowed folders.
+        readable = {key: allowed_file(base / doc["reference"][key], f"reference.{key}", settings.allowed_paths)
+                    for key in ("image", "depth") if doc["reference"].get(key)}
+        model = (doc.get("geometry") or {}).get("depth_model")
+        if isinstance(model, str) and Path(model).is_absolute():
+            allowed_file(Path(model), "geometry.depth_model", settings.allowed_paths)
         check_spec(doc, base_dir=base, check_files=True)
-        inputs = {key: copier(base / doc["reference"][key]) for key in ("image", "depth") if doc["reference"].get(key)}
+        inputs = {key: copier(path) for key, path in readable.items()}
         return doc, inputs
 
     async def _multipart_submission(request: Request, limit: int) -> tuple[dict, dict]:
@@ -626,9 +636,40 @@ def check_spec(doc: Any, base_dir, check_files: bool) -> None:
         raise ApiError(400, f"job spec is invalid ({len(problems)} problem(s))", problems)
 
 
+def allowed_file(path: Path, field: str, allowed: tuple[Path, ...]) -> Path:
+    """``path`` with every symlink resolved, if that lies inside one of the ``allowed`` folders; else a 403.
+
+    The resolved path is what is copied later, so a symlink swapped in after this check is not followed
+    (the copy opens it with O_NOFOLLOW).
+    """
+    if not allowed:
+        raise ApiError(403, "this engine reads no local paths (it was started without --allow-path): upload the files "
+                            "(multipart) instead", [Problem(field, "local paths are not allowed")])
+    real = Path(os.path.realpath(path))
+    if any(real.is_relative_to(root) for root in allowed):
+        return real
+    lexical = Path(os.path.abspath(path))
+    why = ("is a symlink that leaves the allowed folders" if any(lexical.is_relative_to(root) for root in allowed)
+           else "is outside the folders this engine may read")
+    raise ApiError(403, f"{field} {why} (serve --allow-path): upload the file instead",
+                   [Problem(field, f"{why}: {', '.join(str(r) for r in allowed)}")])
+
+
 def copier(source: Path) -> Callable[[Path], None]:
+    """Copy ``source`` (a resolved path) to the job; the copy is never readable by more users than the source."""
     def write(target: Path) -> None:
-        shutil.copyfile(source, target)
+        src = os.open(source, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        try:
+            mode = stat.S_IMODE(os.fstat(src).st_mode) & 0o666
+            dst = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+            try:
+                os.fchmod(dst, mode)  # O_CREAT's mode is narrowed by the umask only; this also caps it at the source's
+                with open(src, "rb", closefd=False) as fin, open(dst, "wb", closefd=False) as fout:
+                    shutil.copyfileobj(fin, fout, 1024 * 1024)
+            finally:
+                os.close(dst)
+        finally:
+            os.close(src)
 
     return write
 

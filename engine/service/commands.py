@@ -31,6 +31,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--disk-budget-gb", type=float,
                    help="the most the job root may hold, in GB (10^9 bytes): past it submissions get HTTP 507 and a "
                         "running job stops (failed, resumable) until finished jobs are deleted; default no budget")
+    p.add_argument("--allow-path", action="append", default=[], metavar="DIR",
+                   help="a folder whose files local-path submissions (JSON from loopback) may read, symlinks resolved "
+                        "(repeatable); without it the engine reads uploads only")
     p.add_argument("--parent-pid", type=int, help="exit within seconds when this process has gone (the process manager passes Blender's)")
     p.set_defaults(handler=cmd_serve)
 
@@ -49,6 +52,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    import os
     from pathlib import Path
 
     from ...bridge.errors import KeyframeWorldsError
@@ -69,6 +73,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise KeyframeWorldsError(f"--max-connections must be 8-10000, got {args.max_connections}")
     if args.disk_budget_gb is not None and not 0 < args.disk_budget_gb < 1e6:
         raise KeyframeWorldsError(f"--disk-budget-gb must be a positive number of GB, got {args.disk_budget_gb}")
+    allowed = []
+    for folder in args.allow_path:
+        real = Path(os.path.realpath(folder))
+        if not real.is_dir():
+            raise KeyframeWorldsError(f"--allow-path {folder}: not a folder")
+        allowed.append(real)
     config = ServiceConfig(
         job_root=Path(args.job_root).resolve(),
         token=read_token(args.token_file),
@@ -82,6 +92,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         read_timeout_s=args.read_timeout_s,
         max_connections=args.max_connections,
         disk_budget_bytes=None if args.disk_budget_gb is None else int(args.disk_budget_gb * 1e9),
+        allowed_paths=tuple(allowed),
     )
     return serve(config)
 

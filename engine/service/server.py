@@ -40,6 +40,7 @@ class ServiceConfig:
     read_timeout_s: float = 10.0  # request headers must arrive within it; a body may pause 3x as long
     max_connections: int = 256  # beyond it a new connection closes the longest-idle one
     disk_budget_bytes: int | None = None  # the most the job root may hold; None: no budget
+    allowed_paths: tuple[Path, ...] = ()  # folders local-path submissions may read (resolved); none: uploads only
 
 
 def is_loopback_host(host: str) -> bool:
@@ -135,7 +136,7 @@ def serve(config: ServiceConfig) -> int:
 
     settings = AppSettings(token=config.token, max_body_bytes=config.max_body_bytes,
                            generators=available_generators(), gpu_memory=manager.gpu_memory,
-                           check_options=check_options)
+                           check_options=check_options, allowed_paths=config.allowed_paths)
     app = create_app(manager, settings)
     port = sock.getsockname()[1]
 
