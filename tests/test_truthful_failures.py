@@ -23,10 +23,9 @@ TIMEOUT = 30
 def tmpfs(tmp_path):
     mounted = []
 
-    def mount(path: Path, size: str, read_only: bool = False) -> Path:
+    def mount(path: Path, size: str) -> Path:
         path.mkdir(parents=True, exist_ok=True)
-        options = f"size={size}" + (",ro" if read_only else "")
-        out = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True, timeout=10)
+        out = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True, timeout=10)
         if out.returncode != 0:
             pytest.skip(f"cannot mount a tmpfs here (needs root): {out.stderr.decode(errors='replace').strip()}")
         mounted.append(path)
@@ -88,9 +87,14 @@ def test_run_onto_a_full_disk_says_disk_full_in_one_line(tmpfs, tmp_path):
 
 def test_a_read_only_job_root_is_a_server_side_500_and_the_engine_keeps_serving(tmpfs, tmp_path):
     spec = write_preview_job(tmp_path / "job", frames=3)
-    root = tmpfs(tmp_path / "root", "4m", read_only=True)
+    # serve refuses a job root it cannot write at start (tests/test_cli_outputs.py); this one becomes read-only
+    # while the engine runs (its log is kept elsewhere, so the file system can be remounted).
+    root = tmpfs(tmp_path / "root", "4m")
     with Engine(root, log_dir=tmp_path / "logs", extra_args=("--device", "cpu", "--allow-path", str(tmp_path / "job"))) as eng:
         eng.start()
+        remount = subprocess.run(["mount", "-o", "remount,ro", str(root)], capture_output=True, timeout=10)
+        if remount.returncode != 0:
+            pytest.skip(f"cannot remount the job root read-only: {remount.stderr.decode(errors='replace').strip()}")
         headers = {"Authorization": f"Bearer {eng.token}"}
         doc = json.loads(spec.read_text())
         doc["reference"] = {k: str(spec.parent / v) for k, v in doc["reference"].items()}
@@ -100,6 +104,7 @@ def test_a_read_only_job_root_is_a_server_side_500_and_the_engine_keeps_serving(
         assert "Read-only file system" in error and str(root) in error and "internal error" not in error, error
         assert requests.get(f"{eng.url}/v1/health", timeout=TIMEOUT).status_code == 200
         assert requests.get(f"{eng.url}/v1/jobs", headers=headers, timeout=TIMEOUT).json()["jobs"] == []
+        subprocess.run(["mount", "-o", "remount,rw", str(root)], capture_output=True, timeout=10)
 
 
 @pytest.fixture(scope="module")
