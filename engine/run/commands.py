@@ -89,7 +89,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     from ...bridge.paths import check_output
 
     check_output(args.out, "--out", folder=True)
-    spec = load_job(args.job)
+    try:
+        spec = load_job(args.job)
+    except ValidationError as exc:
+        if len(exc.problems) != 1:
+            raise
+        raise KeyframeWorldsError(f"job spec {args.job}: {exc.problems[0]}") from None  # one problem, one line
     if args.depth_model:
         from dataclasses import replace
 
