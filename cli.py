@@ -54,6 +54,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyframeWorldsError as exc:
         print(f"keyframe-worlds: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a file or folder the command could not read or write: one line, not a traceback
+        from .bridge.paths import describe_os_error
+
+        print(f"keyframe-worlds: error: {describe_os_error(exc)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("keyframe-worlds: interrupted", file=sys.stderr)
         return 130

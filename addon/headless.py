@@ -21,6 +21,7 @@ from pathlib import Path
 
 from ..bridge.errors import KeyframeWorldsError
 from ..bridge.formats import FORMATS
+from ..bridge.paths import check_output
 from .choices import CAMERA_SOURCES, GENERATORS
 
 BLENDER_COMMAND = "keyframe_worlds"
@@ -92,6 +93,11 @@ def run(args: argparse.Namespace) -> int:
         return int(args.scene_handler(args) or 0)
     except KeyframeWorldsError as exc:
         print(f"keyframe_worlds: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        from ..bridge.paths import describe_os_error
+
+        print(f"keyframe_worlds: error: {describe_os_error(exc)}", file=sys.stderr)
         return 2
 
 
@@ -180,6 +186,7 @@ def _print_warnings(warnings) -> None:
 
 
 def cmd_trajectory(args) -> int:
+    check_output(args.out, "--out", folder=None)
     import bpy
 
     from .scene_cameras import export_trajectories
@@ -202,6 +209,7 @@ def cmd_generate(args) -> int:
     from ..bridge.jobs import format_status
     from .jobs import JobSettings, prepare_job, run_through_engine, worldstereo_options
 
+    check_output(args.out, "--out", folder=True, create_parents=True)
     scene = bpy.context.scene
     out = Path(args.out).resolve()
     source, selected = _camera_choice(args, scene)
@@ -244,12 +252,13 @@ def cmd_import(args) -> int:
 
     from .importers import ImportOptions, import_bundle
 
-    options = ImportOptions(video=not args.no_video, point_cloud=not args.no_points, meshes=not args.no_meshes)
-    result = import_bundle(bpy.context.scene, args.bundle, options)
-    _print_warnings(result.warnings)
     target = args.save or bpy.data.filepath
     if not target:
         raise KeyframeWorldsError("the file has never been saved: give --save PATH.blend")
+    check_output(target, "--save" if args.save else "the opened file", folder=False)  # before changing the scene
+    options = ImportOptions(video=not args.no_video, point_cloud=not args.no_points, meshes=not args.no_meshes)
+    result = import_bundle(bpy.context.scene, args.bundle, options)
+    _print_warnings(result.warnings)
     bpy.ops.wm.save_as_mainfile(filepath=str(Path(target).resolve()))
     points = len(result.point_cloud.data.points) if result.point_cloud is not None else 0
     print(f"imported {len(result.cameras)} camera(s), {len(result.meshes)} mesh(es), {points} points into "

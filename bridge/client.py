@@ -54,11 +54,13 @@ class Health:
     gpu_memory: tuple[dict, ...]
     jobs: dict
     workers: tuple[dict, ...] = ()  # one per device: device, pid, state, model, loads, restarts
+    disk: dict | None = None  # used_bytes, budget_bytes (None: no budget), free_bytes of the job root
 
     @classmethod
     def from_json(cls, doc: dict) -> "Health":
         return cls(doc["version"], doc["device"], tuple(doc["devices"]), tuple(doc["generators"]),
-                   tuple(doc.get("gpu_memory", ())), dict(doc.get("jobs", {})), tuple(doc.get("workers", ())))
+                   tuple(doc.get("gpu_memory", ())), dict(doc.get("jobs", {})), tuple(doc.get("workers", ())),
+                   doc.get("disk"))
 
 
 class EngineClient:
@@ -151,6 +153,10 @@ class EngineClient:
     def retry(self, job_id: str) -> JobStatus:
         """Queue a failed or cancelled job again; it resumes from its last finished segment."""
         return JobStatus.from_json(self._json("POST", f"/jobs/{_job(job_id)}/retry"))
+
+    def delete(self, job_id: str) -> int:
+        """Delete a finished, failed or cancelled job and its files on the engine; returns the bytes freed."""
+        return int(self._json("DELETE", f"/jobs/{_job(job_id)}").get("freed_bytes", 0))
 
     def manifest(self, job_id: str) -> dict:
         return self._json("GET", f"/jobs/{_job(job_id)}/manifest")

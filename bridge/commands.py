@@ -24,6 +24,11 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
 def cmd_trajectory_convert(args: argparse.Namespace) -> int:
     from .formats import POINT_FORMATS, read_trajectory_set, write_trajectory_set
 
+    from .paths import check_output
+
+    # COLMAP writes a folder; worldstereo a file, or a folder for several cameras; the others one file.
+    folder = True if args.to_format in ("colmap", "colmap-binary") else None if args.to_format == "worldstereo" else False
+    check_output(args.out, "--out", folder=folder)
     tset = read_trajectory_set(args.input, args.from_format)
     names = [t.name for t in tset.trajectories]
     if args.camera:

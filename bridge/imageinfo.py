@@ -1,4 +1,6 @@
-"""Image size and type from a file's header, with the stdlib only (PNG, JPEG, WebP).
+"""Image size and type from a file's header, with the stdlib only (PNG, JPEG, WebP), the kind of the
+other image files (TIFF, OpenEXR), and a ``.npy`` file's shape and dtype from its header (numpy's own
+reader), all without decoding, so a file that would decode to gigabytes is refused for its size first.
 
 Upstream example folders name JPEG and WebP files ``image.png``, so the
 extension says nothing: the header decides.
@@ -6,8 +8,68 @@ extension says nothing: the header decides.
 
 from __future__ import annotations
 
+import math
 import os
 import struct
+
+#: The first bytes of the image kinds only known by their magic here.
+MAGIC_KINDS = {b"\x76\x2f\x31\x01": "exr", b"II*\x00": "tiff", b"MM\x00*": "tiff", b"II+\x00": "tiff", b"MM\x00+": "tiff"}
+
+
+def file_kind(path: str | os.PathLike) -> str | None:
+    """``png``/``jpeg``/``webp``/``tiff``/``exr`` by the file's first bytes, or None (unreadable, or another kind)."""
+    info = image_info(path)
+    if info is not None:
+        return info[0]
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(4)
+    except OSError:
+        return None
+    return MAGIC_KINDS.get(head)
+
+
+def npy_info(path: str | os.PathLike, min_side: int, max_side: int) -> tuple[tuple[int, ...], str]:
+    """``(shape, dtype)`` of a depth ``.npy`` from its header alone; ValueError naming what is wrong.
+
+    A depth map must be a real-number array of (H, W) or (H, W, 1), each side within
+    ``min_side``-``max_side``, and the file must hold all of its data (not truncated).
+    Object arrays (pickles) are refused without being loaded.
+    """
+    import numpy as np
+
+    fmt = np.lib.format
+    try:
+        with open(path, "rb") as fh:
+            try:
+                version = fmt.read_magic(fh)
+            except ValueError:
+                raise ValueError("is not a .npy file (no numpy header)") from None
+            if version == (1, 0):
+                shape, _fortran, dtype = fmt.read_array_header_1_0(fh)
+            elif version == (2, 0):
+                shape, _fortran, dtype = fmt.read_array_header_2_0(fh)
+            else:
+                raise ValueError(f"has .npy format version {version[0]}.{version[1]}; save it with numpy.save (version 1.0 or 2.0)")
+            offset = fh.tell()
+        size = os.path.getsize(path)
+    except OSError as exc:
+        raise ValueError(f"cannot be read: {exc.strerror or exc}") from None
+    except (SyntaxError, TypeError) as exc:
+        raise ValueError(f"has a malformed .npy header: {exc}") from None
+    if dtype.hasobject:
+        raise ValueError("holds Python objects (a pickle), which are not read; save the depths as a float32 array")
+    if dtype.fields is not None or dtype.kind not in "fiu":
+        raise ValueError(f"must hold real numbers (float32 depths in metres), got dtype {dtype}")
+    if not (len(shape) == 2 or (len(shape) == 3 and shape[2] == 1)):
+        raise ValueError(f"must be a 2-D array (height, width) of depths, got shape {tuple(shape)}")
+    height, width = shape[0], shape[1]
+    if not (min_side <= width <= max_side and min_side <= height <= max_side):
+        raise ValueError(f"is {width}x{height} (shape {tuple(shape)}); each side must be {min_side}-{max_side} px")
+    need = math.prod(shape) * dtype.itemsize
+    if size - offset < need:
+        raise ValueError(f"is truncated: {size - offset} bytes of data for shape {tuple(shape)} {dtype}, which needs {need}")
+    return tuple(int(n) for n in shape), str(dtype)
 
 
 def image_info(path: str | os.PathLike) -> tuple[str, int, int] | None:

@@ -34,14 +34,17 @@ from typing import Any
 
 from .atomic import atomic_write
 from .errors import KeyframeWorldsError, Problem, ValidationError
-from .imageinfo import image_info
+from .imageinfo import file_kind, image_info, npy_info
 from .trajectory import (
+    MAX_SIZE_PX,
+    MIN_SIZE_PX,
     Trajectory,
     check_integer,
     check_object,
     check_string,
     check_unknown_keys,
     is_integer,
+    text_problems,
     type_name,
     validate_trajectory_json,
 )
@@ -235,6 +238,10 @@ def _validate_job(doc: Any, base_dir, check_files: bool) -> list[Problem]:
     problems: list[Problem] = []
     if not check_object(problems, "", doc):
         return [Problem("(document)", problems[0].reason)]
+    # Text that is not UTF-8 is refused before anything else, so no later message repeats it.
+    bad_text = text_problems(doc)
+    if bad_text:
+        return bad_text
     check_unknown_keys(problems, "", doc, {"version", "name", "generator", "prompt", "seed", "reference", "trajectories", "output",
                                            "geometry", "options"})
     problems = [Problem(p.path.lstrip("."), p.reason) for p in problems]
@@ -341,8 +348,10 @@ def _validate_reference(ref: Any, doc: dict, names: list[str], base_dir, check_f
             full = Path(base_dir) / value
             if not full.is_file():
                 problems.append(Problem(f"reference.{key}", f"file not found: {full}"))
-            elif key == "image" and full.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp") and image_info(full) is None:
-                problems.append(Problem("reference.image", f"{full} is not a readable PNG, JPEG or WebP image"))
+            else:
+                problem = reference_file_problem(key, full)
+                if problem:
+                    problems.append(Problem(f"reference.{key}", problem))
     traj_name = ref.get("trajectory")
     target = None
     if traj_name is not None:
@@ -359,6 +368,36 @@ def _validate_reference(ref: Any, doc: dict, names: list[str], base_dir, check_f
             if ref["frame"] not in numbers:
                 problems.append(Problem("reference.frame", f"frame {ref['frame']} is not in trajectory {target.get('name')!r}"))
     return problems
+
+
+def reference_file_problem(key: str, path: Path) -> str | None:
+    """What is wrong with a reference file by its header (no decoding), or None.
+
+    The image must be of the kind its name says and, where the header gives it, of a size the spec allows
+    (each side MIN_SIZE_PX-MAX_SIZE_PX); a depth ``.npy`` must declare a 2-D real array of such a size and
+    hold all of its data. The engine decodes the content later (``engine/io/inputs.py``).
+    """
+    suffix = path.suffix.lower()
+    if key == "image":
+        info = image_info(path)
+        kind = info[0] if info else file_kind(path)
+        expected = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp", ".tif": "tiff", ".tiff": "tiff", ".exr": "exr"}[suffix]
+        if kind is None or (expected in ("tiff", "exr") and kind != expected):
+            names = {"png": "PNG", "jpeg": "JPEG", "webp": "WebP", "tiff": "TIFF", "exr": "OpenEXR"}
+            wanted = names[expected] if expected in ("tiff", "exr") else "PNG, JPEG or WebP"
+            return f"{path} is not a readable {wanted} image"
+        if info is not None and not (MIN_SIZE_PX <= info[1] <= MAX_SIZE_PX and MIN_SIZE_PX <= info[2] <= MAX_SIZE_PX):
+            return f"{path} is {info[1]}x{info[2]} px; each side must be {MIN_SIZE_PX}-{MAX_SIZE_PX} px"
+        return None
+    if suffix == ".npy":
+        try:
+            npy_info(path, MIN_SIZE_PX, MAX_SIZE_PX)
+        except ValueError as exc:
+            return f"{path} {exc}"
+        return None
+    if file_kind(path) != "exr":
+        return f"{path} is not an OpenEXR file"
+    return None
 
 
 def load_job(path: str | os.PathLike, check_files: bool = True) -> JobSpec:

@@ -23,6 +23,7 @@ frames without images, as before.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -251,6 +252,54 @@ def check_unknown_keys(problems: list[Problem], path: str, value: dict, allowed:
             problems.append(Problem(f"{path}.{key}", f"unknown field (allowed: {', '.join(sorted(allowed))})"))
 
 
+def safe_text(value: str) -> str:
+    """``value`` with anything UTF-8 cannot encode (lone surrogates) written as a backslash escape, for messages."""
+    return value.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def text_problems(doc: Any, path: str = "") -> list[Problem]:
+    """One problem per string (key or value) in a JSON document that is not valid UTF-8 text; never raises.
+
+    JSON may escape a lone surrogate (``"\\ud800"``), which Python decodes into a ``str`` that cannot be
+    written to a UTF-8 file, a response or a terminal; such a document is refused here, at the door, with
+    the path of each such field. Checked with one C-speed encode first; walked only when that fails.
+    """
+    try:
+        json.dumps(doc, ensure_ascii=False, check_circular=False).encode("utf-8")
+        return []
+    except UnicodeEncodeError:
+        pass
+    except (TypeError, ValueError, RecursionError):
+        return []  # not JSON data at all: the type checks report it
+    problems: list[Problem] = []
+    stack: list[tuple[str, Any]] = [(path, doc)]
+    while stack and len(problems) < 100:
+        where, value = stack.pop()
+        if value is _BAD_KEY:
+            problems.append(Problem(where, "this field name is not valid UTF-8 text (a lone surrogate?)"))
+        elif isinstance(value, str):
+            if not _is_utf8(value):
+                problems.append(Problem(where or "(document)", f"is not valid UTF-8 text (a lone surrogate?): {safe_text(value)[:80]!r}"))
+        elif isinstance(value, dict):
+            for key, item in reversed(list(value.items())):
+                key_path = f"{where}.{safe_text(key)}".lstrip(".") if isinstance(key, str) else where
+                stack.append((key_path, _BAD_KEY if isinstance(key, str) and not _is_utf8(key) else item))
+        elif isinstance(value, list):
+            stack.extend((f"{where}[{i}]", item) for i, item in reversed(list(enumerate(value))))
+    return problems
+
+
+_BAD_KEY = object()
+
+
+def _is_utf8(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
 def check_rigid_matrix(problems: list[Problem], path: str, value: Any) -> bool:
     """A 4x4 rigid transform: finite, bottom row (0,0,0,1), orthonormal rotation with det +1, no scale."""
     if not (isinstance(value, list) and len(value) == 4 and all(isinstance(r, list) and len(r) == 4 for r in value)):
@@ -290,6 +339,9 @@ def validate_trajectory_json(doc: Any, path: str = "trajectory") -> list[Problem
     problems: list[Problem] = []
     if not check_object(problems, path, doc):
         return problems
+    bad_text = text_problems(doc, path)
+    if bad_text:
+        return bad_text
     check_unknown_keys(problems, path, doc, {"name", "fps", "width", "height", "frames"})
     check_string(problems, f"{path}.name", doc.get("name"))
     if "fps" in doc:

@@ -26,7 +26,8 @@ TIMEOUT = 20
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory):
     root = tmp_path_factory.mktemp("service_api")
-    with Engine(root / "jobs", extra_args=("--max-body-mb", "1", "--device", "cpu")) as eng:
+    with Engine(root / "jobs", extra_args=("--max-body-mb", "1", "--device", "cpu",
+                                                  "--allow-path", str(tmp_path_factory.getbasetemp()))) as eng:
         eng.start()
         yield eng
 

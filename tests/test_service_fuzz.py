@@ -27,7 +27,8 @@ FUZZ = settings(max_examples=2000, deadline=None, derandomize=True, suppress_hea
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory):
     root = tmp_path_factory.mktemp("service_fuzz")
-    with Engine(root / "jobs", extra_args=("--max-body-mb", "1", "--device", "cpu")) as eng:
+    with Engine(root / "jobs", extra_args=("--max-body-mb", "1", "--device", "cpu",
+                                                  "--allow-path", str(tmp_path_factory.getbasetemp()))) as eng:
         eng.start()
         yield eng
 

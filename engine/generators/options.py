@@ -152,8 +152,8 @@ def parse_preview_options(options: Mapping) -> dict:
     if not _is_int(length) or not 1 <= length <= 1024:
         problems.append(Problem("options.segment_length", "must be an integer from 1 to 1024"))
     sigma = kwargs.get("depth_sigma", 0.05)
-    if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not sigma > 0:
-        problems.append(Problem("options.depth_sigma", "must be a positive number"))
+    if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not 0 < sigma <= 10:
+        problems.append(Problem("options.depth_sigma", f"must be a positive number of at most 10 (a relative depth spread), got {sigma!r}"))
     if not isinstance(kwargs.get("temporal", True), bool):
         problems.append(Problem("options.temporal", "must be true or false"))
     if problems:

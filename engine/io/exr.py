@@ -107,13 +107,24 @@ def write_depth_exr(path: str | os.PathLike, depth_z_m: np.ndarray) -> None:
     write_exr(path, {"Z": depth_z_m})
 
 
-def read_exr(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Every channel of a scanline EXR as (H, W) float32 arrays, by channel name."""
+#: The largest side read (the job spec's own limit, bridge/trajectory.py MAX_SIZE_PX).
+MAX_EXR_SIDE = 8192
+
+
+def exr_size(path: str | os.PathLike) -> tuple[int, int]:
+    """(width, height) of an EXR's data window from its header alone."""
     path = Path(path)
     try:
-        data = path.read_bytes()
+        with open(path, "rb") as fh:
+            head = fh.read(1 << 20)
     except OSError as exc:
         raise KeyframeWorldsError(f"cannot read EXR {path}: {exc}") from None
+    _channels, _compression, (xmin, ymin, xmax, ymax), _pos = _read_header(head, path)
+    return xmax - xmin + 1, ymax - ymin + 1
+
+
+def _read_header(data: bytes, path: Path):
+    """(channels, compression, data window, offset of the chunk table) of a scanline EXR's bytes."""
     if len(data) < 8 or struct.unpack("<i", data[:4])[0] != _MAGIC:
         raise KeyframeWorldsError(f"{path} is not an OpenEXR file")
     flags = struct.unpack("<i", data[4:8])[0]
@@ -146,11 +157,37 @@ def read_exr(path: str | os.PathLike) -> dict[str, np.ndarray]:
         )
     if any(xs != 1 or ys != 1 for _n, _t, xs, ys in channels) or any(t not in _PIXEL_TYPES for _n, t, _x, _y in channels):
         raise KeyframeWorldsError(f"{path}: subsampled or unknown EXR channel types are not supported")
+    return channels, compression, (xmin, ymin, xmax, ymax), pos
+
+
+def read_exr(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Every channel of a scanline EXR as (H, W) float32 arrays, by channel name."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise KeyframeWorldsError(f"cannot read EXR {path}: {exc}") from None
+    channels, compression, (xmin, ymin, xmax, ymax), pos = _read_header(data, path)
+    if not (0 < xmax - xmin + 1 <= MAX_EXR_SIDE and 0 < ymax - ymin + 1 <= MAX_EXR_SIDE):
+        # Checked before the arrays are made: a small file may declare any size.
+        raise KeyframeWorldsError(f"{path}: EXR data window is {xmax - xmin + 1}x{ymax - ymin + 1}; "
+                                  f"each side must be 1-{MAX_EXR_SIDE} px")
     width, height = xmax - xmin + 1, ymax - ymin + 1
     lines = _LINES_PER_BLOCK[compression]
     n_chunks = (height + lines - 1) // lines
-    offsets = np.frombuffer(data, dtype="<u8", count=n_chunks, offset=pos)
+    try:
+        offsets = np.frombuffer(data, dtype="<u8", count=n_chunks, offset=pos)
+    except ValueError:
+        raise KeyframeWorldsError(f"{path}: EXR is truncated (its chunk table is incomplete)") from None
     out = {name: np.empty((height, width), dtype=np.float32) for name, *_ in channels}
+    try:
+        _read_chunks(data, path, offsets, out, channels, compression, width, lines, ymin, ymax)
+    except (struct.error, zlib.error, ValueError, IndexError, OverflowError):
+        raise KeyframeWorldsError(f"{path}: EXR data is corrupt or truncated") from None
+    return out
+
+
+def _read_chunks(data, path, offsets, out, channels, compression, width, lines, ymin, ymax) -> None:
     row_bytes = sum(_PIXEL_TYPES[t].itemsize for _n, t, _x, _y in channels) * width
     for offset in offsets.tolist():
         y, size = struct.unpack("<ii", data[offset : offset + 8])
@@ -159,7 +196,8 @@ def read_exr(path: str | os.PathLike) -> dict[str, np.ndarray]:
         expected = row_bytes * n_lines
         if len(block) != expected:
             if compression in (_ZIP, _ZIPS):
-                block = _unpredict_and_merge(zlib.decompress(block))
+                # At most the bytes the block should hold (+1 to tell too many): no zip bomb inflates past it.
+                block = _unpredict_and_merge(zlib.decompressobj().decompress(block, expected + 1))
             elif compression == _RLE:
                 block = _unpredict_and_merge(_rle_decode(block))
         if len(block) != expected:
@@ -171,7 +209,6 @@ def read_exr(path: str | os.PathLike) -> dict[str, np.ndarray]:
                 row = np.frombuffer(block, dtype=dt, count=width, offset=cursor)
                 out[name][y - ymin + line] = row.astype(np.float32)
                 cursor += dt.itemsize * width
-    return out
 
 
 def _rle_decode(data: bytes) -> bytes:

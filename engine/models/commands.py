@@ -100,9 +100,12 @@ def _device(name: str) -> str:
 
 
 def run_check(args: argparse.Namespace) -> int:
-    import torch
-    from safetensors.torch import save_file
+    from ...bridge.paths import check_output
 
+    check_output(args.out, "--out", folder=False, create_parents=True)  # before minutes of loading
+    import torch
+
+    from ..run.checkpoint import save_tensors
     from .weights import ModelPaths, load_worldstereo
 
     device = _device(args.device)
@@ -124,7 +127,7 @@ def run_check(args: argparse.Namespace) -> int:
         output = model(**forward_inputs)
     output = output.float().cpu().contiguous()
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    save_file({"output": output}, str(args.out))
+    save_tensors({"output": output}, args.out)
 
     report = model.load_report
     print(f"variant: {report.variant} ({report.keys_from_variant} keys from {report.variant_dir}"
@@ -150,10 +153,12 @@ def run_check(args: argparse.Namespace) -> int:
 
 
 def run_check_pipeline(args: argparse.Namespace) -> int:
-    import torch
-    from safetensors.torch import save_file
+    from ...bridge.paths import check_output
 
-    from ...bridge.atomic import atomic_write
+    check_output(args.out, "--out", folder=False)  # before the run, not after it
+    import torch
+
+    from ..run.checkpoint import save_tensors
     from ..pipelines.check import compare_outputs, format_comparison, read_case, read_safetensors, run_case
 
     for name in ("tolerance", "frame_tolerance"):
@@ -168,8 +173,7 @@ def run_check_pipeline(args: argparse.Namespace) -> int:
     if args.out.is_dir():
         raise KeyframeWorldsError(f"--out {args.out} is a folder; give a .safetensors file name")
     try:
-        with atomic_write(args.out) as tmp:
-            save_file(outputs, str(tmp))
+        save_tensors(outputs, args.out)
     except OSError as exc:
         raise KeyframeWorldsError(f"cannot write {args.out}: {exc}") from None
     print(f"case: {case.describe()}")

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,8 +78,6 @@ def _frames_from(doc) -> list[ResultFrame]:
 
 def save(out_dir: str | os.PathLike, spec: JobSpec, state: RunState, memory, history) -> None:
     """Write the checkpoint after a segment (see the module docstring)."""
-    from safetensors.torch import save_file
-
     folder = Path(out_dir) / CHECKPOINT_DIRNAME
     folder.mkdir(exist_ok=True)
     tensors = {
@@ -101,8 +100,7 @@ def save(out_dir: str | os.PathLike, spec: JobSpec, state: RunState, memory, his
     previous = _read_state(folder)
     number = (previous or {}).get("number", 0) + 1
     name = f"state-{number:06d}.safetensors"
-    with atomic_write(folder / name, fsync=True) as tmp:
-        save_file(tensors, str(tmp))
+    save_tensors(tensors, folder / name)
     doc = {
         "version": CHECKPOINT_VERSION,
         "spec": spec_digest(spec),
@@ -123,6 +121,30 @@ def save(out_dir: str | os.PathLike, spec: JobSpec, state: RunState, memory, his
     for old in folder.glob("state-*.safetensors"):
         if old.name != name:
             old.unlink(missing_ok=True)
+
+
+#: How the Rust side of safetensors words the OS errors it meets (it raises SafetensorError, not OSError).
+_OS_ERROR_NUMBER = re.compile(r"\(os error (\d+)\)")
+
+
+def save_tensors(tensors: dict, path: Path) -> None:
+    """``tensors`` as a safetensors file at ``path``, atomically; an OS failure is raised as the OSError it is.
+
+    safetensors writes in Rust and reports a full disk as ``SafetensorError: ... No space left on device
+    (os error 28)``; turned back into ``OSError(ENOSPC)`` here, every caller names it as a full disk.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    try:
+        with atomic_write(path, fsync=True) as tmp:
+            save_file(tensors, str(tmp))
+    except SafetensorError as exc:
+        found = _OS_ERROR_NUMBER.search(str(exc))
+        if found is None:
+            raise
+        number = int(found.group(1))
+        raise OSError(number, os.strerror(number), str(path)) from exc
 
 
 def _read_state(folder: Path) -> dict | None:

@@ -41,6 +41,13 @@ def job_problems(doc, base_dir: Path, check_files: bool = True) -> list:
     from ..generators.options import check_options
 
     problems = validate_job(doc, base_dir=base_dir, check_files=check_files)
+    if check_files and isinstance(doc, dict) and isinstance(doc.get("reference"), dict) \
+            and not any(p.path.startswith("reference") or not p.path for p in problems):
+        # The headers passed: now the content, decoded in full, as the run will read it.
+        from ..io.inputs import reference_problems
+
+        ref = doc["reference"]
+        problems += reference_problems(base_dir / ref["image"], base_dir / ref["depth"] if ref.get("depth") else None)
     if isinstance(doc, dict) and isinstance(doc.get("generator"), str):
         reported = {p.path for p in problems}
         problems += [p for p in check_options(doc["generator"], doc.get("options", {}), check_paths=check_files)
@@ -81,7 +88,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     from ...bridge.spec import load_job
     from ..generators.options import check_options
 
-    spec = load_job(args.job)
+    from ...bridge.paths import check_output
+
+    check_output(args.out, "--out", folder=True)
+    try:
+        spec = load_job(args.job)
+    except ValidationError as exc:
+        if len(exc.problems) != 1:
+            raise
+        raise KeyframeWorldsError(f"job spec {args.job}: {exc.problems[0]}") from None  # one problem, one line
     if args.depth_model:
         from dataclasses import replace
 
@@ -114,7 +129,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"keyframe-worlds: {args.out} holds no interrupted run of this job: starting from the beginning",
               file=sys.stderr)
     progress = Progress() if args.quiet else TerminalProgress()
-    manifest = run_job(spec, args.out, progress=progress, device=device, resume=args.resume)
+    try:
+        manifest = run_job(spec, args.out, progress=progress, device=device, resume=args.resume)
+    except OSError as exc:  # a full disk, a folder it may not write: one line that says so
+        from ..service.jobs import failure_message
+
+        raise KeyframeWorldsError(failure_message(exc, Path(args.out))) from None
     frames = sum(len(t.frames) for t in manifest.trajectories)
     print(f"wrote {args.out}: {frames} frame(s) from {len(manifest.trajectories)} camera(s), "
           f"{manifest.point_count} points, {len(manifest.meshes)} mesh(es); {manifest.generator_label}")

@@ -26,13 +26,12 @@ import numpy as np
 import torch
 
 from ...bridge.atomic import remove_temporary_files
-from ...bridge.errors import KeyframeWorldsError
 from ...bridge.jobs import Progress
 from ...bridge.spec import JobSpec, ResultManifest
 from ...bridge.trajectory import Trajectory
 from .bundle import BundleWriter
 from ..generators import Generator, ReferenceFrame, SegmentRequest, get_generator
-from ..io.images import read_rgb
+from ..io.inputs import check_depth_matches, read_reference_depth, read_reference_rgb
 from ..testing import faults
 from ..world.cameras import rescale_intrinsics_vec
 from ..world.depth import DepthEstimator
@@ -82,27 +81,12 @@ def add_backdrop(memory: PointMemory, rgb: torch.Tensor, depth_z_m: torch.Tensor
 def load_reference(spec: JobSpec) -> tuple[Trajectory, int, np.ndarray, np.ndarray | None]:
     """The reference trajectory, frame index, RGB (H, W, 3) uint8 and z-depth (H, W) or None, at the trajectory's size."""
     traj, index = spec.reference_view()
-    rgb = _resize(read_rgb(spec.reference.image), traj.width, traj.height, nearest=False)
+    raw_rgb = read_reference_rgb(spec.reference.image)
+    rgb = _resize(raw_rgb, traj.width, traj.height, nearest=False)
     depth = None
     if spec.reference.depth:
-        path = Path(spec.reference.depth)
-        if path.suffix.lower() == ".exr":
-            from ..io.exr import read_depth_exr
-
-            depth = read_depth_exr(path)
-        else:
-            try:
-                depth = np.load(path, allow_pickle=False)
-            except (OSError, ValueError) as exc:
-                raise KeyframeWorldsError(f"reference.depth: cannot read {path}: {exc}") from None
-        depth = np.asarray(depth)
-        if depth.ndim == 3 and depth.shape[-1] == 1:
-            depth = depth[..., 0]
-        if depth.ndim != 2 or depth.dtype.kind not in "fiu":
-            raise KeyframeWorldsError(f"reference.depth: {path} must hold a 2-D array of depths in metres, got shape {depth.shape} {depth.dtype}")
-        depth = np.where(np.isfinite(depth) & (depth > 0), depth, 0).astype(np.float32)
-        if not (depth > 0).any():
-            raise KeyframeWorldsError(f"reference.depth: {path} has no positive, finite depth")
+        depth = read_reference_depth(spec.reference.depth)
+        check_depth_matches(depth, raw_rgb, spec.reference.depth, spec.reference.image)
         depth = _resize(depth, traj.width, traj.height, nearest=True)
     return traj, index, rgb, depth
 

@@ -2,7 +2,7 @@
 
 Routes (all under ``/v1``; every one but ``health`` needs ``Authorization: Bearer <token>``):
 
-    GET  /health                     version, devices, generators, GPU memory, job counts
+    GET  /health                     version, devices, generators, GPU memory, job counts, disk use
     POST /jobs                       submit: multipart (spec + image [+ depth] uploads),
                                      or a JSON spec with local paths (loopback clients only)
     GET  /jobs                       every job, oldest first
@@ -10,6 +10,7 @@ Routes (all under ``/v1``; every one but ``health`` needs ``Authorization: Beare
     POST /jobs/{id}/cancel           cancel (pending: at once; running: at its next progress check, or its
                                      worker process is ended within seconds)
     POST /jobs/{id}/retry            queue a failed or cancelled job again; it resumes from its checkpoint
+    DELETE /jobs/{id}                delete a finished, failed or cancelled job and its folder
     GET  /jobs/{id}/manifest         the result manifest of a completed job
     GET  /jobs/{id}/files/{path}     a file of the result bundle (path relative to the bundle)
     GET  /jobs/{id}/log              the job's log
@@ -23,7 +24,9 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import json
+import os
 import shutil
+import stat
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable
@@ -39,6 +42,7 @@ from ... import __version__
 from ...bridge.errors import KeyframeWorldsError, Problem, ValidationError
 from ...bridge.jobs import STATUS_FIELD_DOCS, JobState, JobStatus
 from ...bridge.spec import MANIFEST_FILENAME, validate_job
+from ...bridge.trajectory import safe_text
 from .jobs import (
     JOB_ID_PATTERN,
     LOG_FILENAME,
@@ -48,6 +52,7 @@ from .jobs import (
     JobManager,
     JobNotFound,
     QueueFull,
+    StorageError,
 )
 
 API_PREFIX = "/v1"
@@ -71,7 +76,8 @@ class BodyTooLarge(Exception):
 
 
 def error_response(status: int, error: str, problems: list[Problem] | None = None, headers: dict | None = None) -> JSONResponse:
-    body = {"error": error, "problems": [p.to_json() for p in problems or []]}
+    # Every text is made UTF-8-safe here, so no message (echoing a client's bad field name) can turn into a 500.
+    body = {"error": safe_text(error), "problems": [{"path": safe_text(p.path), "reason": safe_text(p.reason)} for p in problems or []]}
     return JSONResponse(body, status_code=status, headers=headers)
 
 
@@ -126,6 +132,18 @@ class WorkerModel(BaseModel):
     restarts: int = Field(description="times it was restarted after dying or being ended")
 
 
+class DiskModel(BaseModel):
+    used_bytes: int = Field(description="what the job root holds")
+    budget_bytes: int | None = Field(description="the most it may hold (serve --disk-budget-gb); null: no budget")
+    free_bytes: int = Field(description="space left on the device holding it")
+
+
+class DeletedModel(BaseModel):
+    id: str
+    deleted: bool
+    freed_bytes: int = Field(description="the bytes its folder took")
+
+
 class HealthModel(BaseModel):
     status: str
     version: str
@@ -136,6 +154,83 @@ class HealthModel(BaseModel):
     queue_size: int
     jobs: dict[str, int]
     workers: list[WorkerModel] = Field(description="one worker process per device")
+    disk: DiskModel
+
+
+def job_spec_schema() -> dict:
+    """The JSON schema of a job spec v1 as the server accepts it: what ``bridge.spec.validate_job`` requires.
+
+    The validator stays the authority (it also checks what a schema cannot: rigid matrices, frame order,
+    files); a test checks that this schema requires exactly the fields the validator requires.
+    """
+    from ...bridge.spec import GENERATORS, JOB_VERSION, MAX_TRAJECTORIES
+    from ...bridge.trajectory import MAX_FRAMES, MAX_SIZE_PX, MIN_SIZE_PX
+
+    number = {"type": "number"}
+    side = {"type": "integer", "minimum": MIN_SIZE_PX, "maximum": MAX_SIZE_PX}
+    frame = {"type": "object", "additionalProperties": False, "required": ["frame", "c2w_opencv", "fx", "fy", "cx", "cy"],
+             "properties": {"frame": {"type": "integer"},
+                            "c2w_opencv": {"type": "array", "minItems": 4, "maxItems": 4,
+                                           "items": {"type": "array", "minItems": 4, "maxItems": 4, "items": number},
+                                           "description": "camera-to-world, OpenCV axes (x right, y down, z forward), metres"},
+                            "fx": {"type": "number", "exclusiveMinimum": 0}, "fy": {"type": "number", "exclusiveMinimum": 0},
+                            "cx": number, "cy": number,
+                            "distortion": {"type": ["object", "null"]}, "image": {"type": ["string", "null"]}}}
+    trajectory = {"type": "object", "additionalProperties": False, "required": ["name", "width", "height", "frames"],
+                  "properties": {"name": {"type": "string", "minLength": 1}, "fps": {"type": "number", "exclusiveMinimum": 0},
+                                 "width": side, "height": side,
+                                 "frames": {"type": "array", "minItems": 1, "maxItems": MAX_FRAMES, "items": frame}}}
+    return {
+        "type": "object", "additionalProperties": False, "title": "JobSpec",
+        "description": "job spec v1 (bridge/spec.py); every text must be valid UTF-8",
+        "required": ["version", "name", "generator", "reference", "trajectories"],
+        "properties": {
+            "version": {"type": "integer", "enum": [JOB_VERSION]},
+            "name": {"type": "string", "minLength": 1, "maxLength": 200},
+            "generator": {"type": "string", "enum": list(GENERATORS)},
+            "prompt": {"type": "string"},
+            "seed": {"type": "integer", "minimum": 0, "maximum": 2**63 - 1},
+            "reference": {"type": "object", "additionalProperties": False, "required": ["image"],
+                          "properties": {"image": {"type": "string", "description": "the reference image's path"},
+                                         "depth": {"type": "string", "description": "its z-depth in metres (.npy or .exr)"},
+                                         "trajectory": {"type": "string"}, "frame": {"type": "integer"}}},
+            "trajectories": {"type": "array", "minItems": 1, "maxItems": MAX_TRAJECTORIES, "items": trajectory},
+            "output": {"type": "object", "additionalProperties": False,
+                       "properties": {"mesh_every": {"type": "integer", "minimum": 1, "maximum": 100_000},
+                                      "keyframe_every": {"type": "integer", "minimum": 1, "maximum": 100_000,
+                                                         "deprecated": True},
+                                      "mesh_stride": {"type": "integer", "minimum": 1, "maximum": 256},
+                                      "point_budget": {"type": "integer", "minimum": 1000, "maximum": 200_000_000}}},
+            "geometry": {"type": "object", "additionalProperties": False,
+                         "properties": {"depth_model": {"type": ["string", "null"]}, "device": {"type": "string"},
+                                        "flow": {"type": "string", "enum": ["dis", "raft", "none"]},
+                                        "point_maps": {"type": "boolean"}}},
+            "options": {"type": "object", "description": "the generator's own settings, checked before queueing"},
+        },
+    }
+
+
+def _document_what_the_server_does(doc: dict) -> dict:
+    """Make the generated OpenAPI document say what the server answers.
+
+    FastAPI documents a 422 with its own body for every route with parameters; this server answers a
+    malformed request with 400 and an ErrorModel. Error bodies are JSON even on routes whose success is
+    plain text (the log).
+    """
+    error_ref = {"$ref": "#/components/schemas/ErrorModel"}
+    for path_item in doc.get("paths", {}).values():
+        for operation in path_item.values():
+            responses = operation.get("responses", {})
+            # Only a body can fail FastAPI's own checks here (path parameters are plain strings, checked by the routes).
+            if responses.pop("422", None) is not None and "requestBody" in operation and "400" not in responses:
+                responses["400"] = {"description": "the request is malformed", "content": {"application/json": {"schema": error_ref}}}
+            for code, response in responses.items():
+                if code.startswith(("4", "5")):
+                    response["content"] = {"application/json": {"schema": error_ref}}
+    schemas = doc.get("components", {}).get("schemas", {})
+    for name in ("HTTPValidationError", "ValidationError"):
+        schemas.pop(name, None)
+    return doc
 
 
 # --- the app -----------------------------------------------------------------------------
@@ -152,6 +247,8 @@ class AppSettings:
     gpu_memory: Callable[[], list[dict]] = lambda: []
     # The generator's own check of the job's options before queueing: (generator, options) -> problems.
     check_options: Callable[[str, dict], list[Problem]] = lambda generator, options: []
+    # The only folders local-path submissions may read from (serve --allow-path), as real paths; none: no local paths.
+    allowed_paths: tuple[Path, ...] = ()
 
 
 class BodyLimitMiddleware:
@@ -276,6 +373,7 @@ def create_app(manager: JobManager, settings: AppSettings) -> FastAPI:
             "queue_size": manager.queue_size,
             "jobs": manager.counts(),
             "workers": manager.worker_info(),
+            "disk": manager.disk(),
         }
 
     api = APIRouter(prefix=API_PREFIX, dependencies=[Depends(require_token)],
@@ -294,14 +392,16 @@ def create_app(manager: JobManager, settings: AppSettings) -> FastAPI:
                         "type": "object",
                         "required": ["spec", "image"],
                         "properties": {
-                            "spec": {"type": "string", "description": "the job spec v1 as JSON text (bridge/spec.py)"},
+                            "spec": {"type": "string", "contentMediaType": "application/json", "contentSchema": job_spec_schema(),
+                                     "description": "the job spec v1 as JSON text (bridge/spec.py); its reference paths "
+                                                    "name the uploaded files"},
                             "image": {"type": "string", "format": "binary", "description": "the reference image"},
                             "depth": {"type": "string", "format": "binary", "description": "its z-depth (.npy or .exr), when the spec names one"},
                         },
                     }
                 },
                 "application/json": {
-                    "schema": {"type": "object", "description": "the job spec v1 with local reference paths (loopback clients only)"}
+                    "schema": {**job_spec_schema(), "description": "the job spec v1 with local reference paths (loopback clients only)"}
                 },
             },
         },
@@ -310,8 +410,11 @@ def create_app(manager: JobManager, settings: AppSettings) -> FastAPI:
     @api.post("/jobs", status_code=201, response_model=JobStatusModel, tags=["jobs"], summary="Submit a job",
               openapi_extra=submit_doc,
               responses={400: {"model": ErrorModel, "description": "invalid spec: every problem with its field path"},
+                         403: {"model": ErrorModel, "description": "local paths from another machine, or outside the folders given to serve --allow-path"},
                          413: {"model": ErrorModel, "description": "request body too large"},
+                         415: {"model": ErrorModel, "description": "neither multipart/form-data nor application/json"},
                          429: {"model": ErrorModel, "description": "the queue is full"},
+                         500: {"model": ErrorModel, "description": "the engine cannot write its job root (read-only, permissions)"},
                          507: {"model": ErrorModel, "description": "no space left for the job's folder"}})
     async def submit(request: Request) -> JSONResponse:
         content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -337,6 +440,8 @@ def create_app(manager: JobManager, settings: AppSettings) -> FastAPI:
             raise ApiError(429, str(exc), headers={"Retry-After": "5"}) from None
         except DiskFull as exc:
             raise ApiError(507, str(exc)) from None
+        except StorageError as exc:
+            raise ApiError(500, str(exc)) from None
         except JobConflict as exc:
             raise ApiError(503, str(exc)) from None
         except KeyframeWorldsError as exc:
@@ -357,8 +462,14 @@ def create_app(manager: JobManager, settings: AppSettings) -> FastAPI:
                 raise ApiError(400, "job spec is invalid (1 problem(s))",
                                [Problem(f"reference.{key}", "is relative: give an absolute path, or base_dir in the query")])
         base = Path(base_dir or "/")
+        # Before the files are looked at, so nothing (not even whether a file exists) is told outside the allowed folders.
+        readable = {key: allowed_file(base / doc["reference"][key], f"reference.{key}", settings.allowed_paths)
+                    for key in ("image", "depth") if doc["reference"].get(key)}
+        model = (doc.get("geometry") or {}).get("depth_model")
+        if isinstance(model, str) and Path(model).is_absolute():
+            allowed_file(Path(model), "geometry.depth_model", settings.allowed_paths)
         check_spec(doc, base_dir=base, check_files=True)
-        inputs = {key: copier(base / doc["reference"][key]) for key in ("image", "depth") if doc["reference"].get(key)}
+        inputs = {key: copier(path) for key, path in readable.items()}
         return doc, inputs
 
     async def _multipart_submission(request: Request, limit: int) -> tuple[dict, dict]:
@@ -420,6 +531,21 @@ def create_app(manager: JobManager, settings: AppSettings) -> FastAPI:
             raise ApiError(409, str(exc)) from None
         return status_of(job_id)
 
+    @api.delete("/jobs/{job_id}", response_model=DeletedModel, tags=["jobs"], summary="Delete a finished, failed or cancelled job",
+                description="Its folder (inputs, log, result bundle, checkpoint) is removed; the space is free at once.",
+                responses={**not_found, 409: {"model": ErrorModel, "description": "the job is pending or running: cancel it first"},
+                           500: {"model": ErrorModel, "description": "the engine cannot remove its folder"}})
+    def delete_job(job_id: str) -> dict:
+        try:
+            freed = manager.delete(job_id_checked(job_id))
+        except JobNotFound as exc:
+            raise ApiError(404, str(exc)) from None
+        except JobConflict as exc:
+            raise ApiError(409, str(exc)) from None
+        except StorageError as exc:
+            raise ApiError(500, str(exc)) from None
+        return {"id": job_id, "deleted": True, "freed_bytes": freed}
+
     @api.post("/jobs/{job_id}/retry", response_model=JobStatusModel, tags=["jobs"], summary="Queue a failed or cancelled job again",
               description="It resumes from its last finished segment (the job's checkpoint).",
               responses={**not_found, 409: {"model": ErrorModel, "description": "the job is not failed or cancelled"},
@@ -472,6 +598,15 @@ def create_app(manager: JobManager, settings: AppSettings) -> FastAPI:
         except OSError:
             return PlainTextResponse("")
 
+    generated_openapi = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            app.openapi_schema = _document_what_the_server_does(generated_openapi())
+        return app.openapi_schema
+
+    app.openapi = openapi
+
     @api.get("/openapi.json", include_in_schema=False)
     def openapi_document() -> JSONResponse:
         return JSONResponse(app.openapi())
@@ -501,9 +636,40 @@ def check_spec(doc: Any, base_dir, check_files: bool) -> None:
         raise ApiError(400, f"job spec is invalid ({len(problems)} problem(s))", problems)
 
 
+def allowed_file(path: Path, field: str, allowed: tuple[Path, ...]) -> Path:
+    """``path`` with every symlink resolved, if that lies inside one of the ``allowed`` folders; else a 403.
+
+    The resolved path is what is copied later, so a symlink swapped in after this check is not followed
+    (the copy opens it with O_NOFOLLOW).
+    """
+    if not allowed:
+        raise ApiError(403, "this engine reads no local paths (it was started without --allow-path): upload the files "
+                            "(multipart) instead", [Problem(field, "local paths are not allowed")])
+    real = Path(os.path.realpath(path))
+    if any(real.is_relative_to(root) for root in allowed):
+        return real
+    lexical = Path(os.path.abspath(path))
+    why = ("is a symlink that leaves the allowed folders" if any(lexical.is_relative_to(root) for root in allowed)
+           else "is outside the folders this engine may read")
+    raise ApiError(403, f"{field} {why} (serve --allow-path): upload the file instead",
+                   [Problem(field, f"{why}: {', '.join(str(r) for r in allowed)}")])
+
+
 def copier(source: Path) -> Callable[[Path], None]:
+    """Copy ``source`` (a resolved path) to the job; the copy is never readable by more users than the source."""
     def write(target: Path) -> None:
-        shutil.copyfile(source, target)
+        src = os.open(source, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        try:
+            mode = stat.S_IMODE(os.fstat(src).st_mode) & 0o666
+            dst = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+            try:
+                os.fchmod(dst, mode)  # O_CREAT's mode is narrowed by the umask only; this also caps it at the source's
+                with open(src, "rb", closefd=False) as fin, open(dst, "wb", closefd=False) as fout:
+                    shutil.copyfileobj(fin, fout, 1024 * 1024)
+            finally:
+                os.close(dst)
+        finally:
+            os.close(src)
 
     return write
 

@@ -24,15 +24,18 @@ does not stop within ``CANCEL_GRACE_S`` of it, and restarts a worker that died.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import logging
+import math
 import os
 import re
 import secrets
 import shutil
 import threading
 import time
+import typing
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +45,7 @@ from ...bridge.atomic import remove_temporary_files
 from ...bridge.errors import KeyframeWorldsError, Problem, ValidationError
 from ...bridge.jobs import FINISHED_STAGE, QUEUED_STAGE, STAGE_WORDS, STARTING_STAGE, JobState, JobStatus, ProgressEvent
 from ...bridge.spec import validate_job, write_json_atomic
+from ...bridge.trajectory import safe_text, text_problems
 from .workers import WorkerGone, WorkerHandle
 
 log = logging.getLogger("keyframe_worlds.service")
@@ -66,6 +70,10 @@ class QueueFull(KeyframeWorldsError):
 
 class DiskFull(KeyframeWorldsError):
     """The job root has no space left."""
+
+
+class StorageError(KeyframeWorldsError):
+    """The engine cannot write its job root (read-only, no permission, ...): the server's problem, not the request's."""
 
 
 class JobNotFound(KeyframeWorldsError):
@@ -101,6 +109,31 @@ def free_bytes(folder: Path) -> int:
         return 1 << 62
 
 
+#: How often the job root's size is measured again for the disk budget (walking it costs a little).
+USAGE_INTERVAL_S = 0.5
+
+
+def folder_bytes(folder: Path) -> int:
+    """The bytes the files under ``folder`` take on disk (allocated blocks; apparent size where unknown)."""
+    total = 0
+    stack = [str(folder)]
+    while stack:
+        try:
+            with os.scandir(stack.pop()) as entries:
+                for entry in entries:
+                    try:
+                        if entry.is_dir(follow_symlinks=False):
+                            stack.append(entry.path)
+                        elif entry.is_file(follow_symlinks=False):
+                            st = entry.stat(follow_symlinks=False)
+                            total += getattr(st, "st_blocks", 0) * 512 or st.st_size
+                    except OSError:
+                        continue
+        except OSError:
+            continue
+    return total
+
+
 def _chain(exc: BaseException):
     seen = set()
     while exc is not None and id(exc) not in seen:
@@ -117,6 +150,10 @@ def failure_message(exc: BaseException, out_dir: Path) -> str:
     for cause in _chain(exc):
         if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):
             return describe_os_error(cause, out_dir)
+    for cause in _chain(exc):
+        # Native writers (safetensors, ffmpeg's wrappers) carry the OS error in their text only.
+        if not isinstance(cause, OSError) and re.search(r"No space left on device|\(os error 28\)", str(cause)):
+            return f"disk full: no space left on the device holding {out_dir} ({type(cause).__name__}: {cause})"
     if any(isinstance(c, OSError) for c in _chain(exc)) and free_bytes(out_dir) < LOW_SPACE_BYTES:
         # Some writers report a short write without an errno (numpy: "N requested and M written").
         return f"disk full: no space left on the device holding {out_dir} ({free_bytes(out_dir)} bytes free; {exc})"
@@ -129,6 +166,49 @@ def failure_message(exc: BaseException, out_dir: Path) -> str:
     return f"internal error: {type(exc).__name__}: {exc}"
 
 
+def stored_status(doc: Any) -> JobStatus:
+    """A status read back from disk, checked so it can be answered: right types, UTF-8 text.
+
+    Text an older engine stored unchecked (a lone surrogate in a job name) is repaired with backslash
+    escapes rather than dropping the job; a field of the wrong type raises ValueError.
+    """
+    if not isinstance(doc, dict):
+        raise ValueError(f"not an object: {type(doc).__name__}")
+    if text_problems(doc):
+        doc = _repaired_text(doc)
+    status = JobStatus.from_json(doc)
+    hints = typing.get_type_hints(JobStatus)
+    for f in dataclasses.fields(JobStatus):
+        value, kind = getattr(status, f.name), hints[f.name]
+        if f.name == "state":
+            continue
+        if f.name == "warnings":
+            ok = isinstance(value, list) and all(isinstance(w, str) for w in value)
+        else:
+            kinds = typing.get_args(kind) or (kind,)
+            ok = ((value is None and type(None) in kinds)
+                  or (isinstance(value, str) and str in kinds)
+                  or (isinstance(value, (int, float)) and not isinstance(value, bool) and float in kinds)
+                  or (isinstance(value, int) and not isinstance(value, bool) and int in kinds))
+        if isinstance(value, float) and not math.isfinite(value):
+            ok = False
+        if not ok:
+            raise ValueError(f"field {f.name!r} has the wrong type ({type(value).__name__})")
+    if not JOB_ID_PATTERN.match(status.id):
+        raise ValueError(f"id {status.id[:40]!r} is not a job id")
+    return status
+
+
+def _repaired_text(value: Any) -> Any:
+    if isinstance(value, str):
+        return safe_text(value)
+    if isinstance(value, dict):
+        return {safe_text(k) if isinstance(k, str) else k: _repaired_text(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_repaired_text(v) for v in value]
+    return value
+
+
 @dataclass
 class _Job:
     status: JobStatus
@@ -139,6 +219,7 @@ class _Job:
     # rate of this attempt, for the time left: when the first frame report came, and the work done then
     first_report: float | None = None
     first_work: float = 0.0
+    budget_error: str | None = None  # set when the disk budget stopped this attempt
 
 
 class JobManager:
@@ -149,11 +230,15 @@ class JobManager:
     until :meth:`start`.
     """
 
-    def __init__(self, job_root: str | os.PathLike, devices: list[str], queue_size: int = 32):
+    def __init__(self, job_root: str | os.PathLike, devices: list[str], queue_size: int = 32,
+                 disk_budget_bytes: int | None = None):
         self.root = Path(job_root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.devices = list(devices) or ["cpu"]
         self.queue_size = int(queue_size)
+        self.disk_budget_bytes = disk_budget_bytes
+        self._usage: tuple[float, int] | None = None  # (when measured, bytes)
+        self._usage_lock = threading.Lock()
         self.stopping = threading.Event()
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
@@ -168,16 +253,18 @@ class JobManager:
 
     def _load(self) -> None:
         """Read every job folder back; requeue the jobs that had not finished."""
-        for leftover in self.root.glob(".incoming-*"):
-            shutil.rmtree(leftover, ignore_errors=True)
+        for pattern in (".incoming-*", ".deleting-*"):
+            for leftover in self.root.glob(pattern):
+                shutil.rmtree(leftover, ignore_errors=True)
         found: list[_Job] = []
         for folder in self.root.iterdir():
             if not (folder.is_dir() and JOB_ID_PATTERN.match(folder.name)):
                 continue
             try:
-                status = JobStatus.from_json(json.loads((folder / STATUS_FILENAME).read_text(encoding="utf-8")))
+                status = stored_status(json.loads((folder / STATUS_FILENAME).read_text(encoding="utf-8")))
             except (OSError, ValueError, TypeError, KeyError) as exc:
-                log.warning("skipping job folder %s: unreadable %s (%s)", folder, STATUS_FILENAME, exc)
+                # One bad folder must not break listing the others: it is left on disk, unlisted.
+                log.warning("skipping job folder %s: unreadable %s (%s)", folder, STATUS_FILENAME, safe_text(str(exc)))
                 continue
             if status.id != folder.name:
                 log.warning("skipping job folder %s: its status names job %s", folder, status.id)
@@ -234,6 +321,9 @@ class JobManager:
                 raise JobConflict("the engine is shutting down")
             if len(self._pending) >= self.queue_size:
                 raise QueueFull(f"the queue is full ({self.queue_size} jobs waiting); try again when one has started")
+        over = self.over_budget(fresh=True)
+        if over:
+            raise DiskFull(over)
         job_id = new_job_id()
         incoming = self.root / f".incoming-{job_id}"
         try:
@@ -246,6 +336,13 @@ class JobManager:
                 write(incoming / relative)
                 reference[key] = relative
             problems = validate_job(spec, base_dir=incoming, check_files=True)
+            if not problems:
+                # The headers passed (sizes within the limits): the content is decoded once now, so a truncated
+                # or corrupt file is a 400 here and not a failed job later.
+                from ..io.inputs import reference_problems
+
+                problems = reference_problems(incoming / reference["image"],
+                                              incoming / reference["depth"] if reference.get("depth") else None)
             if problems:
                 raise ValidationError("job spec", problems)
             write_json_atomic(incoming / SPEC_FILENAME, spec)
@@ -267,7 +364,11 @@ class JobManager:
             shutil.rmtree(incoming, ignore_errors=True)
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise DiskFull(describe_os_error(exc, self.root)) from None
-            raise KeyframeWorldsError(describe_os_error(exc, self.root)) from None
+            if exc.filename and not Path(os.path.abspath(exc.filename)).is_relative_to(self.root.resolve()):
+                # Reading a local-path reference failed: the request's file, not the engine's storage.
+                raise KeyframeWorldsError(f"cannot read {exc.filename}: {exc.strerror or exc}") from None
+            raise StorageError(f"the engine cannot store the job: {describe_os_error(exc, self.root)} "
+                               f"(a problem of the engine's job root, not of the request)") from None
         except BaseException:
             shutil.rmtree(incoming, ignore_errors=True)
             raise
@@ -344,6 +445,59 @@ class JobManager:
             snapshot = s.copy()
         self.log(job_id, f"retry requested after it {state.value}: queued again, it resumes from its last finished segment")
         return snapshot
+
+    def delete(self, job_id: str) -> int:
+        """Delete a finished, failed or cancelled job and its folder; returns the bytes freed.
+
+        The folder is first renamed to ``.deleting-<id>`` (atomic), so a crash halfway through removing it
+        never leaves half a job listed; the next start removes what is left.
+        """
+        with self._lock:
+            job = self._jobs.get(job_id)
+            if job is None:
+                raise JobNotFound(f"no job {job_id!r}")
+            state = job.status.state
+            if not state.finished:
+                raise JobConflict(f"job {job_id} is {state.value}: cancel it first, then delete it")
+            doomed = self.root / f".deleting-{job_id}"
+            try:
+                os.replace(job.folder, doomed)
+            except FileNotFoundError:
+                doomed = None
+            except OSError as exc:
+                raise StorageError(f"cannot delete job {job_id}: {describe_os_error(exc, self.root)}") from None
+            del self._jobs[job_id]
+        freed = folder_bytes(doomed) if doomed is not None else 0
+        if doomed is not None:
+            shutil.rmtree(doomed, ignore_errors=True)
+        with self._usage_lock:
+            self._usage = None
+        log.info("deleted job %s (%d bytes)", job_id, freed)
+        return freed
+
+    def disk(self) -> dict:
+        """What the job root uses, its budget (None: none) and the space left on its device, in bytes."""
+        return {"used_bytes": self.usage_bytes(), "budget_bytes": self.disk_budget_bytes, "free_bytes": free_bytes(self.root)}
+
+    def usage_bytes(self, fresh: bool = False) -> int:
+        """The job root's size in bytes, measured at most every USAGE_INTERVAL_S unless ``fresh``."""
+        with self._usage_lock:
+            if not fresh and self._usage is not None and time.monotonic() - self._usage[0] < USAGE_INTERVAL_S:
+                return self._usage[1]
+        used = folder_bytes(self.root)
+        with self._usage_lock:
+            self._usage = (time.monotonic(), used)
+        return used
+
+    def over_budget(self, fresh: bool = False) -> str | None:
+        """The message when the job root has used its disk budget, else None."""
+        if self.disk_budget_bytes is None:
+            return None
+        used = self.usage_bytes(fresh=fresh)
+        if used < self.disk_budget_bytes:
+            return None
+        return (f"disk budget used: the job root {self.root} holds {used / 1e9:.3f} GB of its {self.disk_budget_bytes / 1e9:.3f} GB "
+                f"(serve --disk-budget-gb); delete finished jobs (DELETE /v1/jobs/{{id}}, keyframe-worlds jobs delete) to make room")
 
     def counts(self) -> dict[str, int]:
         with self._lock:
@@ -459,6 +613,9 @@ class JobManager:
             remove_temporary_files(job.folder)
             return
         state = JobState(outcome)
+        if job.budget_error and state is JobState.CANCELLED:
+            state, error = JobState.FAILED, f"{job.budget_error}; then retry this job, it resumes from its finished segments"
+        job.budget_error = None
         if state is not JobState.COMPLETED:
             self.log(job_id, f"{state.value}: {error or ''}\n{trace}".rstrip())
             removed = remove_temporary_files(job.folder)
@@ -473,6 +630,8 @@ class JobManager:
             if state is JobState.COMPLETED:
                 s.progress, s.frames_done = 1.0, s.frames_total
             self._write_status(job)
+        with self._usage_lock:
+            self._usage = None  # the job's files changed the job root's size: measure it again when asked
 
     def _supervise(self, job: _Job, worker: WorkerHandle) -> tuple[str, str | None, str]:
         """Relay the worker's messages for ``job`` until it finishes; end the worker if a cancel or a stop
@@ -494,6 +653,13 @@ class JobManager:
                     return "cancelled", (f"the job did not stop within {CANCEL_GRACE_S:.0f} s of the cancel: its worker "
                                          f"process was ended and restarted (finished segments are kept)"), ""
                 return "interrupted", None, ""
+            if deadline is None and not job.cancel.is_set() and self.disk_budget_bytes is not None:
+                over = self.over_budget()
+                if over:
+                    # Stopped like a cancel (finished segments stay), recorded as failed with the reason.
+                    job.budget_error = over
+                    job.cancel.set()
+                    continue
             message = worker.receive(0.05 if deadline is not None else 0.25)
             if message is None:
                 continue

@@ -37,6 +37,10 @@ class ServiceConfig:
     queue_size: int = 32
     max_body_bytes: int = 512 * 1024 * 1024
     parent_pid: int | None = None
+    read_timeout_s: float = 10.0  # request headers must arrive within it; a body may pause 3x as long
+    max_connections: int = 256  # beyond it a new connection closes the longest-idle one
+    disk_budget_bytes: int | None = None  # the most the job root may hold; None: no budget
+    allowed_paths: tuple[Path, ...] = ()  # folders local-path submissions may read (resolved); none: uploads only
 
 
 def is_loopback_host(host: str) -> bool:
@@ -115,7 +119,7 @@ def serve(config: ServiceConfig) -> int:
 
     if install_from_environment(config.job_root):
         log.warning("fault injection on: the job root behaves as a full disk after a number of writes (tests only)")
-    manager = JobManager(config.job_root, devices, config.queue_size)
+    manager = JobManager(config.job_root, devices, config.queue_size, disk_budget_bytes=config.disk_budget_bytes)
     # The workers start now, so their imports overlap the HTTP side's (FastAPI, uvicorn) and the first job waits less.
     manager.start()
     try:
@@ -127,11 +131,12 @@ def serve(config: ServiceConfig) -> int:
 
     from ..generators.options import check_options
     from .app import AppSettings, create_app
+    from .protocol import guarded_protocol
     from .watchdog import watch_parent
 
     settings = AppSettings(token=config.token, max_body_bytes=config.max_body_bytes,
                            generators=available_generators(), gpu_memory=manager.gpu_memory,
-                           check_options=check_options)
+                           check_options=check_options, allowed_paths=config.allowed_paths)
     app = create_app(manager, settings)
     port = sock.getsockname()[1]
 
@@ -147,8 +152,12 @@ def serve(config: ServiceConfig) -> int:
             # is recorded as such (it resumes at the next start) and its temporary files go.
             manager.stop(timeout=5.0)
 
-    uv_config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_keep_alive=30,
-                               limit_concurrency=512, timeout_graceful_shutdown=3, lifespan="off")
+    # The read timeouts and the connection cap are in the protocol (protocol.py says why uvicorn's own
+    # settings are not enough); limit_concurrency stays above the cap as the bound on requests served at once.
+    protocol = guarded_protocol(header_timeout_s=config.read_timeout_s, body_idle_s=3 * config.read_timeout_s,
+                                max_connections=config.max_connections)
+    uv_config = uvicorn.Config(app, http=protocol, log_level="warning", access_log=False, timeout_keep_alive=30,
+                               limit_concurrency=2 * config.max_connections, timeout_graceful_shutdown=3, lifespan="off")
     server = Server(uv_config)
 
     if config.parent_pid is not None:
