@@ -53,7 +53,7 @@ def _saved(obj, *names):
 
 
 @contextlib.contextmanager
-def _render_setup(scene: bpy.types.Scene, camera: bpy.types.Object, frame: int, samples: int):
+def _render_setup(scene: bpy.types.Scene, camera: bpy.types.Object, frame: int, samples: int, hold_out_results: bool = True):
     render = scene.render
     settings = scene.render.image_settings
     view_layer = scene.view_layers[0]
@@ -73,7 +73,7 @@ def _render_setup(scene: bpy.types.Scene, camera: bpy.types.Object, frame: int, 
         stack.callback(lambda: [setattr(marker, "camera", cam) for marker, cam in bound])
         # Imported results (each job's "KFW <name>" collection) are the generator's output, not the scene:
         # they are held out of the reference render and its depth, so a second Generate sees the blockout only.
-        for layer_collection in _job_layer_collections(view_layer.layer_collection):
+        for layer_collection in _job_layer_collections(view_layer.layer_collection) if hold_out_results else ():
             stack.enter_context(_saved(layer_collection, "exclude"))
             layer_collection.exclude = True
         scene.camera = camera
@@ -148,10 +148,11 @@ def render_reference(
 
 
 def render_still(scene: bpy.types.Scene, camera: bpy.types.Object, frame: int, path: str | os.PathLike, samples: int = 16) -> Path:
-    """Render ``camera`` at ``frame`` to a PNG with Cycles on the CPU; every scene setting is restored."""
+    """Render ``camera`` at ``frame`` to a PNG with Cycles on the CPU, imported results included (a look at the
+    world, not a reference); every scene setting is restored."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with _render_setup(scene, camera, frame, samples):
+    with _render_setup(scene, camera, frame, samples, hold_out_results=False):
         _render_png(scene, path)
     return path
 

@@ -3,13 +3,15 @@
 ``check_output`` refuses an output that is a file where a folder is wanted (or the reverse), whose
 parent folder is missing or is a file, or that this process may not write (``os.access``, which also
 sees a read-only file system). ``describe_os_error`` words an OSError that still happens (a disk that
-fills halfway) as one line.
+fills halfway) as one line, and ``failure_message`` what a failed job's status says.
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import re
+import shutil
 from pathlib import Path
 
 from .errors import KeyframeWorldsError
@@ -43,9 +45,61 @@ def check_output(path: str | os.PathLike, what: str, folder: bool | None, create
     return path
 
 
-def describe_os_error(exc: OSError) -> str:
-    """One line for an OSError: the file and the system's words; a full disk says so."""
+def describe_os_error(exc: OSError, where: str | os.PathLike | None = None) -> str:
+    """One line for an OSError: the file and the system's words; a full disk says so. With ``where`` (the
+    folder being written, e.g. a job's bundle), the line names it."""
     name = f"{exc.filename}: " if exc.filename else ""
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return f"disk full: {name}{exc.strerror or exc}"
-    return f"{name}{exc.strerror or exc}"
+    if where is None:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return f"disk full: {name}{exc.strerror or exc}"
+        return f"{name}{exc.strerror or exc}"
+    if exc.errno == errno.ENOSPC:
+        return f"disk full: no space left on the device holding {where} ({exc.strerror})"
+    if exc.errno == errno.EDQUOT:
+        return f"disk quota exceeded for {where} ({exc.strerror})"
+    name = f" {exc.filename}" if exc.filename else ""
+    return f"cannot write{name} in {where}: {exc.strerror or exc}"
+
+
+LOW_SPACE_BYTES = 1024 * 1024
+
+
+def free_bytes(folder: str | os.PathLike) -> int:
+    """Space left for an unprivileged writer on the device holding ``folder`` (a large number if unknown)."""
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return 1 << 62
+
+
+def _chain(exc: BaseException):
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+def failure_message(exc: BaseException, out_dir: Path) -> str:
+    """What a failed job's status says: the project's own message, or plain words for system errors.
+
+    A full disk is named as such even when it surfaces wrapped in another error.
+    """
+    for cause in _chain(exc):
+        if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):
+            return describe_os_error(cause, out_dir)
+    for cause in _chain(exc):
+        # Native writers (safetensors, ffmpeg's wrappers) carry the OS error in their text only.
+        if not isinstance(cause, OSError) and re.search(r"No space left on device|\(os error 28\)", str(cause)):
+            return f"disk full: no space left on the device holding {out_dir} ({type(cause).__name__}: {cause})"
+    if any(isinstance(c, OSError) for c in _chain(exc)) and free_bytes(out_dir) < LOW_SPACE_BYTES:
+        # Some writers report a short write without an errno (numpy: "N requested and M written").
+        return f"disk full: no space left on the device holding {out_dir} ({free_bytes(out_dir)} bytes free; {exc})"
+    if isinstance(exc, KeyframeWorldsError):
+        return str(exc)
+    if isinstance(exc, OSError):
+        return describe_os_error(exc, out_dir)
+    if isinstance(exc, MemoryError):
+        return "out of memory"
+    return f"internal error: {type(exc).__name__}: {exc}"
+

@@ -58,7 +58,7 @@ def test_a_full_disk_while_checkpointing_is_reported_as_disk_full(tmpfs, tmp_pat
     import torch
 
     from keyframe_worlds.engine.run.checkpoint import save_tensors
-    from keyframe_worlds.engine.service.jobs import failure_message
+    from keyframe_worlds.bridge.paths import failure_message
 
     disk = tmpfs(tmp_path / "disk", "256k")
     (disk / ".checkpoint").mkdir()

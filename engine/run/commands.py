@@ -132,7 +132,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         manifest = run_job(spec, args.out, progress=progress, device=device, resume=args.resume)
     except OSError as exc:  # a full disk, a folder it may not write: one line that says so
-        from ..service.jobs import failure_message
+        from ...bridge.paths import failure_message
 
         raise KeyframeWorldsError(failure_message(exc, Path(args.out))) from None
     frames = sum(len(t.frames) for t in manifest.trajectories)

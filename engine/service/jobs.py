@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ...bridge.atomic import remove_temporary_files
+from ...bridge.paths import describe_os_error, failure_message, free_bytes
 from ...bridge.errors import KeyframeWorldsError, Problem, ValidationError
 from ...bridge.jobs import FINISHED_STAGE, QUEUED_STAGE, STAGE_WORDS, STARTING_STAGE, JobState, JobStatus, ProgressEvent
 from ...bridge.spec import validate_job, write_json_atomic
@@ -88,27 +89,6 @@ def new_job_id() -> str:
     return time.strftime("j%Y%m%d", time.gmtime()) + "-" + secrets.token_hex(4)
 
 
-def describe_os_error(exc: OSError, where: Path) -> str:
-    """A plain message for a failed write, naming the folder; disk full gets its own words."""
-    if exc.errno == errno.ENOSPC:
-        return f"disk full: no space left on the device holding {where} ({exc.strerror})"
-    if exc.errno == errno.EDQUOT:
-        return f"disk quota exceeded for {where} ({exc.strerror})"
-    name = f" {exc.filename}" if exc.filename else ""
-    return f"cannot write{name} in {where}: {exc.strerror or exc}"
-
-
-LOW_SPACE_BYTES = 1024 * 1024
-
-
-def free_bytes(folder: Path) -> int:
-    """Space left for an unprivileged writer on the device holding ``folder`` (a large number if unknown)."""
-    try:
-        return shutil.disk_usage(folder).free
-    except OSError:
-        return 1 << 62
-
-
 #: How often the job root's size is measured again for the disk budget (walking it costs a little).
 USAGE_INTERVAL_S = 0.5
 
@@ -132,38 +112,6 @@ def folder_bytes(folder: Path) -> int:
         except OSError:
             continue
     return total
-
-
-def _chain(exc: BaseException):
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        yield exc
-        exc = exc.__cause__ or exc.__context__
-
-
-def failure_message(exc: BaseException, out_dir: Path) -> str:
-    """What a failed job's status says: the project's own message, or plain words for system errors.
-
-    A full disk is named as such even when it surfaces wrapped in another error.
-    """
-    for cause in _chain(exc):
-        if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):
-            return describe_os_error(cause, out_dir)
-    for cause in _chain(exc):
-        # Native writers (safetensors, ffmpeg's wrappers) carry the OS error in their text only.
-        if not isinstance(cause, OSError) and re.search(r"No space left on device|\(os error 28\)", str(cause)):
-            return f"disk full: no space left on the device holding {out_dir} ({type(cause).__name__}: {cause})"
-    if any(isinstance(c, OSError) for c in _chain(exc)) and free_bytes(out_dir) < LOW_SPACE_BYTES:
-        # Some writers report a short write without an errno (numpy: "N requested and M written").
-        return f"disk full: no space left on the device holding {out_dir} ({free_bytes(out_dir)} bytes free; {exc})"
-    if isinstance(exc, KeyframeWorldsError):
-        return str(exc)
-    if isinstance(exc, OSError):
-        return describe_os_error(exc, out_dir)
-    if isinstance(exc, MemoryError):
-        return "out of memory"
-    return f"internal error: {type(exc).__name__}: {exc}"
 
 
 def stored_status(doc: Any) -> JobStatus:

@@ -157,7 +157,7 @@ def run_one(conn, warm: WarmModel, job_id: str, spec_path: str, out_dir: str, ca
     import torch
 
     from ..run.runner import run_job
-    from .jobs import failure_message
+    from ...bridge.paths import failure_message
 
     progress = WorkerProgress(conn, job_id, cancel, stop)
     try:
