@@ -289,6 +289,7 @@ class RaftFlow:
 
     name = "raft"
     UPDATES = 12
+    MIN_SIDE_PX = 128
 
     def __init__(self, weights: str | os.PathLike, device: str | torch.device = "cpu"):
         try:
@@ -296,6 +297,10 @@ class RaftFlow:
         except ImportError:
             raise KeyframeWorldsError("geometry.flow 'raft' needs torchvision (pip install torchvision matching torch "
                                       f"{torch.__version__.split('+')[0]}); or use 'dis'") from None
+        except Exception as exc:  # installed but broken: a build for another torch fails registering its operators
+            raise KeyframeWorldsError(f"geometry.flow 'raft': torchvision is installed but does not load beside torch "
+                                      f"{torch.__version__} ({type(exc).__name__}: {exc}); install the torchvision built for "
+                                      "this torch, or use 'dis'") from None
         path = Path(weights)
         if not path.is_file():
             raise KeyframeWorldsError(f"RAFT weights not found: {path} (set ${RAFT_WEIGHTS_ENV} to a torchvision RAFT state dict)")
@@ -312,10 +317,13 @@ class RaftFlow:
         for build in (raft_large, raft_small):
             model = build(weights=None, progress=False)
             try:
-                model.load_state_dict(state)
+                missing, unexpected = model.load_state_dict(state, strict=False)
+            except RuntimeError as exc:  # a tensor of another shape
+                errors.append(f"{build.__name__}: {str(exc).splitlines()[-1].strip()}")
+                continue
+            if not missing and not unexpected:
                 break
-            except RuntimeError as exc:
-                errors.append(str(exc).splitlines()[0])
+            errors.append(f"{build.__name__}: {len(missing)} missing and {len(unexpected)} unexpected keys")
         else:
             raise KeyframeWorldsError(f"{path} is not a torchvision raft_large or raft_small state dict ({'; '.join(errors)})")
         self.device = torch.device(device)
@@ -326,7 +334,9 @@ class RaftFlow:
         """As :meth:`DisFlow.forward_backward`; both directions in one batch of two."""
         height, width = rgb.shape[:2]
         frames = torch.from_numpy(np.stack([rgb, rgb_next])).to(self.device).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-        pad_h, pad_w = (-height) % 8, (-width) % 8  # RAFT works on 1/8-resolution features
+        # RAFT works on 1/8-resolution features and its correlation pyramid needs them 16 wide: sides a multiple of 8, 128 or more
+        pad_h = max(self.MIN_SIDE_PX, height + (-height) % 8) - height
+        pad_w = max(self.MIN_SIDE_PX, width + (-width) % 8) - width
         frames = torch.nn.functional.pad(frames, (0, pad_w, 0, pad_h), mode="replicate")
         first, second = frames[[0, 1]], frames[[1, 0]]
         flow = self.model(first, second, num_flow_updates=self.UPDATES)[-1][:, :, :height, :width]
