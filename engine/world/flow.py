@@ -17,8 +17,9 @@ frame t to ``(i + 0.5 + du, j + 0.5 + dv)`` in frame t+1 (u to the right, v down
   pixel p at t (depth t) to the point at ``p + observed flow`` at t+1 (frame t+1's point map,
   sampled bilinearly); NaN where it cannot be measured (no surface at either end, a depth edge
   under the sample, the flow leaves the frame, or the pixel is occluded).
-- dynamic mask: where observed and rigid flow disagree by more than
-  ``DYNAMIC_THRESHOLD_PX`` among the pixels that pass the forward-backward check.
+- dynamic mask: among the pixels whose observed flow passes the forward-backward check,
+  those where observed and rigid flow disagree (by more than ``DYNAMIC_THRESHOLD_PX`` plus
+  ``DYNAMIC_RELATIVE`` of the rigid flow) and the rigid flow explains the colours worse.
 
 Everything here is a pure function of its inputs (the estimators are deterministic), so
 a resumed job writes the same files as an uninterrupted one.
@@ -33,8 +34,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ...bridge.errors import KeyframeWorldsError
 from ...bridge.cameras import intrinsics_matrix, project_points_opencv, unproject_depth_grid
+from ...bridge.errors import KeyframeWorldsError
 
 #: Forward-backward check (Sundaram, Brox & Keutzer 2010): pixel p is occluded (or its flow is unreliable) when
 #: ``|f(p) + b(p + f(p))|^2 > FB_ALPHA * (|f(p)|^2 + |b(p + f(p))|^2) + FB_BETA_PX2``.
@@ -43,9 +44,9 @@ FB_BETA_PX2 = 0.5
 #: A checked pixel is dynamic (the video contradicts its geometry there) when observed and rigid flow differ by more
 #: than DYNAMIC_THRESHOLD_PX + DYNAMIC_RELATIVE * |rigid flow| pixels (DIS errs more where the motion is large) and the
 #: rigid flow explains its colour worse than the observed flow does: the absolute RGB difference (luminance-weighted)
-#: between frame t and frame t+1 sampled along each flow, averaged over PHOTOMETRIC_WINDOW_PX-square windows. The colour test keeps the
-#: estimator's own mistakes (a moving object's flow bleeding a few pixels into the still background, untextured
-#: areas) out of the mask: there the rigid flow matches the colours at least as well.
+#: between frame t and frame t+1 sampled along each flow, averaged over PHOTOMETRIC_WINDOW_PX-square windows. The
+#: colour test keeps the estimator's own mistakes (a moving object's flow bleeding a few pixels into the still
+#: background, untextured areas) out of the mask: there the rigid flow matches the colours at least as well.
 DYNAMIC_THRESHOLD_PX = 3.0
 DYNAMIC_RELATIVE = 0.1
 PHOTOMETRIC_WINDOW_PX = 5
@@ -63,8 +64,9 @@ RAFT_WEIGHTS_ENV = "KEYFRAME_WORLDS_RAFT_WEIGHTS"
 
 
 # --- per-frame and per-pair geometry ---------------------------------------------------------------------------------
-# numpy throughout (the bridge's camera functions, which own the conventions): this runs on the bundle's writer
-# thread, beside the generator's torch work, and numpy's single-threaded loops do not compete with torch's thread pool.
+# numpy (the bridge's camera functions, which own the conventions) and OpenCV (sampling, one thread): this runs on the
+# bundle's 4D thread beside the generator's torch work, and torch there would compete with the generator for
+# torch's one thread pool (its OpenMP threads spin while they wait: both slow down several times over).
 
 
 def _k(intrinsics) -> np.ndarray:
