@@ -374,7 +374,9 @@ class BundleWriter:
         consistency = np.ones(len(positions_world), np.float32)
         views = [(rt.trajectory, i, f) for rt in self.trajectories for i, f in enumerate(rt.frames)]
         frame_index = np.asarray(frame_index).astype(np.int64)
-        for g in np.unique(frame_index):
+        order = np.argsort(frame_index, kind="stable")  # the points of each frame together: one pass, not one per frame
+        frames, starts, counts = np.unique(frame_index[order], return_index=True, return_counts=True)
+        for g, start, count in zip(frames.tolist(), starts.tolist(), counts.tolist()):
             if not 1 <= g <= len(views):
                 continue
             traj, i, entry = views[g - 1]
@@ -386,7 +388,7 @@ class BundleWriter:
                     cells = flow4d.ConsistencyCells.from_mask(np.asarray(image.convert("L")))
             if cells is None:
                 continue
-            chosen = frame_index == g
+            chosen = order[start : start + count]
             intr = np.array([traj.fx[i], traj.fy[i], traj.cx[i], traj.cy[i]])
             consistency[chosen] = cells.at_points(positions_world[chosen], traj.c2w_opencv[i], intr)
         return consistency
