@@ -77,6 +77,9 @@ def add_scene_commands(subparsers: argparse._SubParsersAction) -> None:
     i.add_argument("--no-meshes", action="store_true")
     i.add_argument("--no-points", action="store_true")
     i.add_argument("--no-video", action="store_true")
+    i.add_argument("--point-maps", action="store_true", help="each camera's point maps as a (hidden) background image sequence")
+    i.add_argument("--dynamic-masks", action="store_true", help="each camera's dynamic masks as a (hidden) background image sequence")
+    i.add_argument("--consistency", action="store_true", help="the point cloud's material shows its consistency attribute")
     i.add_argument("--save", help="save as this .blend (default: save the opened file)")
     i.set_defaults(scene_handler=cmd_import)
 
@@ -256,7 +259,8 @@ def cmd_import(args) -> int:
     if not target:
         raise KeyframeWorldsError("the file has never been saved: give --save PATH.blend")
     check_output(target, "--save" if args.save else "the opened file", folder=False)  # before changing the scene
-    options = ImportOptions(video=not args.no_video, point_cloud=not args.no_points, meshes=not args.no_meshes)
+    options = ImportOptions(video=not args.no_video, point_cloud=not args.no_points, meshes=not args.no_meshes,
+                            point_maps=args.point_maps, dynamic_masks=args.dynamic_masks, consistency=args.consistency)
     result = import_bundle(bpy.context.scene, args.bundle, options)
     _print_warnings(result.warnings)
     bpy.ops.wm.save_as_mainfile(filepath=str(Path(target).resolve()))

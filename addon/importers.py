@@ -3,6 +3,11 @@
 Works on any bundle folder on disk (``bridge.spec.load_manifest`` checks it
 first). Each job's objects live in one collection named ``KFW <job name>``;
 importing the same job again replaces that collection and what it held.
+
+On request (none of it by default) the 4D outputs come along: the point maps
+and the dynamic masks as image sequences on each camera (hidden background
+images, non-colour data), and the point cloud's ``consistency`` shown by its
+material (points the video contradicts turn red).
 """
 
 from __future__ import annotations
@@ -31,6 +36,9 @@ class ImportOptions:
     point_cloud: bool = True
     meshes: bool = True
     point_radius: float = 0.02  # metres
+    point_maps: bool = False  # per-frame world XYZ (EXR) as an image sequence on the camera
+    dynamic_masks: bool = False  # per-frame dynamic / inconsistency mask (PNG) as an image sequence on the camera
+    consistency: bool = False  # the point cloud's material shows its ``consistency`` attribute
 
 
 @dataclass
@@ -59,6 +67,8 @@ def remove_collection(collection: bpy.types.Collection) -> None:
         remove_collection(child)
     for obj in list(collection.objects):
         data = obj.data
+        if obj.type == "CAMERA":
+            remove_bundle_backgrounds(obj)  # its frames, point maps, masks: gone with the camera
         bpy.data.objects.remove(obj)
         if data is not None and data.users == 0:
             store = {bpy.types.Mesh: bpy.data.meshes, bpy.types.PointCloud: bpy.data.pointclouds,
@@ -76,9 +86,19 @@ def import_bundle(scene: bpy.types.Scene, bundle_dir: str | os.PathLike, options
     for rt in manifest.trajectories:
         cam = _camera_for(scene, rt.trajectory, result.collection)
         result.cameras.append(cam)
+        remove_bundle_backgrounds(cam)
         if options.video:
             result.warnings += attach_video(scene, cam, rt.trajectory, [bundle / f.image for f in rt.frames],
                                             None if rt.video is None else bundle / rt.video)
+        for wanted, key, what in ((options.point_maps, "point_map", "point maps"), (options.dynamic_masks, "dynamic_mask", "dynamic mask")):
+            if not wanted:
+                continue
+            numbered = [(int(f.frame), bundle / getattr(f, key)) for f in rt.frames if getattr(f, key)]
+            if not numbered:
+                result.warnings.append(f"{rt.trajectory.name}: the bundle has no {what} (turned off for the job, or made "
+                                       "before the engine wrote them)")
+                continue
+            attach_sequence(cam, f"{COLLECTION_PREFIX}{rt.trajectory.name} {what}", numbered, colorspace="Non-Color")
     if options.meshes:
         # The bundle is the contract: exactly the meshes the manifest lists, as the engine triangulated them.
         for m in manifest.meshes:
@@ -87,6 +107,13 @@ def import_bundle(scene: bpy.types.Scene, bundle_dir: str | os.PathLike, options
     if options.point_cloud and manifest.point_cloud is not None:
         result.point_cloud = import_point_cloud(bundle / manifest.point_cloud, f"{manifest.job_name} points", result.collection,
                                                 options.point_radius)
+        if options.consistency:
+            if result.point_cloud.data.attributes.get("consistency") is None:
+                result.warnings.append(f"{manifest.point_cloud} has no consistency attribute (a bundle made before the engine "
+                                       "wrote it); the cloud keeps its colour material")
+            else:
+                result.point_cloud.data.materials.clear()
+                result.point_cloud.data.materials.append(_consistency_material(f"{manifest.job_name} points consistency"))
     return result
 
 
@@ -112,30 +139,11 @@ def attach_video(scene, camera: bpy.types.Object, trajectory: Trajectory, frame_
     """
     warnings = []
     data = camera.data
-    data.show_background_images = True
-    for bg in list(data.background_images):
-        if (bg.source == "MOVIE_CLIP" and bg.clip and bg.clip.name.startswith(COLLECTION_PREFIX)) or (
-            bg.source == "IMAGE" and bg.image and bg.image.name.startswith(COLLECTION_PREFIX)):
-            data.background_images.remove(bg)
+    remove_bundle_backgrounds(camera)
     first = int(trajectory.frames[0])
     steps = np.diff(trajectory.frames)
-    image = bpy.data.images.load(str(frame_files[0]), check_existing=False)
-    image.name = f"{COLLECTION_PREFIX}{trajectory.name} frames"
-    image.source = "SEQUENCE"
-    bg = data.background_images.new()
-    bg.source = "IMAGE"
-    bg.image = image
-    last = int(trajectory.frames[-1])
-    bg.image_user.frame_start = first
-    if _file_number(frame_files[0]) == first and _file_number(frame_files[-1]) == last:
-        # Files numbered by scene frame: scene frame f shows file f (Blender reads file f - start + 1 + offset),
-        # so a trajectory sampled every Nth frame still lines up.
-        bg.image_user.frame_offset = first - 1
-        bg.image_user.frame_duration = last - first + 1
-    else:
-        bg.image_user.frame_duration = len(frame_files)
-    bg.image_user.use_auto_refresh = True
-    bg.alpha = 1.0
+    bg = attach_sequence(camera, f"{COLLECTION_PREFIX}{trajectory.name} frames",
+                         list(zip((int(f) for f in trajectory.frames), frame_files)), show=True)
     if video is not None and video.is_file():
         clip = bpy.data.movieclips.load(str(video))
         clip.name = f"{COLLECTION_PREFIX}{trajectory.name} video"
@@ -150,6 +158,54 @@ def attach_video(scene, camera: bpy.types.Object, trajectory: Trajectory, frame_
             clip_bg.alpha = 1.0
             bg.show_background_image = False  # the clip is the one shown; the sequence stays available
     return warnings
+
+
+def remove_bundle_backgrounds(camera: bpy.types.Object) -> None:
+    """Take off the camera the background images an earlier import of a bundle put there (``KFW `` names), and the
+    images and clips nothing else uses, so a re-import gets the same names."""
+    data = camera.data
+    for bg in list(data.background_images):
+        if (bg.source == "MOVIE_CLIP" and bg.clip and bg.clip.name.startswith(COLLECTION_PREFIX)) or (
+            bg.source == "IMAGE" and bg.image and bg.image.name.startswith(COLLECTION_PREFIX)):
+            image, clip = bg.image, bg.clip
+            data.background_images.remove(bg)
+            for datum, store in ((image, bpy.data.images), (clip, bpy.data.movieclips)):
+                # ``users`` is not lowered by removing a background image; the user map is exact.
+                if datum is not None and datum.name.startswith(COLLECTION_PREFIX) and not bpy.data.user_map(subset=[datum])[datum]:
+                    store.remove(datum)
+
+
+def attach_sequence(camera: bpy.types.Object, name: str, numbered: list[tuple[int, Path]], show: bool = False,
+                    colorspace: str | None = None):
+    """An image sequence as a background image of ``camera``, each file shown at its scene frame.
+
+    numbered: (scene frame, file) in frame order, files named by frame number (``<frame:06d>.ext``, as the bundle
+    names them): scene frame f shows file f, so a camera sampled every Nth frame, or a sequence without its last
+    frame (the dynamic masks), still lines up. show: visible (else listed on the camera, off). colorspace: e.g.
+    ``Non-Color`` for data (point maps, masks), so Blender shows the values as they are.
+    """
+    data = camera.data
+    data.show_background_images = True
+    first, last = numbered[0][0], numbered[-1][0]
+    image = bpy.data.images.load(str(numbered[0][1]), check_existing=False)
+    image.name = name
+    image.source = "SEQUENCE"
+    if colorspace is not None:
+        image.colorspace_settings.name = colorspace
+    bg = data.background_images.new()
+    bg.source = "IMAGE"
+    bg.image = image
+    bg.image_user.frame_start = first
+    if _file_number(numbered[0][1]) == first and _file_number(numbered[-1][1]) == last:
+        # Files numbered by scene frame: scene frame f shows file f (Blender reads file f - start + 1 + offset).
+        bg.image_user.frame_offset = first - 1
+        bg.image_user.frame_duration = last - first + 1
+    else:
+        bg.image_user.frame_duration = len(numbered)
+    bg.image_user.use_auto_refresh = True
+    bg.alpha = 1.0
+    bg.show_background_image = show
+    return bg
 
 
 def _file_number(path: Path) -> int | None:
@@ -264,5 +320,30 @@ def _attribute_material(name: str, attribute: str) -> bpy.types.Material:
     attr = tree.nodes.new("ShaderNodeAttribute")
     attr.attribute_name = attribute
     tree.links.new(attr.outputs["Color"], emit.inputs["Color"])
+    tree.links.new(emit.outputs["Emission"], out.inputs["Surface"])
+    return mat
+
+
+def _consistency_material(name: str) -> bpy.types.Material:
+    """Emission of the point's colour where its ``consistency`` is 1, fading to red where it is 0 (where the video
+    contradicts the geometry, see the README's "4D outputs")."""
+    mat = bpy.data.materials.new(name)
+    if mat.node_tree is None:
+        mat.use_nodes = True
+    tree = mat.node_tree
+    tree.nodes.clear()
+    out = tree.nodes.new("ShaderNodeOutputMaterial")
+    emit = tree.nodes.new("ShaderNodeEmission")
+    colour = tree.nodes.new("ShaderNodeAttribute")
+    colour.attribute_name = "color"
+    consistency = tree.nodes.new("ShaderNodeAttribute")
+    consistency.attribute_name = "consistency"
+    consistency.name = "consistency"
+    mix = tree.nodes.new("ShaderNodeMix")
+    mix.data_type = "RGBA"
+    mix.inputs["A"].default_value = (1.0, 0.0, 0.0, 1.0)
+    tree.links.new(consistency.outputs["Fac"], mix.inputs["Factor"])
+    tree.links.new(colour.outputs["Color"], mix.inputs["B"])
+    tree.links.new(mix.outputs["Result"], emit.inputs["Color"])
     tree.links.new(emit.outputs["Emission"], out.inputs["Surface"])
     return mat

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import bpy
-from bpy.props import EnumProperty, IntProperty, StringProperty
+from bpy.props import BoolProperty, EnumProperty, IntProperty, StringProperty
 from bpy_extras.io_utils import ExportHelper, ImportHelper
 
 from ..bridge.errors import KeyframeWorldsError
@@ -94,6 +94,14 @@ class KFW_OT_import_result(bpy.types.Operator):
     bl_options = {"REGISTER", "UNDO"}
 
     directory: StringProperty(name="Bundle Folder", subtype="DIR_PATH")
+    # The 4D outputs, none by default (shown in the file browser's side panel).
+    point_maps: BoolProperty(name="Point Maps", default=False,
+                             description="Each camera's per-frame world XYZ (EXR) as a hidden background image sequence")
+    dynamic_masks: BoolProperty(name="Dynamic Masks", default=False,
+                                description="Each camera's per-frame dynamic / inconsistency mask as a hidden background "
+                                            "image sequence (white: the video contradicts the geometry)")
+    consistency: BoolProperty(name="Consistency on Points", default=False,
+                              description="The point cloud's material shows its consistency: points the video contradicts turn red")
 
     def invoke(self, context, event):
         last = context.scene.keyframe_worlds.last_job_dir if hasattr(context.scene, "keyframe_worlds") else ""
@@ -106,7 +114,8 @@ class KFW_OT_import_result(bpy.types.Operator):
         from .importers import ImportOptions, import_bundle
 
         try:
-            result = import_bundle(context.scene, bpy.path.abspath(self.directory), ImportOptions())
+            options = ImportOptions(point_maps=self.point_maps, dynamic_masks=self.dynamic_masks, consistency=self.consistency)
+            result = import_bundle(context.scene, bpy.path.abspath(self.directory), options)
         except KeyframeWorldsError as exc:
             self.report({"ERROR"}, str(exc))
             return {"CANCELLED"}

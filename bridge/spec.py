@@ -423,6 +423,14 @@ def read_json(path: Path, what: str) -> Any:
 # --- result manifest -------------------------------------------------------------
 
 
+#: WorldReel's 4D outputs of a frame, in the order of a manifest's ``files`` entry; each a bundle path or null (absent:
+#: turned off in the job's ``geometry``, the last frame of a camera for the flow ones, or a bundle from before them).
+#: point_map: world XYZ per pixel (EXR X Y Z); flow_observed / flow_rigid: forward flow to the next frame of the camera
+#: (EXR u v, pixels); scene_flow: world motion in metres to the next frame (EXR X Y Z); dynamic_mask: PNG (0 static,
+#: 128 unchecked, 255 dynamic). README "4D outputs" gives units, direction and validity.
+FOUR_D_KEYS = ("point_map", "flow_observed", "flow_rigid", "scene_flow", "dynamic_mask")
+
+
 @dataclass(frozen=True)
 class ResultFrame:
     """One generated frame: its files (bundle-relative POSIX paths) and camera."""
@@ -431,6 +439,20 @@ class ResultFrame:
     image: str
     depth_npy: str
     depth_exr: str | None = None
+    point_map: str | None = None
+    flow_observed: str | None = None
+    flow_rigid: str | None = None
+    scene_flow: str | None = None
+    dynamic_mask: str | None = None
+
+    def to_json(self) -> dict:
+        return {"frame": self.frame, "image": self.image, "depth_npy": self.depth_npy, "depth_exr": self.depth_exr,
+                **{key: getattr(self, key) for key in FOUR_D_KEYS}}
+
+    @classmethod
+    def from_json(cls, doc: dict) -> "ResultFrame":
+        """From a (validated) ``files`` entry; the 4D keys may be missing (bundles written before them)."""
+        return cls(doc["frame"], doc["image"], doc["depth_npy"], doc.get("depth_exr"), **{key: doc.get(key) for key in FOUR_D_KEYS})
 
 
 @dataclass(frozen=True)
@@ -476,9 +498,7 @@ class ResultManifest:
                 {
                     **rt.trajectory.to_json(),
                     "video": rt.video,
-                    "files": [
-                        {"frame": f.frame, "image": f.image, "depth_npy": f.depth_npy, "depth_exr": f.depth_exr} for f in rt.frames
-                    ],
+                    "files": [f.to_json() for f in rt.frames],
                 }
                 for rt in self.trajectories
             ],
@@ -495,7 +515,7 @@ class ResultManifest:
         trajs = []
         for i, t in enumerate(doc["trajectories"]):
             traj_doc = {k: v for k, v in t.items() if k not in ("video", "files")}
-            files = tuple(ResultFrame(f["frame"], f["image"], f["depth_npy"], f.get("depth_exr")) for f in t["files"])
+            files = tuple(ResultFrame.from_json(f) for f in t["files"])
             trajs.append(ResultTrajectory(Trajectory.from_json(traj_doc, f"trajectories[{i}]"), files, t.get("video")))
         pc = doc.get("point_cloud")
         return cls(
@@ -595,6 +615,8 @@ def _validate_manifest(doc: Any, bundle_dir) -> list[Problem]:
                 check_bundle_path(problems, f"{fp}.image", f.get("image"), bundle_dir)
                 check_bundle_path(problems, f"{fp}.depth_npy", f.get("depth_npy"), bundle_dir)
                 check_bundle_path(problems, f"{fp}.depth_exr", f.get("depth_exr"), bundle_dir, optional=True)
+                for key in FOUR_D_KEYS:  # optional: manifests written before the 4D outputs have none of them
+                    check_bundle_path(problems, f"{fp}.{key}", f.get(key), bundle_dir, optional=True)
                 if len(problems) > 500:
                     return problems
     pc = doc.get("point_cloud")

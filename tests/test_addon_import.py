@@ -179,3 +179,80 @@ def test_ply_round_trip_and_errors(tmp_path):
     (tmp_path / "no.ply").write_text("hello")
     with pytest.raises(KeyframeWorldsError, match="not a PLY"):
         read_ply(tmp_path / "no.ply")
+
+
+def _backgrounds(cam) -> dict:
+    return {bg.image.name: bg for bg in cam.data.background_images if bg.source == "IMAGE"}
+
+
+def test_the_4d_outputs_come_in_only_when_asked(blank_blend, tmp_path):
+    bpy = blank_blend
+    from keyframe_worlds.addon.importers import ImportOptions, import_bundle
+    from keyframe_worlds.engine.io.exr import read_exr
+
+    make_bundle(tmp_path)
+    manifest = spec.load_manifest(tmp_path)
+    assert manifest.trajectories[0].frames[0].point_map and manifest.trajectories[0].frames[0].dynamic_mask
+    plain = import_bundle(bpy.context.scene, tmp_path, ImportOptions())
+    assert set(_backgrounds(plain.cameras[0])) == {"KFW Cam frames"}
+    assert plain.point_cloud.data.materials[0].name == "shot points colour"
+
+    result = import_bundle(bpy.context.scene, tmp_path, ImportOptions(point_maps=True, dynamic_masks=True, consistency=True))
+    assert result.warnings == []
+    backgrounds = _backgrounds(result.cameras[0])
+    assert set(backgrounds) == {"KFW Cam frames", "KFW Cam point maps", "KFW Cam dynamic mask"}
+    for name, last in (("KFW Cam point maps", 4), ("KFW Cam dynamic mask", 3)):  # the last frame has no mask
+        bg = backgrounds[name]
+        assert bg.image.source == "SEQUENCE" and bg.image.colorspace_settings.name == "Non-Color"
+        assert not bg.show_background_image  # there to switch on, not in the way
+        assert (bg.image_user.frame_start, bg.image_user.frame_duration) == (1, last)
+    # Blender reads the point map's X Y Z as R G B, values as written (rows bottom-up).
+    sequence = backgrounds["KFW Cam point maps"].image
+    image = bpy.data.images.load(bpy.path.abspath(sequence.filepath), check_existing=False)  # its first file, as a still
+    pixels = np.empty(W * H * 4, np.float32)
+    image.pixels.foreach_get(pixels)
+    written = read_exr(tmp_path / manifest.trajectories[0].frames[0].point_map)
+    np.testing.assert_allclose(pixels.reshape(H, W, 4)[::-1, :, :3], np.stack([written[c] for c in "XYZ"], -1), atol=1e-6)
+    cloud = result.point_cloud.data
+    assert "consistency" in cloud.attributes
+    material = cloud.materials[0]
+    assert len(cloud.materials) == 1 and material.name.endswith("consistency")
+    assert material.node_tree.nodes["consistency"].attribute_name == "consistency"
+
+    again = import_bundle(bpy.context.scene, tmp_path)  # a plain re-import takes them off again
+    assert set(_backgrounds(again.cameras[0])) == {"KFW Cam frames"}
+
+
+def test_a_bundle_without_4d_outputs_imports_and_says_what_is_missing(blank_blend, tmp_path):
+    import json
+
+    bpy = blank_blend
+    from keyframe_worlds.addon.importers import ImportOptions, import_bundle
+
+    make_bundle(tmp_path)
+    doc = json.loads((tmp_path / "manifest.json").read_text())
+    for traj in doc["trajectories"]:
+        for entry in traj["files"]:
+            for key in spec.FOUR_D_KEYS:
+                entry.pop(key)
+    (tmp_path / "manifest.json").write_text(json.dumps(doc))
+    cloud = read_ply(tmp_path / "points.ply")
+    write_ply(tmp_path / "points.ply", {k: v for k, v in cloud.vertex.items() if k != "consistency"})  # as written before
+    result = import_bundle(bpy.context.scene, tmp_path, ImportOptions(point_maps=True, dynamic_masks=True, consistency=True))
+    assert set(_backgrounds(result.cameras[0])) == {"KFW Cam frames"} and len(result.point_cloud.data.points) == 500
+    assert len(result.warnings) == 3
+    assert any("no point maps" in w for w in result.warnings) and any("no consistency attribute" in w for w in result.warnings)
+
+
+def test_scene_import_takes_the_4d_options(blank_blend, tmp_path):
+    bpy = blank_blend
+    from keyframe_worlds.addon import headless
+
+    make_bundle(tmp_path / "bundle")
+    args = headless.build_parser("test").parse_args(["import", str(tmp_path / "bundle"), "--point-maps", "--dynamic-masks",
+                                                     "--consistency", "--save", str(tmp_path / "out.blend")])
+    assert headless.run(args) == 0
+    cam = bpy.data.objects["Cam"]
+    assert {"KFW Cam point maps", "KFW Cam dynamic mask"} <= set(_backgrounds(cam))
+    assert bpy.data.objects["shot points"].data.materials[0].name.endswith("consistency")
+    assert (tmp_path / "out.blend").is_file()

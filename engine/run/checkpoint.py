@@ -24,15 +24,14 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from ...bridge.atomic import atomic_write
 from ...bridge.errors import KeyframeWorldsError
 from ...bridge.spec import JobSpec, ResultFrame, ResultMesh, ResultTrajectory, write_json_atomic
 
 CHECKPOINT_DIRNAME = ".checkpoint"
 STATE_FILENAME = "state.json"
-CHECKPOINT_VERSION = 1
+# 2: frames carry their 4D outputs (a version-1 checkpoint's frames have none, so its job starts over)
+CHECKPOINT_VERSION = 2
 
 
 def spec_digest(spec: JobSpec) -> str:
@@ -61,7 +60,7 @@ class RunState:
 
 
 def _frames_json(frames) -> list:
-    return [[f.frame, f.image, f.depth_npy, f.depth_exr] for f in frames]
+    return [f.to_json() for f in frames]
 
 
 def _meshes_json(meshes) -> list:
@@ -73,7 +72,7 @@ def _meshes_from(doc) -> list[ResultMesh]:
 
 
 def _frames_from(doc) -> list[ResultFrame]:
-    return [ResultFrame(int(a), b, c, d) for a, b, c, d in doc]
+    return [ResultFrame.from_json(f) for f in doc]
 
 
 def save(out_dir: str | os.PathLike, spec: JobSpec, state: RunState, memory, history) -> None:
@@ -198,12 +197,9 @@ def load(out_dir: str | os.PathLike, spec: JobSpec, memory, history_type, candid
 
 
 def replay_video(output, frames: list[ResultFrame]) -> None:
-    """Give a resumed trajectory's new video writer the frames written before the interruption (lossless PNGs)."""
-    from ..io.images import read_rgb
-
-    for f in frames:
-        output.video.write(np.ascontiguousarray(read_rgb(output.bundle.root / f.image)))
-    output.frames = list(frames)
+    """Give a resumed trajectory's new video writer the frames written before the interruption (lossless PNGs), and
+    its last frame (PNG and npy depth, exact) to the 4D outputs, which that frame gets when the next one arrives."""
+    output.replay(frames)
 
 
 def remove(out_dir: str | os.PathLike) -> None:

@@ -164,7 +164,10 @@ def run_job(
     history = _History([cand], [frame])
     progress.stage("memory", f"{len(memory)} points", done=1, total=1)
 
-    bundle = BundleWriter(out_dir, spec.name, generator.name, generator.label, spec.seed)
+    geometry = spec.geometry
+    bundle = BundleWriter(out_dir, spec.name, generator.name, generator.label, spec.seed, flow=geometry.flow,
+                          point_maps=geometry.point_maps,
+                          flow_device=str(device) if geometry.device == "auto" else geometry.device)
     done = 0
     global_index = 1
     mesh_every = spec.output.mesh_every
