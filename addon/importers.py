@@ -248,23 +248,28 @@ def import_mesh(name: str, path: Path, texture: Path, collection) -> bpy.types.O
     return obj
 
 
-def _textured_material(name: str, image_path: Path) -> bpy.types.Material:
+def _emission_material(name: str):
+    """A new material whose surface is an emission node (its colour input left for the caller): (material, tree, node).
+    Emission, so what was generated shows as it is, unlit."""
     mat = bpy.data.materials.new(name)
-    tree = mat.node_tree if mat.node_tree is not None else None
-    if tree is None:
+    if mat.node_tree is None:  # Blender before 5 starts materials without nodes
         mat.use_nodes = True
-        tree = mat.node_tree
-    nodes = tree.nodes
-    nodes.clear()
-    out = nodes.new("ShaderNodeOutputMaterial")
-    emit = nodes.new("ShaderNodeEmission")
-    tex = nodes.new("ShaderNodeTexImage")
+    tree = mat.node_tree
+    tree.nodes.clear()
+    out = tree.nodes.new("ShaderNodeOutputMaterial")
+    emit = tree.nodes.new("ShaderNodeEmission")
+    tree.links.new(emit.outputs["Emission"], out.inputs["Surface"])
+    return mat, tree, emit
+
+
+def _textured_material(name: str, image_path: Path) -> bpy.types.Material:
+    mat, tree, emit = _emission_material(name)
+    tex = tree.nodes.new("ShaderNodeTexImage")
     # Its own still image: the same file may also be the first of a camera's background sequence.
     tex.image = bpy.data.images.load(str(image_path), check_existing=False)
     tex.image.name = name
     tex.interpolation = "Closest"
     tree.links.new(tex.outputs["Color"], emit.inputs["Color"])
-    tree.links.new(emit.outputs["Emission"], out.inputs["Surface"])
     return mat
 
 
@@ -310,30 +315,17 @@ def import_point_cloud(path: Path, name: str, collection, radius: float = 0.02) 
 
 
 def _attribute_material(name: str, attribute: str) -> bpy.types.Material:
-    mat = bpy.data.materials.new(name)
-    if mat.node_tree is None:
-        mat.use_nodes = True
-    tree = mat.node_tree
-    tree.nodes.clear()
-    out = tree.nodes.new("ShaderNodeOutputMaterial")
-    emit = tree.nodes.new("ShaderNodeEmission")
+    mat, tree, emit = _emission_material(name)
     attr = tree.nodes.new("ShaderNodeAttribute")
     attr.attribute_name = attribute
     tree.links.new(attr.outputs["Color"], emit.inputs["Color"])
-    tree.links.new(emit.outputs["Emission"], out.inputs["Surface"])
     return mat
 
 
 def _consistency_material(name: str) -> bpy.types.Material:
     """Emission of the point's colour where its ``consistency`` is 1, fading to red where it is 0 (where the video
     contradicts the geometry, see the README's "4D outputs")."""
-    mat = bpy.data.materials.new(name)
-    if mat.node_tree is None:
-        mat.use_nodes = True
-    tree = mat.node_tree
-    tree.nodes.clear()
-    out = tree.nodes.new("ShaderNodeOutputMaterial")
-    emit = tree.nodes.new("ShaderNodeEmission")
+    mat, tree, emit = _emission_material(name)
     colour = tree.nodes.new("ShaderNodeAttribute")
     colour.attribute_name = "color"
     consistency = tree.nodes.new("ShaderNodeAttribute")
@@ -345,5 +337,4 @@ def _consistency_material(name: str) -> bpy.types.Material:
     tree.links.new(consistency.outputs["Fac"], mix.inputs["Factor"])
     tree.links.new(colour.outputs["Color"], mix.inputs["B"])
     tree.links.new(mix.outputs["Result"], emit.inputs["Color"])
-    tree.links.new(emit.outputs["Emission"], out.inputs["Surface"])
     return mat
