@@ -322,6 +322,14 @@ def create_app(manager: JobManager, settings: AppSettings) -> FastAPI:
     async def _api_error(request: Request, exc: ApiError):
         return error_response(exc.status, exc.error, exc.problems, exc.headers)
 
+    # The manager's refusals mean the same on every route (submit words a shutdown as 503 itself).
+    for error_type, status in ((JobNotFound, 404), (JobConflict, 409), (QueueFull, 429), (StorageError, 500)):
+        def _job_error(request: Request, exc: Exception, status: int = status):
+            headers = {"Retry-After": "5"} if status == 429 else None
+            return error_response(status, str(exc), headers=headers)
+
+        app.add_exception_handler(error_type, _job_error)
+
     @app.exception_handler(BodyTooLarge)
     async def _too_large(request: Request, exc: BodyTooLarge):
         return error_response(413, limiter._message())
@@ -523,12 +531,7 @@ def create_app(manager: JobManager, settings: AppSettings) -> FastAPI:
     @api.post("/jobs/{job_id}/cancel", response_model=JobStatusModel, tags=["jobs"], summary="Cancel a job",
               responses={**not_found, 409: {"model": ErrorModel, "description": "the job has already finished"}})
     def cancel_job(job_id: str) -> dict:
-        try:
-            manager.cancel(job_id_checked(job_id))
-        except JobNotFound as exc:
-            raise ApiError(404, str(exc)) from None
-        except JobConflict as exc:
-            raise ApiError(409, str(exc)) from None
+        manager.cancel(job_id_checked(job_id))
         return status_of(job_id)
 
     @api.delete("/jobs/{job_id}", response_model=DeletedModel, tags=["jobs"], summary="Delete a finished, failed or cancelled job",
@@ -536,14 +539,7 @@ def create_app(manager: JobManager, settings: AppSettings) -> FastAPI:
                 responses={**not_found, 409: {"model": ErrorModel, "description": "the job is pending or running: cancel it first"},
                            500: {"model": ErrorModel, "description": "the engine cannot remove its folder"}})
     def delete_job(job_id: str) -> dict:
-        try:
-            freed = manager.delete(job_id_checked(job_id))
-        except JobNotFound as exc:
-            raise ApiError(404, str(exc)) from None
-        except JobConflict as exc:
-            raise ApiError(409, str(exc)) from None
-        except StorageError as exc:
-            raise ApiError(500, str(exc)) from None
+        freed = manager.delete(job_id_checked(job_id))
         return {"id": job_id, "deleted": True, "freed_bytes": freed}
 
     @api.post("/jobs/{job_id}/retry", response_model=JobStatusModel, tags=["jobs"], summary="Queue a failed or cancelled job again",
@@ -551,14 +547,7 @@ def create_app(manager: JobManager, settings: AppSettings) -> FastAPI:
               responses={**not_found, 409: {"model": ErrorModel, "description": "the job is not failed or cancelled"},
                          429: {"model": ErrorModel, "description": "the queue is full"}})
     def retry_job(job_id: str) -> dict:
-        try:
-            manager.retry(job_id_checked(job_id))
-        except JobNotFound as exc:
-            raise ApiError(404, str(exc)) from None
-        except QueueFull as exc:
-            raise ApiError(429, str(exc), headers={"Retry-After": "5"}) from None
-        except JobConflict as exc:
-            raise ApiError(409, str(exc)) from None
+        manager.retry(job_id_checked(job_id))
         return status_of(job_id)
 
     @api.get("/jobs/{job_id}/manifest", tags=["jobs"], summary="The result manifest of a completed job",
@@ -579,20 +568,14 @@ def create_app(manager: JobManager, settings: AppSettings) -> FastAPI:
                         400: {"model": ErrorModel, "description": "the path leaves the job's folder"}, **not_found})
     def get_file(job_id: str, file_path: str) -> FileResponse:
         job_id_checked(job_id)
-        try:
-            root = (manager.folder(job_id) / OUTPUT_DIRNAME).resolve()
-        except JobNotFound as exc:
-            raise ApiError(404, str(exc)) from None
+        root = (manager.folder(job_id) / OUTPUT_DIRNAME).resolve()
         target = bundle_file(root, file_path)
         return FileResponse(target)
 
     @api.get("/jobs/{job_id}/log", response_class=PlainTextResponse, tags=["jobs"], summary="The job's log", responses=not_found)
     def get_log(job_id: str) -> PlainTextResponse:
         job_id_checked(job_id)
-        try:
-            path = manager.folder(job_id) / LOG_FILENAME
-        except JobNotFound as exc:
-            raise ApiError(404, str(exc)) from None
+        path = manager.folder(job_id) / LOG_FILENAME
         try:
             return PlainTextResponse(path.read_text(encoding="utf-8", errors="replace"))
         except OSError:

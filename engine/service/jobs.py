@@ -348,10 +348,6 @@ class JobManager:
                 raise JobNotFound(f"no job {job_id!r}")
             return job.folder
 
-    def queue_position(self, job_id: str) -> int | None:
-        with self._lock:
-            return self._position(job_id)
-
     def cancel(self, job_id: str) -> JobStatus:
         """Cancel a pending job at once, a running one at its next progress check. Finished segments stay on disk."""
         with self._lock:
