@@ -15,9 +15,9 @@ from dataclasses import dataclass
 import torch
 
 from ...bridge.spec import GeometryOptions
-from ..world.depth import DepthEstimator, MemoryDepthCompletion
+from ..world.depth import DEFAULT_DEPTH_M, DepthEstimator, MemoryDepthCompletion
 
-DEFAULT_REFERENCE_DEPTH_M = 5.0
+DEFAULT_REFERENCE_DEPTH_M = DEFAULT_DEPTH_M  # the flat board's distance: the same default as the depth code's
 #: Confidence of the flat board a reference without any depth becomes.
 FLAT_BOARD_CONFIDENCE = 0.3
 

@@ -28,6 +28,10 @@ class DepthEstimate:
     confidence: torch.Tensor
 
 
+#: How far a surface is taken to be when nothing says (a reference without depth, a frame with nothing visible).
+DEFAULT_DEPTH_M = 5.0
+
+
 class DepthEstimator(ABC):
     """Estimates z-depth for generated frames; may use the memory's render along the same cameras.
 
@@ -67,7 +71,7 @@ class MemoryDepthCompletion(DepthEstimator):
         color_sigma: float = 40.0,
         visible_confidence: float = 1.0,
         completed_confidence: float = 0.3,
-        fallback_depth_m: float = 5.0,
+        fallback_depth_m: float = DEFAULT_DEPTH_M,
     ):
         self.far_bias = far_bias
         self.color_sigma = color_sigma

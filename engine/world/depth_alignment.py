@@ -82,7 +82,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ...bridge.errors import KeyframeWorldsError
-from .depth import DepthEstimate, DepthEstimator, MemoryDepthCompletion
+from .depth import DEFAULT_DEPTH_M, DepthEstimate, DepthEstimator, MemoryDepthCompletion
 from .render import RenderOutput
 from .learned_depth import (KINDS, METRIC_DEPTH, MIN_DEPTH_M, RELATIVE_DEPTH, RELATIVE_DISPARITY, DepthPrediction,
                             DepthPredictor)
@@ -139,7 +139,7 @@ class AlignmentSettings:
     disagree_confidence: float = 0.1
     near_m: float = MIN_DEPTH_M
     far_m: float = 1000.0
-    default_median_depth_m: float = 5.0
+    default_median_depth_m: float = DEFAULT_DEPTH_M
 
     def __post_init__(self):
         problems = []
