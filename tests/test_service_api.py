@@ -208,6 +208,13 @@ def test_file_paths_that_leave_the_job_folder_are_refused(engine, finished_job, 
     assert ok == 200 and content.startswith(b"ply")
 
 
+def test_every_bundle_file_is_answered_as_the_documented_octet_stream(engine, finished_job):
+    """Found by the OpenAPI fuzz: .exr came back as image/aces (the machine's mime table), undocumented."""
+    for path in ("points.ply", "manifest.json", "depth/Cam/000001.exr", "frames/Cam/000001.png"):
+        r = requests.get(f"{engine.url}/v1/jobs/{finished_job.id}/files/{path}", headers=auth(engine), timeout=TIMEOUT)
+        assert r.status_code == 200 and r.headers["content-type"] == "application/octet-stream", (path, r.headers)
+
+
 @pytest.mark.parametrize("job_id", ["..", "..%2f..%2fjobs", "j20260101-0000000g", "%00"])
 def test_odd_job_ids_are_not_found(engine, job_id):
     status, body = raw(engine, "GET", f"/v1/jobs/{job_id}/manifest", headers=auth(engine))

@@ -56,6 +56,8 @@ from .jobs import (
 )
 
 API_PREFIX = "/v1"
+# What the files route answers every bundle file as (the document says so; clients read the bytes).
+BUNDLE_FILE_MEDIA_TYPE = "application/octet-stream"
 # Parts a multipart submission may carry.
 UPLOAD_FIELDS = ("spec", "image", "depth")
 
@@ -564,13 +566,15 @@ def create_app(manager: JobManager, settings: AppSettings) -> FastAPI:
             raise ApiError(404, f"job {job_id} has no readable manifest: {exc}") from None
 
     @api.get("/jobs/{job_id}/files/{file_path:path}", tags=["jobs"], summary="A file of the result bundle",
-             responses={200: {"description": "the file", "content": {"application/octet-stream": {}}},
+             responses={200: {"description": "the file", "content": {BUNDLE_FILE_MEDIA_TYPE: {}}},
                         400: {"model": ErrorModel, "description": "the path leaves the job's folder"}, **not_found})
     def get_file(job_id: str, file_path: str) -> FileResponse:
         job_id_checked(job_id)
         root = (manager.folder(job_id) / OUTPUT_DIRNAME).resolve()
         target = bundle_file(root, file_path)
-        return FileResponse(target)
+        # One type for every file, as documented: a type guessed from the name would come from the machine's
+        # mime tables (.exr is image/aces on one machine, unknown on the next) and would be undocumented.
+        return FileResponse(target, media_type=BUNDLE_FILE_MEDIA_TYPE)
 
     @api.get("/jobs/{job_id}/log", response_class=PlainTextResponse, tags=["jobs"], summary="The job's log", responses=not_found)
     def get_log(job_id: str) -> PlainTextResponse:
