@@ -116,3 +116,22 @@ def _root(valid: dict, name: str, part: dict) -> dict:
     elif name == "frame":
         doc["trajectories"][0]["frames"][0] = part
     return json.loads(json.dumps(doc))
+
+
+def test_a_405_allows_every_documented_method_of_the_path(engine, document):
+    """Found probing what the fuzz sends: PUT /v1/jobs answered ``Allow: POST`` (Starlette names the first
+    route's methods only), though GET /v1/jobs is documented and answered too."""
+    for path, method, allowed in (("/v1/jobs", "PUT", "GET, POST"), ("/v1/jobs/j20260101-00000000", "PATCH", "DELETE, GET")):
+        r = requests.request(method, f"{engine.url}{path}", headers={"Authorization": f"Bearer {engine.token}"}, timeout=TIMEOUT)
+        assert r.status_code == 405 and r.headers["allow"] == allowed, (path, r.headers)
+        assert r.json()["error"]
+
+
+def test_the_multipart_schema_admits_no_part_the_server_refuses(engine, document, valid):
+    schema = document["paths"]["/v1/jobs"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
+    assert schema["additionalProperties"] is False and set(schema["properties"]) == {"spec", "image", "depth"}
+    image = open(valid["reference"]["image"], "rb").read()
+    spec = {**valid, "reference": {"image": "ref.png"}}
+    r = requests.post(f"{engine.url}/v1/jobs", headers={"Authorization": f"Bearer {engine.token}"}, timeout=TIMEOUT,
+                      files={"spec": (None, json.dumps(spec)), "image": ("ref.png", image), "extra": (None, "1")})
+    assert r.status_code == 400 and [p["path"] for p in r.json()["problems"]] == ["extra"]

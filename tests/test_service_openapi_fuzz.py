@@ -190,6 +190,18 @@ def test_every_operation_answers_as_documented(op, engine, auth, schema, session
     assert calls["n"] >= (EXAMPLES if "{" in path or method == "POST" else 2), calls
 
 
+@pytest.mark.parametrize("path", sorted(_DOCUMENT["paths"]))
+def test_undocumented_methods_are_405_allowing_the_documented_ones(path, engine, auth, document, jobs):
+    documented = {m.upper() for m in document["paths"][path]}
+    target = path.replace("{job_id}", jobs["completed"]).replace("{file_path}", "manifest.json")
+    for method in sorted({"DELETE", "GET", "PATCH", "POST", "PUT", "OPTIONS"} - documented):
+        for headers in (auth, {}):
+            r = requests.request(method, f"{engine.url}{target}", headers=dict(headers), timeout=TIMEOUT)
+            assert r.status_code == 405, (method, path, r.status_code)
+            assert {m.strip() for m in r.headers["allow"].split(",")} == documented, (method, path, r.headers["allow"])
+            assert r.headers["content-type"] == "application/json" and set(r.json()) == {"error", "problems"}
+
+
 # Generator options as a client might send them: sometimes right, often the wrong type or range.
 _option_values = (st.integers(-3, 40) | st.floats(allow_nan=True, allow_infinity=True) | st.booleans() | st.none()
                   | st.text(max_size=4) | st.lists(st.integers(), max_size=2))

@@ -338,7 +338,12 @@ def create_app(manager: JobManager, settings: AppSettings) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
-        return error_response(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
+        headers = getattr(exc, "headers", None)
+        if exc.status_code == 405:
+            # Starlette's Allow names the methods of the first route on the path only (POST for /v1/jobs,
+            # which also answers GET); RFC 9110 wants every method the resource supports.
+            headers = {**(headers or {}), "Allow": ", ".join(allowed_methods(app, request.scope))}
+        return error_response(exc.status_code, str(exc.detail), headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def _request_invalid(request: Request, exc: RequestValidationError):
@@ -400,6 +405,7 @@ def create_app(manager: JobManager, settings: AppSettings) -> FastAPI:
                 "multipart/form-data": {
                     "schema": {
                         "type": "object",
+                        "additionalProperties": False,  # any other part is refused (400)
                         "required": ["spec", "image"],
                         "properties": {
                             "spec": {"type": "string", "contentMediaType": "application/json", "contentSchema": job_spec_schema(),
@@ -603,6 +609,17 @@ def create_app(manager: JobManager, settings: AppSettings) -> FastAPI:
 
 
 # --- helpers ------------------------------------------------------------------------------
+
+
+def allowed_methods(app: FastAPI, scope: dict) -> list[str]:
+    """Every method some route of ``app`` answers on the path of ``scope``, sorted.
+
+    Each method is tried against the routes, since included routers do not list their routes' methods.
+    """
+    from starlette.routing import Match
+
+    return [method for method in ("DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT")
+            if any(route.matches({**scope, "method": method})[0] == Match.FULL for route in app.router.routes)]
 
 
 def parse_json(raw: bytes | str, what: str) -> Any:
