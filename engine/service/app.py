@@ -30,6 +30,7 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable
+from urllib.parse import unquote
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -297,6 +298,25 @@ class BodyLimitMiddleware:
         return f"request body too large{got}: the limit is {self.max_bytes} bytes (serve --max-body-mb)"
 
 
+class EncodedSlashMiddleware:
+    """Route on the path's segments as sent: an encoded slash (``%2F``) stays inside its segment.
+
+    The server decodes the path before routing, so a job id ``a%2Fcancel`` would reach the cancel route (405
+    for GET), ``a%2F`` a redirect, ``a%2Fb%2Fc`` no route at all (404 before the token is checked). Keeping
+    the slash encoded makes such an id what it is, an unknown job, on the route the client addressed.
+    """
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        raw = scope.get("raw_path") if scope["type"] == "http" else None
+        if raw and b"%2f" in raw.lower():
+            segments = raw.decode("latin-1").split("/")
+            scope = {**scope, "path": "/".join(unquote(segment).replace("/", "%2F") for segment in segments)}
+        return await self.app(scope, receive, send)
+
+
 def is_loopback_client(request: Request) -> bool:
     host = request.client.host if request.client else ""
     try:
@@ -319,6 +339,7 @@ def create_app(manager: JobManager, settings: AppSettings) -> FastAPI:
     app.state.settings = settings
     limiter = BodyLimitMiddleware(None, settings.max_body_bytes)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(EncodedSlashMiddleware)
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError):
