@@ -11,6 +11,7 @@ deterministically (derandomize), so CI sees the same requests every run.
 from __future__ import annotations
 
 import json
+from datetime import timedelta
 from urllib.parse import quote
 
 import pytest
@@ -39,7 +40,9 @@ CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,
 # Requests the document calls invalid must also be refused (4xx), not half-accepted.
 NEGATIVE_CHECKS = CHECKS + [negative_data_rejection]
 EXAMPLES = 25  # per operation and kind; the whole file stays well under a minute on 2 cores
-FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
+# A fixed number of examples, each within a generous deadline (a request answers in milliseconds; the slack is
+# for a shared CI machine), drawn the same every run (derandomize, no example database).
+FUZZ = settings(max_examples=EXAMPLES, deadline=timedelta(seconds=15), derandomize=True, database=None,
                 suppress_health_check=list(HealthCheck))
 UNKNOWN_JOB = "j20260101-00000000"  # well-formed, never created
 
