@@ -130,23 +130,37 @@ def _encoded(text: str) -> str:
     return quote(text, safe="")
 
 
-def _job_ids(jobs):
-    made_up = (st.text(max_size=16) | st.sampled_from(["a/cancel", "x/files/y", "a/log", "a/", "/", "j/retry"])).map(_encoded)
-    return st.sampled_from([jobs["completed"], jobs["cancelled"], UNKNOWN_JOB]) | made_up.filter(lambda t: t not in ("", ".", ".."))
-
-
-def _file_paths(jobs):
-    hostile = st.sampled_from(["%2e%2e/log.txt", "..%2flog.txt", "%2e%2e%2f%2e%2e%2fstatus.json", "..\\log.txt", "/etc/passwd",
-                               "C:/x", "manifest.json/", "frames//x", "nul%00.png", "%2fetc%2fpasswd"])
-    return st.sampled_from(jobs["files"]) | hostile
+HOSTILE_FILE_PATHS = ["%2e%2e/log.txt", "..%2flog.txt", "%2e%2e%2f%2e%2e%2fstatus.json", "..\\log.txt", "/etc/passwd",
+                      "C:/x", "manifest.json/", "frames//x", "nul%00.png", "%2fetc%2fpasswd"]
+_made_up_ids = (st.text(max_size=16) | st.sampled_from(["a/cancel", "x/files/y", "a/log", "a/", "/", "j/retry"])).map(
+    _encoded).filter(lambda t: t not in ("", ".", ".."))
 
 
 def _aim(case, data, jobs) -> None:
-    """Point a generated case at real jobs and bundle files most of the time (made-up ones stay possible)."""
-    if "job_id" in (case.path_parameters or {}) and data.draw(st.booleans(), label="real job"):
-        case.path_parameters = {**case.path_parameters, "job_id": data.draw(_job_ids(jobs), label="job_id")}
-        if "file_path" in case.path_parameters and data.draw(st.booleans(), label="real file"):
-            case.path_parameters = {**case.path_parameters, "file_path": data.draw(_file_paths(jobs), label="file_path")}
+    """Point a generated case at a real job (and bundle file) most of the time; made-up ids stay possible."""
+    params = case.path_parameters or {}
+    if "job_id" not in params:
+        return
+    target = data.draw(st.sampled_from(["completed", "cancelled", "unknown", "made-up", "generated"]), label="target")
+    if target == "made-up":
+        params = {**params, "job_id": data.draw(_made_up_ids, label="job_id")}
+    elif target != "generated":
+        params = {**params, "job_id": jobs.get(target, UNKNOWN_JOB)}
+        if "file_path" in params and target == "completed":
+            params["file_path"] = data.draw(st.sampled_from(jobs["files"] + HOSTILE_FILE_PATHS) | st.just(params["file_path"]),
+                                            label="file_path")
+    case.path_parameters = params
+
+
+def _sweep(operation, jobs) -> list[dict]:
+    """The path parameters every id route is sent once, whatever the fuzz draws: each real job and an unknown
+    one, and for the files route every file of the completed job's bundle and each hostile path."""
+    if "{job_id}" not in operation.path:
+        return []
+    if "{file_path}" in operation.path:
+        return [{"job_id": jobs["completed"], "file_path": f} for f in jobs["files"] + HOSTILE_FILE_PATHS] + \
+               [{"job_id": job, "file_path": "manifest.json"} for job in (jobs["cancelled"], UNKNOWN_JOB)]
+    return [{"job_id": job} for job in (jobs["completed"], jobs["cancelled"], UNKNOWN_JOB)]
 
 
 def _has_negative_space(operation) -> bool:
@@ -160,6 +174,10 @@ def test_every_operation_answers_as_documented(op, engine, auth, schema, session
     method, path = op
     operation = schema[path][method]
     calls = {"n": 0}
+    for params in _sweep(operation, jobs):
+        case = operation.Case(path_parameters=params)
+        response = case.call(base_url=engine.url, session=session, headers=dict(auth), timeout=TIMEOUT)
+        case.validate_response(response, checks=CHECKS, headers=auth)
 
     @FUZZ
     @given(data=st.data())
