@@ -237,6 +237,14 @@ _option_values = (st.integers(-3, 40) | st.floats(allow_nan=True, allow_infinity
 _any_text = st.text(st.characters(codec=None, categories=None), min_size=0, max_size=12)
 
 
+def _strict_json(doc) -> bool:
+    try:
+        json.dumps(doc, allow_nan=False)
+        return True
+    except ValueError:
+        return False
+
+
 @pytest.mark.slow
 def test_real_submissions_answer_as_documented(engine, auth, schema, session, job_folder):
     """Submissions with a real reference image and depth (uploaded, or local paths) and a valid spec but for
@@ -263,6 +271,8 @@ def test_real_submissions_answer_as_documented(engine, auth, schema, session, jo
         doc = json.loads(json.dumps(valid))
         doc.update({k: v for k, v in change.items() if k in ("name", "prompt", "seed", "options")})
         doc["trajectories"][0]["name"] = change.get("camera", doc["trajectories"][0]["name"])
+        if as_json and not _strict_json(doc):
+            as_json = False  # the HTTP client refuses NaN in a JSON body; the multipart spec text carries it
         if as_json:  # local paths, resolved against base_dir (an allowed folder)
             doc["reference"] = {"image": change.get("image", "ref.png"), "depth": change.get("depth", "ref_depth.npy")}
             case = operation.Case(body=doc, media_type="application/json", query={"base_dir": str(job_folder)})
