@@ -14,7 +14,9 @@ Job spec v1::
      "prompt": "", "seed": 0,
      "reference": {"image": "ref.png",       # RGB reference image (path; relative to the spec file)
                    "depth": "ref_depth.npy",  # optional z-depth in metres (.npy float32 HxW or .exr)
-                   "trajectory": "Camera", "frame": 1},  # which camera/frame it shows (default: first)
+                   "trajectory": "Camera", "frame": 1,  # which camera/frame it shows (default: first)
+                   "projection": "perspective",  # or "equirectangular": a 2:1 panorama around that camera (panorama.py)
+                   "views": "pano_bank"},     # optional: a trajectory file/folder whose frames' images are more views
      "trajectories": [<trajectory JSON, see trajectory.py>, ...],
      "output": {"mesh_every": 8, "mesh_stride": 4, "point_budget": 2000000},
      "options": {...}}                       # generator-specific settings, checked by the generator
@@ -35,6 +37,7 @@ from typing import Any
 from .atomic import atomic_write
 from .errors import KeyframeWorldsError, Problem, ValidationError
 from .imageinfo import file_kind, image_info, npy_info
+from .panorama import EQUIRECTANGULAR, PERSPECTIVE, PROJECTIONS, is_equirectangular_size
 from .trajectory import (
     MAX_SIZE_PX,
     MIN_SIZE_PX,
@@ -65,18 +68,28 @@ DEPTH_SUFFIXES = (".npy", ".exr")
 
 @dataclass(frozen=True)
 class Reference:
-    """The reference view: an image, optionally its z-depth in metres, and which camera frame shows it."""
+    """The reference view: an image, optionally its depth in metres, and which camera frame shows it.
+
+    projection: ``perspective`` (the camera's pinhole view; depth is z-depth) or ``equirectangular`` (a 2:1
+    panorama centred on that camera, ``bridge/panorama.py``; depth is the distance along each pixel's ray).
+    views: a trajectory file or folder (any read format, e.g. upstream's ``pano_bank``) whose frames' images are
+    further reference views, each lifted into the first memory with its own camera.
+    """
 
     image: str
     depth: str | None = None
     trajectory: str | None = None  # None: the first trajectory
     frame: int | None = None  # None: that trajectory's first frame
+    projection: str = PERSPECTIVE
+    views: str | None = None
 
     def to_json(self) -> dict:
         doc: dict[str, Any] = {"image": self.image}
-        for key in ("depth", "trajectory", "frame"):
+        for key in ("depth", "trajectory", "frame", "views"):
             if getattr(self, key) is not None:
                 doc[key] = getattr(self, key)
+        if self.projection != PERSPECTIVE:
+            doc["projection"] = self.projection
         return doc
 
 
@@ -190,7 +203,8 @@ class JobSpec:
             name=doc["name"],
             generator=doc["generator"],
             trajectories=tuple(Trajectory.from_json(t, f"trajectories[{i}]") for i, t in enumerate(doc["trajectories"])),
-            reference=Reference(ref["image"], ref.get("depth"), ref.get("trajectory"), ref.get("frame")),
+            reference=Reference(ref["image"], ref.get("depth"), ref.get("trajectory"), ref.get("frame"),
+                                ref.get("projection", PERSPECTIVE), ref.get("views")),
             prompt=doc.get("prompt", ""),
             seed=doc.get("seed", 0),
             output=OutputOptions.from_json(out),
@@ -205,10 +219,11 @@ class JobSpec:
         ref = self.reference
         image = str((base / ref.image).resolve())
         depth = str((base / ref.depth).resolve()) if ref.depth else None
+        views = str((base / ref.views).resolve()) if ref.views else None
         geometry = self.geometry
         if geometry.depth_model:
             geometry = replace(geometry, depth_model=str((base / geometry.depth_model).resolve()))
-        return JobSpec(**{**self.__dict__, "reference": Reference(image, depth, ref.trajectory, ref.frame),
+        return JobSpec(**{**self.__dict__, "reference": replace(ref, image=image, depth=depth, views=views),
                           "geometry": geometry})
 
     def reference_view(self) -> tuple[Trajectory, int]:
@@ -333,7 +348,7 @@ def _validate_reference(ref: Any, doc: dict, names: list[str], base_dir, check_f
         return [Problem("reference", "is required: a reference image (and optionally its depth)")]
     if not check_object(problems, "reference", ref):
         return problems
-    check_unknown_keys(problems, "reference", ref, {"image", "depth", "trajectory", "frame"})
+    check_unknown_keys(problems, "reference", ref, {"image", "depth", "trajectory", "frame", "projection", "views"})
     for key, suffixes, required in (("image", IMAGE_SUFFIXES, True), ("depth", DEPTH_SUFFIXES, False)):
         value = ref.get(key)
         if value is None:
@@ -367,7 +382,54 @@ def _validate_reference(ref: Any, doc: dict, names: list[str], base_dir, check_f
             numbers = [f.get("frame") for f in target["frames"] if isinstance(f, dict)]
             if ref["frame"] not in numbers:
                 problems.append(Problem("reference.frame", f"frame {ref['frame']} is not in trajectory {target.get('name')!r}"))
+    problems.extend(_projection_problems(ref, target, base_dir, check_files, bool(problems)))
     return problems
+
+
+def _projection_problems(ref: dict, target: Any, base_dir, check_files: bool, image_bad: bool) -> list[Problem]:
+    """``reference.projection`` and ``reference.views``; a panorama must be 2:1, and a 2:1 image given as a
+    perspective reference for a camera of another shape is refused (resizing it would squash it silently)."""
+    problems: list[Problem] = []
+    projection = ref.get("projection", PERSPECTIVE)
+    if projection not in PROJECTIONS:
+        problems.append(Problem("reference.projection", f"must be one of {', '.join(PROJECTIONS)}, got {projection!r}"))
+        return problems
+    views = ref.get("views")
+    if views is not None and check_string(problems, "reference.views", views) and check_files and base_dir is not None:
+        if not (Path(base_dir) / views).exists():
+            problems.append(Problem("reference.views", f"trajectory file or folder not found: {Path(base_dir) / views}"))
+    image = ref.get("image")
+    if image_bad or not isinstance(image, str) or not check_files or base_dir is None:
+        return problems
+    info = image_info(Path(base_dir) / image)
+    if info is None:  # a kind whose header gives no size here (EXR): the engine checks it when it reads the pixels
+        return problems
+    problem = projection_problem(projection, info[1], info[2], target, str(Path(base_dir) / image))
+    if problem:
+        problems.append(Problem("reference.projection", problem))
+    return problems
+
+
+def projection_problem(projection: str, width: int, height: int, camera: Any, image: str) -> str | None:
+    """What is wrong with a reference image of ``width`` x ``height`` px for ``projection``, or None.
+
+    camera: the reference trajectory (JSON dict or ``Trajectory``) or None. Shared by the spec's validation and
+    the engine's reading of the pixels (``engine/run/runner.py``), so both say the same.
+    """
+    if projection == EQUIRECTANGULAR:
+        if not is_equirectangular_size(width, height):
+            return (f"reference.image {image} is {width}x{height} px; an equirectangular panorama is 2:1 "
+                    f"(width = 2 x height)")
+        return None
+    if not is_equirectangular_size(width, height) or camera is None:
+        return None
+    cam_w, cam_h = (camera.get("width"), camera.get("height")) if isinstance(camera, dict) else (camera.width, camera.height)
+    if not (is_integer(cam_w) and is_integer(cam_h)) or is_equirectangular_size(cam_w, cam_h):
+        return None
+    name = camera.get("name") if isinstance(camera, dict) else camera.name
+    return (f"reference.image {image} is {width}x{height} px, a 2:1 panorama's shape, but camera {name!r} is "
+            f"{cam_w}x{cam_h}: if it is an equirectangular panorama set reference.projection to "
+            f"\"{EQUIRECTANGULAR}\"; otherwise give an image of the camera's shape (it is not squashed to fit)")
 
 
 def reference_file_problem(key: str, path: Path) -> str | None:

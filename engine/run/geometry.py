@@ -81,3 +81,37 @@ def reference_depth(rgb: torch.Tensor, depth_z_m: torch.Tensor | None, intrinsic
     flat = torch.full((height, width), float(flat_depth_m), dtype=torch.float32, device=rgb.device)
     return ReferenceDepth(flat, FLAT_BOARD_CONFIDENCE, "a flat board (no depth)", warning=warning)
 
+
+
+def panorama_depth(rgb: torch.Tensor, distance_m: torch.Tensor | None, estimator: DepthEstimator,
+                   flat_depth_m: float = DEFAULT_REFERENCE_DEPTH_M) -> ReferenceDepth:
+    """The depth to lift an equirectangular reference with (``bridge/panorama.py``): a ReferenceDepth whose
+    ``depth_z_m`` holds the distance along each pixel's ray instead (the panorama's depth, 0 = no surface).
+
+    rgb: (H, W, 3) uint8 panorama; distance_m: its (H, W) depth map (the add-on's panoramic render) or None.
+    Without one: a learned estimator's depth on cube faces aligned to one another
+    (``world/panorama.panorama_distance_from_faces``), else a sphere ``flat_depth_m`` around the camera, said so.
+    """
+    height, width = rgb.shape[:2]
+    if distance_m is not None:
+        return ReferenceDepth(distance_m, 1.0, "the given panorama depth (distance along each ray)")
+    predictor = getattr(estimator, "predictor", None)
+    if estimator.learned and predictor is not None:
+        import numpy as np
+
+        from ..world.depth_alignment import lift_reference
+        from ..world.panorama import panorama_distance_from_faces
+
+        def face_depth(image: np.ndarray, k: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            face = torch.from_numpy(image).to(rgb.device)
+            estimate, _fit = lift_reference(predictor, face, intrinsics=torch.as_tensor(k, dtype=torch.float32, device=rgb.device))
+            return estimate.depth_z_m[0].cpu().numpy(), estimate.confidence[0].cpu().numpy()
+
+        distance, confidence, fits = panorama_distance_from_faces(rgb.cpu().numpy(), face_depth)
+        scales = ", ".join(f"{f.face} {f.scale:.3g}" for f in fits)
+        return ReferenceDepth(torch.from_numpy(distance).to(rgb.device), torch.from_numpy(confidence).to(rgb.device),
+                              f"the depth network on 6 cube faces aligned to one another (scales {scales})")
+    warning = (f"the panorama reference has no depth and no depth model is configured (geometry.depth_model): it "
+               f"became a sphere {flat_depth_m:g} m around the camera; give it a depth or a depth model")
+    flat = torch.full((height, width), float(flat_depth_m), dtype=torch.float32, device=rgb.device)
+    return ReferenceDepth(flat, FLAT_BOARD_CONFIDENCE, "a sphere (no depth)", warning=warning)
