@@ -15,6 +15,7 @@ import bpy
 from ..bridge import spec
 from ..bridge.errors import KeyframeWorldsError
 from ..bridge.jobs import JobState
+from ..bridge.panorama import PERSPECTIVE
 from .choices import DEPTH_SOURCES, REFERENCE_SOURCES
 from .reference import render_reference
 from .scene_cameras import extract_trajectories
@@ -73,6 +74,8 @@ def prepare_job(scene: bpy.types.Scene, settings: JobSettings, job_dir: str | Pa
         reference["image"] = ref.image.name
         if ref.depth is not None:
             reference["depth"] = ref.depth.name
+        if ref.projection != PERSPECTIVE:  # a panoramic reference camera rendered the panorama
+            reference["projection"] = ref.projection
     else:
         reference["image"] = _copy_into(settings.reference_path, out, "reference", "reference image")
     if settings.depth == "FILE":

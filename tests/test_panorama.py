@@ -17,6 +17,7 @@ from keyframe_worlds.bridge import formats, panorama as pano
 from keyframe_worlds.bridge import spec as bridge_spec
 from keyframe_worlds.bridge.errors import KeyframeWorldsError
 
+
 # The reference camera looks along world +Y with world +Z up (Blender's world); OpenCV axes: x right, y down, z forward.
 FORWARD_Y = np.array([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0], [0.0, -1.0, 0.0]])
 
@@ -342,3 +343,76 @@ def test_a_depthless_panorama_with_a_depth_network_is_estimated_on_cube_faces(tm
     lifted = panorama_depth(rgb, None, estimator)
     assert lifted.warning is None and "cube faces" in lifted.source
     assert lifted.depth_z_m.shape == (64, 128) and bool((lifted.depth_z_m > 0).all())
+
+
+# --- the add-on: a panoramic reference camera renders the panorama and its distances with Cycles -------------------
+
+
+def _emissive_cube(bpy, name: str, location, colour) -> None:
+    bpy.ops.mesh.primitive_cube_add(size=1.0, location=location)
+    material = bpy.data.materials.new(name)
+    bsdf = material.node_tree.nodes["Principled BSDF"]
+    bsdf.inputs["Base Color"].default_value = (0, 0, 0, 1)
+    bsdf.inputs["Emission Color"].default_value = (*colour, 1)
+    bsdf.inputs["Emission Strength"].default_value = 1.0
+    bpy.context.object.data.materials.append(material)
+
+
+def _nearest_cube(rgb: np.ndarray, cubes: dict) -> str:
+    """Which cube's colour a pixel is (by direction in RGB, so shading does not matter)."""
+    pixel = np.asarray(rgb, dtype=float) / max(np.linalg.norm(rgb), 1e-9)
+    return max(cubes, key=lambda name: float(pixel @ (np.array(cubes[name][1]) / np.linalg.norm(cubes[name][1]))))
+
+
+def test_the_addon_renders_a_panoramic_reference_camera_as_the_engine_reads_panoramas(blank_blend, tmp_path):
+    bpy = blank_blend
+    from keyframe_worlds.addon.jobs import JobSettings, prepare_job
+    from keyframe_worlds.addon.reference import render_reference
+    from keyframe_worlds.engine.run.runner import run_job
+
+    scene = bpy.context.scene
+    scene.render.resolution_x, scene.render.resolution_y = 48, 32
+    scene.view_settings.view_transform = "Standard"
+    scene.frame_start, scene.frame_end = 1, 1
+    cubes = {"front": ((0, 4, 0), (1, 0, 0)), "right": ((3, 0, 0), (0, 1, 0)), "back": ((0, -3, 0), (0, 0, 1)),
+             "left": ((-3, 0, 0), (1, 1, 0))}
+    for name, (location, colour) in cubes.items():
+        _emissive_cube(bpy, name, location, colour)
+    bpy.ops.mesh.primitive_plane_add(size=40, location=(0, 0, -1.0))  # a floor 1 m below the camera
+    pano_cam = bpy.data.objects.new("A_Pano", bpy.data.cameras.new("A_Pano"))
+    pano_cam.data.type, pano_cam.data.panorama_type = "PANO", "EQUIRECTANGULAR"
+    pano_cam.rotation_euler = (math.pi / 2, 0, 0)  # looks along world +Y, up is world +Z
+    persp = bpy.data.objects.new("B_Right", bpy.data.cameras.new("B_Right"))
+    persp.rotation_euler = (math.pi / 2, 0, -math.pi / 2)  # looks along world +X
+    for cam in (pano_cam, persp):
+        scene.collection.objects.link(cam)
+    before = (scene.render.resolution_x, scene.render.resolution_y, pano_cam.data.longitude_min)
+
+    ref = render_reference(scene, pano_cam, 1, tmp_path / "render", samples=4)
+    assert (scene.render.resolution_x, scene.render.resolution_y, pano_cam.data.longitude_min) == before
+    assert ref.projection == "equirectangular" and (ref.width, ref.height) == (192, 96)
+    rgb = np.asarray(Image.open(ref.image).convert("RGB")).astype(int)
+    distance = np.load(ref.depth)
+    # Which column is which heading (bridge/panorama.py): each cube at its heading, its near face at its distance.
+    for name, heading, near in (("front", 0.0, 3.5), ("right", 90.0, 2.5), ("back", 180.0, 2.5), ("left", -90.0, 2.5)):
+        u = int(pano.heading_column(math.radians(heading), 192)) % 192
+        assert _nearest_cube(rgb[48, u], cubes) == name, (name, rgb[48, u])
+        assert distance[48, u] == pytest.approx(near, rel=0.01), name
+    # The floor: the distance along each ray, not a z-depth (which no panorama has).
+    rays = pano.equirect_rays_opencv(192, 96)
+    rays_world = rays @ np.array([[1.0, 0, 0], [0, 0, 1.0], [0, -1.0, 0]]).T  # the camera's OpenCV axes in the world
+    rows = np.arange(80, 96)
+    floor = 1.0 / -rays_world[rows, 20, 2]  # distance along the ray to z = -1
+    np.testing.assert_allclose(distance[rows, 20], floor, rtol=0.01)
+
+    job = prepare_job(scene, JobSettings(name="pano", cameras="ALL", samples=4), tmp_path / "job")
+    assert job.spec.reference.projection == "equirectangular" and job.spec.reference.trajectory == "A_Pano"
+    manifest = run_job(job.spec, tmp_path / "job" / "bundle")
+    assert not manifest.warnings
+    right = next(t for t in manifest.trajectories if t.trajectory.name == "B_Right")
+    out = np.asarray(Image.open(tmp_path / "job" / "bundle" / right.frames[0].image).convert("RGB")).astype(int)
+    # The perspective camera looking along +X sees the green cube from the panorama's memory.
+    assert _nearest_cube(out[16, 24], cubes) == "right", out[16, 24]
+    front = next(t for t in manifest.trajectories if t.trajectory.name == "A_Pano")
+    out = np.asarray(Image.open(tmp_path / "job" / "bundle" / front.frames[0].image).convert("RGB")).astype(int)
+    assert _nearest_cube(out[16, 24], cubes) == "front", out[16, 24]
