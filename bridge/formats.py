@@ -703,30 +703,48 @@ def write_colmap(tset: TrajectorySet, path: Path, binary: bool = False) -> list[
 PANO_BANK_FOLDER = "pano_bank"
 PANO_BANK_CAMERAS = "cameras.json"
 PANO_BANK_KEY = re.compile(r"^[0-9]+$")
-#: Our own entry in a bank's cameras.json (not a camera key, so upstream never looks it up).
+#: Our own entry in a bank's cameras.json (not a view key, so upstream never looks it up): the camera's name and fps.
 PANO_BANK_EXTRAS_KEY = "keyframe_worlds"
 
 
+def _is_pano_bank(path: Path) -> bool:
+    return (path / PANO_BANK_CAMERAS).is_file() and (path / "images").is_dir()
+
+
+def _pano_bank_files(path: Path) -> list[Path]:
+    """The ``cameras.json`` of a bank folder, of the scene folder holding ``pano_bank/``, or of each camera's bank
+    in a folder of them (``<camera>/cameras.json``, as several cameras are written); empty if none."""
+    if _is_pano_bank(path):
+        return [path / PANO_BANK_CAMERAS]
+    return sorted(sub / PANO_BANK_CAMERAS for sub in path.iterdir() if sub.is_dir() and _is_pano_bank(sub))
+
+
 def _pano_bank_file(path: Path) -> Path | None:
-    """The ``cameras.json`` of a bank folder, or of the scene folder holding ``pano_bank/``; None if neither."""
-    for candidate in (path / PANO_BANK_CAMERAS, path / PANO_BANK_FOLDER / PANO_BANK_CAMERAS):
-        if candidate.is_file() and (candidate.parent / "images").is_dir():
-            return candidate
-    return None
+    files = _pano_bank_files(path)
+    return files[0] if files else None
 
 
 def _pano_bank_image(key: str) -> str:
+    """Where a bank keeps view ``key``'s image, relative to the bank folder (upstream's reader looks there)."""
     return f"images/{key}.png"
 
 
 def read_pano_bank(path: Path) -> list[Trajectory]:
-    """A bank folder (``pano_bank/``), the scene folder holding it, or its ``cameras.json``: one camera, a frame per key.
+    """A bank folder (``pano_bank/``), the scene folder holding it, its ``cameras.json``, or a folder of banks.
 
-    The image paths are relative to the bank folder (``images/0000.png``), as the bank names them.
+    One camera per bank, a frame per view key in key order. Frame numbers, image paths and the size are the entry's
+    ``frame``, ``image`` and ``width``/``height`` when we wrote them; in upstream's banks the key's number, the
+    bank's ``images/<key>.png`` (relative to the bank folder), and that image's size (else ``2 * (cx, cy)``).
     """
-    file = path if path.is_file() else _pano_bank_file(path)
-    if file is None:
-        raise KeyframeWorldsError(f"{path}: no pano_bank cameras.json with an images/ folder beside it")
+    if path.is_file():
+        files = [path]
+    else:
+        files = _pano_bank_files(path)
+        if not files:
+            raise KeyframeWorldsError(f"{path}: no pano_bank (cameras.json with an images/ folder beside it)")
+    if len(files) > 1:
+        return [t for f in files for t in read_pano_bank(f)]
+    file = files[0]
     doc = read_json(file, "pano_bank cameras.json")
     if not isinstance(doc, dict):
         raise KeyframeWorldsError(f"{file}: must be an object keyed by view (\"0000\", \"0001\", ...)")
@@ -734,6 +752,7 @@ def read_pano_bank(path: Path) -> list[Trajectory]:
     if not keys:
         raise KeyframeWorldsError(f"{file}: no views (keys \"0000\", \"0001\", ...)")
     extras = doc.get(PANO_BANK_EXTRAS_KEY) if isinstance(doc.get(PANO_BANK_EXTRAS_KEY), dict) else {}
+    name = str(extras.get("name") or (file.parent.name if file.parent.name != PANO_BANK_FOLDER else PANO_BANK_FOLDER))
     entries = []
     for key in keys:
         entry = doc[key]
@@ -741,41 +760,42 @@ def read_pano_bank(path: Path) -> list[Trajectory]:
             raise KeyframeWorldsError(f"{file}: view {key!r} needs 'extrinsic' and 'intrinsic'")
         w2c = _matrix(entry["extrinsic"], (4, 4), f"{file.name}: {key}.extrinsic")
         k = _matrix(entry["intrinsic"], (3, 3), f"{file.name}: {key}.intrinsic")
-        image = _pano_bank_image(key)
+        image = entry["image"] if "image" in entry else _pano_bank_image(key)
+        if image is not None and not isinstance(image, str):
+            raise KeyframeWorldsError(f"{file}: view {key!r}: 'image' must be a path or null")
+        frame = entry.get("frame", int(key))
+        if not isinstance(frame, int) or isinstance(frame, bool):
+            raise KeyframeWorldsError(f"{file}: view {key!r}: 'frame' must be an integer")
         if "width" in entry and "height" in entry:
             size = (int(entry["width"]), int(entry["height"]))
-        elif (info := image_info(file.parent / image)) is not None:
+        elif (info := image_info(file.parent / _pano_bank_image(key))) is not None:
             size = (info[1], info[2])
         else:
             size = (int(round(2 * k[0, 2])), int(round(2 * k[1, 2])))
-        entries.append(_Frame(str(extras.get("name") or PANO_BANK_FOLDER), int(key), cameras.w2c_to_c2w(w2c),
-                              (k[0, 0], k[1, 1], k[0, 2], k[1, 2], *size), None, image))
-    name = entries[0].camera
+        entries.append(_Frame(name, frame, cameras.w2c_to_c2w(w2c), (k[0, 0], k[1, 1], k[0, 2], k[1, 2], *size), None, image))
     return _group_sorted(entries, {name: float(extras.get("fps", WORLDSTEREO_DEFAULT_FPS))})
 
 
 def write_pano_bank(trajectories: list[Trajectory], path: Path) -> list[Path]:
-    """``path/cameras.json`` (``path`` is the bank folder; a ``cameras.json`` path names it). Cameras only: the images
-    are the views' own files, which a bank keeps as ``images/<key>.png``."""
-    if len(trajectories) != 1:
-        raise KeyframeWorldsError(f"a pano_bank holds one camera's views, got {len(trajectories)} cameras "
-                                  f"({', '.join(t.name for t in trajectories)}): write one camera")
-    traj = trajectories[0]
-    doc: dict[str, Any] = {PANO_BANK_EXTRAS_KEY: {"name": traj.name, "fps": traj.fps}}
-    for i, frame in enumerate(int(f) for f in traj.frames):
-        d = traj.distortion[i]
-        if d is not None and not d.is_pinhole:
-            raise _cannot_hold(traj, i, "pano_bank", "a bank holds pinhole cameras only (undistort first)")
-        if frame < 0:
-            raise KeyframeWorldsError(f"camera {traj.name!r} frame {frame}: a pano_bank's keys are view numbers 0 and up")
-        key = f"{frame:04d}"
-        image = traj.images[i]
-        if image is not None and PurePosixPath(image.replace("\\", "/")) != PurePosixPath(_pano_bank_image(key)):
-            raise KeyframeWorldsError(f"camera {traj.name!r} frame {frame}: a pano_bank names its images "
-                                      f"{_pano_bank_image(key)}, but this frame's image is {image!r}")
-        doc[key] = {"intrinsic": traj.k[i].tolist(), "extrinsic": cameras.c2w_to_w2c(traj.c2w_opencv[i]).tolist(),
-                    "width": traj.width, "height": traj.height}
-    target = path if path.name == PANO_BANK_CAMERAS else path / PANO_BANK_CAMERAS
-    target.parent.mkdir(parents=True, exist_ok=True)
-    (target.parent / "images").mkdir(exist_ok=True)
-    return [_write_text(target, json.dumps(doc, indent=1) + "\n")]
+    """``path/cameras.json`` for one camera (``path`` is the bank folder; a ``cameras.json`` path names it), or
+    ``path/<camera>/cameras.json`` each for several. Views are keyed ``0000``, ``0001``, ... in frame order; each
+    entry also holds its frame number, image path (null for none), width and height, which upstream ignores. The
+    images themselves are the views' own files: a bank for upstream needs them as ``images/<key>.png``."""
+    for traj in trajectories:
+        for i, d in enumerate(traj.distortion):
+            if d is not None and not d.is_pinhole:
+                raise _cannot_hold(traj, i, "pano_bank", "a bank holds pinhole cameras only (undistort first)")
+    if len(trajectories) == 1:
+        targets = [(trajectories[0], path if path.name == PANO_BANK_CAMERAS else path / PANO_BANK_CAMERAS)]
+    else:
+        targets = [(t, path / t.name / PANO_BANK_CAMERAS) for t in trajectories]
+    written = []
+    for traj, target in targets:
+        doc: dict[str, Any] = {PANO_BANK_EXTRAS_KEY: {"name": traj.name, "fps": traj.fps}}
+        for i in range(len(traj)):
+            doc[f"{i:04d}"] = {"intrinsic": traj.k[i].tolist(), "extrinsic": cameras.c2w_to_w2c(traj.c2w_opencv[i]).tolist(),
+                               "frame": int(traj.frames[i]), "image": traj.images[i],
+                               "width": traj.width, "height": traj.height}
+        (target.parent / "images").mkdir(parents=True, exist_ok=True)
+        written.append(_write_text(target, json.dumps(doc, indent=1) + "\n"))
+    return written

@@ -255,16 +255,25 @@ def test_a_pano_bank_round_trips_through_every_format_and_the_command_line(tmp_p
     assert formats.read_trajectories(tmp_path / "cli_bank")[0].allclose(original, atol=1e-12)
 
 
-def test_what_a_pano_bank_cannot_hold_is_refused_by_name(tmp_path):
+def test_a_pano_bank_keeps_frame_numbers_image_names_and_several_cameras(tmp_path):
     k = [[50.0, 0.0, 32.0], [0.0, 50.0, 20.0], [0.0, 0.0, 1.0]]
     write_upstream_bank(tmp_path / "scene", UPSTREAM_W2C, k, 64, 40)
     (traj,) = formats.read_trajectories(tmp_path / "scene")
-    other = formats.Trajectory.from_json({**traj.to_json(), "name": "other"})
-    with pytest.raises(KeyframeWorldsError, match="one camera"):
-        formats.write_trajectories([traj, other], tmp_path / "two", "pano_bank")
-    renamed = formats.Trajectory.from_json({**traj.to_json(), "frames": [{**f, "image": "shots/a.jpg"} for f in traj.to_json()["frames"]]})
-    with pytest.raises(KeyframeWorldsError, match="images/0000.png"):
-        formats.write_trajectories([renamed], tmp_path / "renamed", "pano_bank")
+    doc = traj.to_json()
+    shots = formats.Trajectory.from_json({**doc, "name": "shots", "frames": [
+        {**f, "frame": n, "image": image} for f, n, image in zip(doc["frames"], (-3, 7, 12), ("shots/a.jpg", None, "b.png"))]})
+    formats.write_trajectories([traj, shots], tmp_path / "two", "pano_bank")
+    assert formats.detect_format(tmp_path / "two") == "pano_bank"
+    back = {t.name: t for t in formats.read_trajectories(tmp_path / "two")}
+    assert back["shots"].allclose(shots, atol=1e-12) and back["pano_bank"].allclose(traj, atol=1e-12)
+    # Keys stay upstream's (view numbers from 0000); our frame numbers and image names ride along in each entry.
+    written = json.loads((tmp_path / "two" / "shots" / "cameras.json").read_text())
+    assert [k for k in written if k.isdigit()] == ["0000", "0001", "0002"]
+    assert [written[k]["frame"] for k in ("0000", "0001", "0002")] == [-3, 7, 12]
+    lens = formats.Distortion("OPENCV", (0.1, 0.0, 0.0, 0.0))
+    distorted = formats.Trajectory.from_json({**doc, "frames": [{**f, "distortion": {"model": lens.model, "params": list(lens.params)}} for f in doc["frames"]]})
+    with pytest.raises(KeyframeWorldsError, match="cannot be written as pano_bank"):
+        formats.write_trajectories([distorted], tmp_path / "lens", "pano_bank")
 
 
 def test_pano_bank_views_are_the_first_memory_each_with_its_camera(tmp_path):
