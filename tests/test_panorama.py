@@ -276,28 +276,68 @@ def test_a_pano_bank_keeps_frame_numbers_image_names_and_several_cameras(tmp_pat
         formats.write_trajectories([distorted], tmp_path / "lens", "pano_bank")
 
 
+BANK_COLOURS = [(200, 40, 40), (40, 200, 40), (40, 40, 200), (200, 200, 40)]
+
+
+def write_bank_views_job(folder) -> None:
+    """A bank of four solid-colour views looking four ways, and a job whose camera turns to each of them."""
+    width, height, f = 64, 48, 24.0  # 106 degrees wide: neighbouring views overlap
+    headings = [0.0, math.pi / 2, math.pi, 3 * math.pi / 2]
+    k = [[f, 0.0, width / 2], [0.0, f, height / 2], [0.0, 0.0, 1.0]]
+    write_upstream_bank(folder, [np.linalg.inv(heading_c2w(hd)) for hd in headings], k, width, height, BANK_COLOURS)
+    write_job(folder, {"image": "pano_bank/images/0000.png", "views": "pano_bank"}, camera_frames(headings, f, width, height))
+
+
+def check_bank_view_colours(manifest, bundle) -> None:
+    for colour, frame in zip(BANK_COLOURS, manifest.trajectories[0].frames):
+        out = np.asarray(Image.open(bundle / frame.image).convert("RGB")).astype(float)
+        centre = out[12:36, 16:48].reshape(-1, 3).mean(0)
+        assert np.abs(centre - colour).max() < 6, (frame.frame, centre, colour)
+
+
 def test_pano_bank_views_are_the_first_memory_each_with_its_camera(tmp_path):
     """Four views of a bank, each a solid colour, looking four ways: a camera turned to each sees that view's colour
     (with the reference alone, the three other directions would be holes the preview fills from the one view)."""
     from keyframe_worlds.engine.run.runner import run_job
 
-    width, height, f = 64, 48, 24.0  # 106 degrees wide: neighbouring views overlap
-    headings = [0.0, math.pi / 2, math.pi, 3 * math.pi / 2]
-    colours = [(200, 40, 40), (40, 200, 40), (40, 40, 200), (200, 200, 40)]
-    k = [[f, 0.0, width / 2], [0.0, f, height / 2], [0.0, 0.0, 1.0]]
-    write_upstream_bank(tmp_path, [np.linalg.inv(heading_c2w(hd)) for hd in headings], k, width, height, colours)
-    frames = camera_frames(headings, f, width, height)
-    write_job(tmp_path, {"image": "pano_bank/images/0000.png", "views": "pano_bank"}, frames)
+    write_bank_views_job(tmp_path)
     job = bridge_spec.load_job(tmp_path / "job.json")
     manifest = run_job(job, tmp_path / "bundle")
-    for colour, frame in zip(colours, manifest.trajectories[0].frames):
-        out = np.asarray(Image.open(tmp_path / "bundle" / frame.image).convert("RGB")).astype(float)
-        centre = out[12:36, 16:48].reshape(-1, 3).mean(0)
-        assert np.abs(centre - colour).max() < 6, (frame.frame, centre, colour)
+    check_bank_view_colours(manifest, tmp_path / "bundle")
     # A missing views folder is a problem of that field.
     doc = json.loads((tmp_path / "job.json").read_text())
     doc["reference"]["views"] = "nowhere"
     assert [p.path for p in bridge_spec.validate_job(doc, base_dir=tmp_path)] == ["reference.views"]
+
+
+def test_the_service_reads_reference_views_only_inside_the_allowed_folders(tmp_path):
+    import requests
+
+    from keyframe_worlds.bridge.spec import load_manifest
+    from keyframe_worlds.engine.testing.service import Engine
+
+    allowed, outside = tmp_path / "allowed", tmp_path / "outside"
+    for folder in (allowed, outside):
+        folder.mkdir()
+        write_bank_views_job(folder)
+
+    def local(views) -> dict:
+        doc = json.loads((allowed / "job.json").read_text())
+        doc["reference"] = {"image": str(allowed / "pano_bank" / "images" / "0000.png"), "views": str(views)}
+        return doc
+
+    with Engine(tmp_path / "jobs", extra_args=("--device", "cpu", "--allow-path", str(allowed))) as engine:
+        client = engine.start()
+        post = lambda doc: requests.post(f"{engine.url}/v1/jobs", json=doc, timeout=30,
+                                         headers={"Authorization": f"Bearer {engine.token}"})
+        refused = post(local(outside / "pano_bank"))
+        assert refused.status_code == 403 and [p["path"] for p in refused.json()["problems"]] == ["reference.views"]
+        accepted = post(local(allowed / "pano_bank"))
+        assert accepted.status_code == 201, accepted.text
+        done = client.wait(accepted.json()["id"], timeout=120)
+        assert done.state == "completed", client.log(done.id)
+        bundle = client.download_bundle(done.id, tmp_path / "bundle")
+        check_bank_view_colours(load_manifest(bundle), bundle)
 
 
 # --- cube faces aligned to one another ---------------------------------------------------------------------------

@@ -41,6 +41,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ... import __version__
 from ...bridge.errors import KeyframeWorldsError, Problem, ValidationError
 from ...bridge.jobs import STATUS_FIELD_DOCS, JobState, JobStatus
+from ...bridge.panorama import PROJECTIONS
 from ...bridge.spec import MANIFEST_FILENAME, validate_job
 from ...bridge.trajectory import safe_text
 from .jobs import (
@@ -193,7 +194,11 @@ def job_spec_schema() -> dict:
             "reference": {"type": "object", "additionalProperties": False, "required": ["image"],
                           "properties": {"image": {"type": "string", "description": "the reference image's path"},
                                          "depth": {"type": "string", "description": "its z-depth in metres (.npy or .exr)"},
-                                         "trajectory": {"type": "string"}, "frame": {"type": "integer"}}},
+                                         "trajectory": {"type": "string"}, "frame": {"type": "integer"},
+                                         "projection": {"type": "string", "enum": list(PROJECTIONS),
+                                                        "description": "equirectangular: a 2:1 panorama around the reference camera"},
+                                         "views": {"type": "string", "description": "a trajectory file or folder (a pano_bank) "
+                                                   "whose frames' images are more reference views (local paths only)"}}},
             "trajectories": {"type": "array", "minItems": 1, "maxItems": MAX_TRAJECTORIES, "items": trajectory},
             "output": {"type": "object", "additionalProperties": False,
                        "properties": {"mesh_every": {"type": "integer", "minimum": 1, "maximum": 100_000},
@@ -473,6 +478,10 @@ def create_app(manager: JobManager, settings: AppSettings) -> FastAPI:
         # Before the files are looked at, so nothing (not even whether a file exists) is told outside the allowed folders.
         readable = {key: allowed_file(base / doc["reference"][key], f"reference.{key}", settings.allowed_paths)
                     for key in ("image", "depth") if doc["reference"].get(key)}
+        views = doc["reference"].get("views")
+        if isinstance(views, str):
+            # Read in place by the job (a folder of views is not copied): the spec keeps the resolved path.
+            doc["reference"]["views"] = str(allowed_file(base / views, "reference.views", settings.allowed_paths))
         model = (doc.get("geometry") or {}).get("depth_model")
         if isinstance(model, str) and Path(model).is_absolute():
             allowed_file(Path(model), "geometry.depth_model", settings.allowed_paths)
