@@ -396,8 +396,9 @@ def _projection_problems(ref: dict, target: Any, base_dir, check_files: bool, im
         return problems
     views = ref.get("views")
     if views is not None and check_string(problems, "reference.views", views) and check_files and base_dir is not None:
-        if not (Path(base_dir) / views).exists():
-            problems.append(Problem("reference.views", f"trajectory file or folder not found: {Path(base_dir) / views}"))
+        problem = views_problem(Path(base_dir) / views)
+        if problem:
+            problems.append(Problem("reference.views", problem))
     image = ref.get("image")
     if image_bad or not isinstance(image, str) or not check_files or base_dir is None:
         return problems
@@ -408,6 +409,31 @@ def _projection_problems(ref: dict, target: Any, base_dir, check_files: bool, im
     if problem:
         problems.append(Problem("reference.projection", problem))
     return problems
+
+
+def views_problem(path: Path) -> str | None:
+    """What is wrong with a ``reference.views`` trajectory file or folder (read, images checked by header), or None."""
+    from .formats import read_trajectory_set  # formats reads its JSON with this module's read_json
+
+    if not path.exists():
+        return f"trajectory file or folder not found: {path}"
+    try:
+        trajectories = read_trajectory_set(path).trajectories
+    except KeyframeWorldsError as exc:
+        return str(exc)
+    base = path if path.is_dir() else path.parent
+    images = [(t, i, image) for t in trajectories for i, image in enumerate(t.images) if image is not None]
+    if not images:
+        return f"{path} has no frame with an image"
+    for traj, i, image in images:
+        full = base / image
+        if not full.suffix.lower() in IMAGE_SUFFIXES:
+            problem = f"{full} must be one of {', '.join(IMAGE_SUFFIXES)} files"
+        else:
+            problem = reference_file_problem("image", full) if full.is_file() else f"image not found: {full}"
+        if problem:
+            return f"camera {traj.name!r} frame {int(traj.frames[i])}: {problem}"
+    return None
 
 
 def projection_problem(projection: str, width: int, height: int, camera: Any, image: str) -> str | None:

@@ -304,10 +304,17 @@ def test_pano_bank_views_are_the_first_memory_each_with_its_camera(tmp_path):
     job = bridge_spec.load_job(tmp_path / "job.json")
     manifest = run_job(job, tmp_path / "bundle")
     check_bank_view_colours(manifest, tmp_path / "bundle")
-    # A missing views folder is a problem of that field.
+    # A missing views folder, a malformed bank and a missing view image are problems of that field.
     doc = json.loads((tmp_path / "job.json").read_text())
     doc["reference"]["views"] = "nowhere"
     assert [p.path for p in bridge_spec.validate_job(doc, base_dir=tmp_path)] == ["reference.views"]
+    doc["reference"]["views"] = "pano_bank"
+    (tmp_path / "pano_bank" / "images" / "0003.png").unlink()
+    problems = bridge_spec.validate_job(doc, base_dir=tmp_path)
+    assert [p.path for p in problems] == ["reference.views"] and "0003.png" in problems[0].reason
+    (tmp_path / "pano_bank" / "cameras.json").write_text('{"0000": {"intrinsic": [[1, 0], [0, 1]], "extrinsic": []}}')
+    problems = bridge_spec.validate_job(doc, base_dir=tmp_path)
+    assert [p.path for p in problems] == ["reference.views"] and "0000.extrinsic" in problems[0].reason
 
 
 def test_the_service_reads_reference_views_only_inside_the_allowed_folders(tmp_path):
