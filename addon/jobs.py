@@ -33,6 +33,7 @@ class JobSettings:
     frame_step: int = 1
     reference: str = "RENDER"  # REFERENCE_SOURCES
     reference_path: str = ""
+    projection: str = PERSPECTIVE  # a picked image's reference.projection (a rendered one: the camera's own)
     depth: str = "SCENE"  # DEPTH_SOURCES
     depth_path: str = ""
     prompt: str = ""
@@ -78,6 +79,8 @@ def prepare_job(scene: bpy.types.Scene, settings: JobSettings, job_dir: str | Pa
             reference["projection"] = ref.projection
     else:
         reference["image"] = _copy_into(settings.reference_path, out, "reference", "reference image")
+        if settings.projection != PERSPECTIVE:
+            reference["projection"] = settings.projection
     if settings.depth == "FILE":
         reference["depth"] = _copy_into(settings.depth_path, out, "reference_depth", "reference depth")
     doc = {

@@ -46,6 +46,7 @@ class KFW_PT_main(bpy.types.Panel):
         col.prop(props, "reference")
         if props.reference == "FILE":
             col.prop(props, "reference_path")
+            col.prop(props, "reference_projection")
         col.prop(props, "depth")
         if props.depth == "FILE":
             col.prop(props, "depth_path")

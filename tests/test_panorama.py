@@ -472,3 +472,24 @@ def test_the_addon_renders_a_panoramic_reference_camera_as_the_engine_reads_pano
     front = next(t for t in manifest.trajectories if t.trajectory.name == "A_Pano")
     out = np.asarray(Image.open(tmp_path / "job" / "bundle" / front.frames[0].image).convert("RGB")).astype(int)
     assert _nearest_cube(out[16, 24], cubes) == "front", out[16, 24]
+
+
+def test_a_picked_panorama_file_is_used_as_one_when_said_and_refused_when_not(blank_blend, tmp_path):
+    bpy = blank_blend
+    from keyframe_worlds.addon.jobs import JobSettings, prepare_job
+    from keyframe_worlds.bridge.errors import ValidationError
+
+    scene = bpy.context.scene
+    scene.render.resolution_x, scene.render.resolution_y = 64, 48
+    scene.frame_start, scene.frame_end = 1, 2
+    cam = bpy.data.objects.new("Cam", bpy.data.cameras.new("Cam"))
+    scene.collection.objects.link(cam)
+    scene.camera = cam
+    Image.fromarray(heading_panorama(256, 128)).save(tmp_path / "pano.png")
+    settings = JobSettings(name="pano", reference="FILE", reference_path=str(tmp_path / "pano.png"), depth="NONE")
+    with pytest.raises(ValidationError) as refused:
+        prepare_job(scene, settings, tmp_path / "plain")
+    assert [p.path for p in refused.value.problems] == ["reference.projection"]
+    job = prepare_job(scene, JobSettings(**{**settings.__dict__, "projection": "equirectangular"}), tmp_path / "pano")
+    assert job.spec.reference.projection == "equirectangular"
+    assert json.loads(job.spec_path.read_text())["reference"]["projection"] == "equirectangular"
