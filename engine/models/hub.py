@@ -388,11 +388,21 @@ class Progress:
 ProgressCallback = Callable[[Progress], None]
 
 
-def _hub_error_line(model: HubModel, exc: Exception) -> str:
-    from huggingface_hub.errors import (GatedRepoError, LocalEntryNotFoundError, OfflineModeIsEnabled,
-                                        RepositoryNotFoundError, RevisionNotFoundError)
+def _first_line(exc: BaseException) -> str:
+    """The gist of a huggingface_hub / requests error in one line (requests wraps urllib3's reason in a tuple)."""
+    arg = exc.args[0] if exc.args else exc
+    if isinstance(arg, tuple) and arg:
+        arg = arg[0]
+    text = str(arg).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+def _hub_error_line(model: HubModel, exc: Exception) -> str:
+    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
+                                        OfflineModeIsEnabled, RepositoryNotFoundError, RevisionNotFoundError)
+    from requests.exceptions import RequestException
+
+    first = _first_line(exc)
     where = f"{model.repo_id}" + (f" ({model.subfolder})" if model.subfolder else "")
     if isinstance(exc, GatedRepoError):
         return (f"cannot download {where}: the repository is gated; accept its terms on huggingface.co and set "
@@ -402,8 +412,9 @@ def _hub_error_line(model: HubModel, exc: Exception) -> str:
     if isinstance(exc, RevisionNotFoundError):
         return f"cannot download {where}: the Hub has no such revision"
     if isinstance(exc, (LocalEntryNotFoundError, OfflineModeIsEnabled)):
-        return (f"cannot download {where}: the Hub cannot be reached (or HF_HUB_OFFLINE is set) and the hub cache "
-                f"{hub_cache_dir()} has no copy")
+        return (f"cannot download {where}: HF_HUB_OFFLINE is set and the hub cache {hub_cache_dir()} has no copy")
+    if isinstance(exc, (RequestException, HfHubHTTPError)):
+        return f"cannot download {where}: the Hub cannot be reached ({first}) and the hub cache {hub_cache_dir()} has no copy"
     return f"cannot download {where}: {first}"
 
 
@@ -518,8 +529,8 @@ def download(model: HubModel, dest_dir: Path | None = None, *, revision: str | N
     ``progress``: called about twice a second with a :class:`Progress`; without it huggingface_hub's own bars show.
     A copy that is not complete afterwards (see :func:`check_copy`) is an error naming what is missing.
     """
-    from huggingface_hub import constants, snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
+    from huggingface_hub import constants
+    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
     from requests.exceptions import RequestException
 
     offline = constants.HF_HUB_OFFLINE if offline is None else offline
@@ -531,39 +542,58 @@ def download(model: HubModel, dest_dir: Path | None = None, *, revision: str | N
     if not offline:
         try:
             files, bytes_total = _files_on_hub(model, revision)
-            if not files:
-                raise KeyframeWorldsError(
-                    f"{model.repo_id}" + (f"/{model.subfolder}" if model.subfolder else "")
-                    + " has no safetensors or config files to fetch (the engine loads safetensors only)")
-            watch = [local_dir] if local_dir is not None else [storage]
-            for path in watch:
-                path.mkdir(parents=True, exist_ok=True)
-            watcher = _Watcher(model.name, watch, len(files), bytes_total, progress or (lambda p: None))
-            with watcher if progress is not None else _nothing():
-                path = snapshot_download(model.repo_id, revision=revision, local_dir=local_dir,
-                                         allow_patterns=model.allow_patterns, max_workers=max_workers,
-                                         tqdm_class=_counting_tqdm(watcher) if progress is not None else None)
-            folder = model.folder_in(Path(path)) if model.subfolder else Path(path)
-        except (RequestException, OfflineModeIsEnabled, LocalEntryNotFoundError) as exc:
-            hub_failure = exc  # no connection: the hub cache may still have it, as huggingface_hub itself does
-        except HfHubHTTPError as exc:
+        except HfHubHTTPError as exc:  # before RequestException, which it derives from
             status = exc.response.status_code if exc.response is not None else None
-            if status is not None and status >= 500:
-                hub_failure = exc
-            else:
+            if status is None or status < 500:
                 raise KeyframeWorldsError(_hub_error_line(model, exc)) from None
-        except OSError as exc:
-            from ...bridge.paths import describe_os_error
-
-            raise KeyframeWorldsError(f"cannot download {model.repo_id}: {describe_os_error(exc)}") from None
+            hub_failure = exc  # the Hub is down: as without a connection
+        except (RequestException, OfflineModeIsEnabled) as exc:
+            hub_failure = exc  # no connection: the hub cache may still have it, as huggingface_hub itself does
+        else:
+            folder = _fetch(model, local_dir, storage, revision, files, bytes_total, progress, max_workers)
+    from_hub = folder is not None
     if folder is None:
         folder = _from_cache(model, local_dir, revision, progress, hub_failure)
     problems = check_copy(folder, model.kind)
     if problems:
-        raise KeyframeWorldsError(f"{folder} is incomplete after the download: {'; '.join(problems[:5])}"
-                                  + (f" ... ({len(problems) - 5} more)" if len(problems) > 5 else "")
-                                  + ". Run the download again to resume it.")
+        listed = "; ".join(problems[:5]) + (f" ... ({len(problems) - 5} more)" if len(problems) > 5 else "")
+        if from_hub:
+            raise KeyframeWorldsError(f"{folder} is incomplete after the download: {listed}. Run the download again "
+                                      "to resume it.")
+        raise KeyframeWorldsError(f"the hub cache's copy of {model.name} is incomplete ({listed}) and the Hub was not "
+                                  f"asked (offline{' or unreachable' if hub_failure is not None else ''})")
     return folder
+
+
+def _fetch(model: HubModel, local_dir: Path | None, storage: Path, revision: str | None, files: list[str],
+           bytes_total: int | None, progress: ProgressCallback | None, max_workers: int) -> Path:
+    """snapshot_download of ``files`` (the Hub answered): into the cache, or into ``local_dir``."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError
+    from requests.exceptions import RequestException
+
+    where = model.repo_id + (f"/{model.subfolder}" if model.subfolder else "")
+    if not files:
+        raise KeyframeWorldsError(f"{where} has no safetensors or config files to fetch (the engine loads "
+                                  "safetensors only)")
+    watched = local_dir if local_dir is not None else storage
+    try:
+        watched.mkdir(parents=True, exist_ok=True)
+        watcher = _Watcher(model.name, [watched], len(files), bytes_total, progress or (lambda p: None))
+        with watcher if progress is not None else _nothing():
+            path = snapshot_download(model.repo_id, revision=revision, local_dir=local_dir,
+                                     allow_patterns=model.allow_patterns, max_workers=max_workers,
+                                     tqdm_class=_counting_tqdm(watcher) if progress is not None else None)
+        if progress is not None:
+            watcher.report()
+    except (RequestException, HfHubHTTPError) as exc:
+        raise KeyframeWorldsError(f"the download of {where} was interrupted ({_first_line(exc)}); run the same command "
+                                  "again to resume it") from None
+    except OSError as exc:
+        from ...bridge.paths import describe_os_error
+
+        raise KeyframeWorldsError(f"cannot download {where}: {describe_os_error(exc)}") from None
+    return model.folder_in(Path(path)) if model.subfolder else Path(path)
 
 
 class _nothing:
