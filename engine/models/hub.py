@@ -143,8 +143,9 @@ def _safetensors_problem(path: Path) -> str | None:
         return f"{path.name} is not a whole safetensors file ({str(exc).splitlines()[0]})"
 
 
-def _index_problems(folder: Path) -> tuple[list[str], bool]:
-    """Problems of the weight indexes in ``folder``, and whether it has weights at all."""
+def _index_problems(folder: Path, reported: tuple[str, ...] = ()) -> tuple[list[str], bool]:
+    """Problems of the weight indexes and safetensors files in ``folder`` (``reported``: names already said to be
+    missing), and whether it has weights at all."""
     problems: list[str] = []
     indexes = sorted(folder.glob("*.safetensors.index.json"))
     named: set[str] = set()
@@ -161,11 +162,17 @@ def _index_problems(folder: Path) -> tuple[list[str], bool]:
             named.add(shard)
             if not (folder / shard).is_file():
                 problems.append(f"{shard} (named by {index.name}) is missing")
+    present = []
     for weights in sorted(folder.glob("*.safetensors")):
+        if not weights.exists():  # a hub snapshot's link whose blob was deleted
+            if weights.name not in named and weights.name not in reported:
+                problems.append(f"{weights.name} is missing (a link to a deleted file)")
+            continue
+        present.append(weights)
         problem = _safetensors_problem(weights)
         if problem:
             problems.append(problem)
-    return problems, bool(indexes) or any(folder.glob("*.safetensors"))
+    return problems, bool(indexes) or bool(present)
 
 
 def _model_folder_problems(folder: Path, weights_needed: bool) -> list[str]:
@@ -180,10 +187,10 @@ def check_copy(folder: Path, kind: str) -> list[str]:
     if not folder.is_dir():
         return [f"{folder} is not a folder"]
     if kind == KIND_VARIANT:
-        problems = [f"{name} is missing" for name in ("config.json", "model.safetensors")
-                    if not (folder / name).is_file() and not (name == "model.safetensors"
-                                                             and (folder / "model.safetensors.index.json").is_file())]
-        return problems + _index_problems(folder)[0]
+        absent = tuple(name for name in ("config.json", "model.safetensors")
+                       if not (folder / name).is_file() and not (name == "model.safetensors"
+                                                                and (folder / "model.safetensors.index.json").is_file()))
+        return [f"{name} is missing" for name in absent] + _index_problems(folder, absent)[0]
     index = folder / "model_index.json"
     if index.is_file():
         try:
@@ -356,7 +363,8 @@ def entries_to_json(entries: list[ModelEntry], model_dir: Path | None, cache_dir
         "model_dir": str(model_dir) if model_dir is not None else None,
         "hf_cache": str(cache_dir),
         "models": [dict(name=e.name, repo_id=e.repo_id, kind=e.kind, about=e.about, complete=e.complete,
-                        copies=[asdict(c) for c in e.copies]) for e in entries],
+                        copies=[dict(asdict(c), size=format_bytes(c.size_bytes)) for c in e.copies])
+                   for e in entries],
         "warnings": warnings,
     }
 
@@ -383,6 +391,13 @@ class Progress:
     files_total: int | None
     bytes_done: int
     bytes_total: int | None
+
+
+    def describe(self) -> str:
+        files = f"{self.files_done} of {self.files_total} files" if self.files_total is not None \
+            else f"{self.files_done} files"
+        total = f" of {format_bytes(self.bytes_total)}" if self.bytes_total is not None else ""
+        return f"{files}, {format_bytes(self.bytes_done)}{total}"
 
 
 ProgressCallback = Callable[[Progress], None]
