@@ -192,10 +192,15 @@ def test_a_file_an_index_names_is_missing(hub_cache, tmp_path):
     assert not camera["complete"] and camera["problems"] == ["model.safetensors is missing"]
     assert models[MEMORY_VARIANT]["complete"]  # the same snapshot's other variant is untouched
     assert any("Blob missing" in w for w in data["warnings"])  # huggingface_hub's scan reports the broken link
-    # the key check tells the memory variant, complete itself, that its backbone lacks a shard
-    keys = json.loads(run_cli("list", "--json", "--keys", env=hf_env(broken, HF_HUB_OFFLINE="1")).stdout)
-    (memory,) = {m["name"]: m for m in keys["models"]}[MEMORY_VARIANT]["copies"]
-    assert "missing" in memory["keys"] and SHARD_1.split("/")[1] in memory["keys"]
+    # the key check (model list --keys) tells the memory variant, complete itself, that its backbone lacks a shard
+    from keyframe_worlds.engine.io.checkpoint_files import CheckpointError
+    from keyframe_worlds.engine.models.weights import ModelPaths, check_variant_weights
+
+    memory = snapshot(broken, WORLDSTEREO_REPO, commits) / MEMORY_VARIANT
+    with pytest.raises(CheckpointError, match="shards listed in .* are missing: .*00001-of-00002"):
+        check_variant_weights(memory, paths=ModelPaths(hf_cache_dir=broken))
+    assert "keys from" in check_variant_weights(snapshot(cache, WORLDSTEREO_REPO, commits) / MEMORY_VARIANT,
+                                                paths=ModelPaths(hf_cache_dir=cache))
 
 
 def test_offline_download_into_a_plain_folder_then_list_and_load(release, hub_cache, tmp_path):
