@@ -184,7 +184,7 @@ class KFW_OT_models_download(bpy.types.Operator):
     bl_idname = "keyframe_worlds.models_download"
     bl_label = "Download Model"
 
-    name: StringProperty(name="Model", description="A model download name (worldstereo-memory-dmd ...) or a "
+    model_name: StringProperty(name="Model", description="A model download name (worldstereo-memory-dmd ...) or a "
                                                   "Hugging Face repository id")
     model_dir: StringProperty(name="Model Folder", subtype="DIR_PATH", options={"SKIP_SAVE"},
                               description="Empty: the preferences' Model Folder")
@@ -192,19 +192,19 @@ class KFW_OT_models_download(bpy.types.Operator):
     def execute(self, context):
         from . import model_manager
 
-        if not self.name.strip():
+        if not self.model_name.strip():
             self.report({"ERROR"}, "no model named to download")
             return {"CANCELLED"}
         try:
             python, folder = _engine_python_and_models(context, self.model_dir)
-            model_manager.start_download(python, [self.name.strip()], folder)
+            model_manager.start_download(python, [self.model_name.strip()], folder)
         except KeyframeWorldsError as exc:
             self.report({"ERROR"}, str(exc))
             return {"CANCELLED"}
         except OSError as exc:
             self.report({"ERROR"}, f"cannot create the model folder: {exc.strerror or exc}")
             return {"CANCELLED"}
-        self.report({"INFO"}, f"downloading {self.name} into {folder}")
+        self.report({"INFO"}, f"downloading {self.model_name} into {folder}")
         return {"FINISHED"}
 
 

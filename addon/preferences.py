@@ -98,7 +98,7 @@ def draw_models(layout) -> None:
             sub = row.row()
             sub.enabled = not busy
             op = sub.operator("keyframe_worlds.models_download", text="Download", icon="IMPORT")
-            op.name = model["name"]
+            op.model_name = model["name"]
         for copy in model.get("copies", []):
             line = layout.row()
             line.separator(factor=2.0)

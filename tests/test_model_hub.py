@@ -22,7 +22,7 @@ import pytest
 
 from keyframe_worlds.engine.models.hub import (DOWNLOAD_PATTERNS, HUB_MODELS, WAN_I2V_NAME, WAN_I2V_REPO,
                                                WORLDSTEREO_REPO)
-from keyframe_worlds.engine.models.names import CAMERA_VARIANT, MEMORY_DMD_VARIANT, MEMORY_VARIANT, VARIANTS
+from keyframe_worlds.engine.models.names import CAMERA_VARIANT, MEMORY_DMD_VARIANT, MEMORY_VARIANT
 from keyframe_worlds.engine.testing.local_hub import LocalHub, write_tiny_release_repos
 
 DEPTH_REPO = "depth-anything/Tiny-Depth-hf"
@@ -183,6 +183,8 @@ def test_a_file_an_index_names_is_missing(hub_cache, tmp_path):
     shutil.copytree(cache, broken, symlinks=True)
     (snapshot(broken, WAN_I2V_REPO, commits) / SHARD_1).unlink()  # the link the index names
     (snapshot(broken, WORLDSTEREO_REPO, commits) / CAMERA_VARIANT / "model.safetensors").resolve().unlink()  # its blob
+    depth_blob = (snapshot(broken, DEPTH_REPO, commits) / "model.safetensors").resolve()
+    os.truncate(depth_blob, depth_blob.stat().st_size - 100)  # a download cut short
     data = json.loads(run_cli("list", "--json", env=hf_env(broken, HF_HUB_OFFLINE="1")).stdout)
     models = {m["name"]: m for m in data["models"]}
     (wan,) = models[WAN_I2V_NAME]["copies"]
@@ -191,6 +193,8 @@ def test_a_file_an_index_names_is_missing(hub_cache, tmp_path):
     (camera,) = models[CAMERA_VARIANT]["copies"]
     assert not camera["complete"] and camera["problems"] == ["model.safetensors is missing"]
     assert models[MEMORY_VARIANT]["complete"]  # the same snapshot's other variant is untouched
+    (depth,) = models[DEPTH_REPO]["copies"]
+    assert not depth["complete"] and depth["problems"][0].startswith("model.safetensors is not a whole safetensors file")
     assert any("Blob missing" in w for w in data["warnings"])  # huggingface_hub's scan reports the broken link
     # the key check (model list --keys) tells the memory variant, complete itself, that its backbone lacks a shard
     from keyframe_worlds.engine.io.checkpoint_files import CheckpointError
@@ -326,7 +330,7 @@ def test_addon_lists_checks_and_downloads_in_the_background(addon, hub_cache, tm
     assert [c["source"] for c in listed[MEMORY_VARIANT]["copies"]] == ["hf cache"]
     assert state.message == f"{sum(m['complete'] for m in state.models)} of {len(state.models)} models complete"
 
-    assert bpy.ops.keyframe_worlds.models_download(name=MEMORY_VARIANT, model_dir=str(models)) == {"FINISHED"}
+    assert bpy.ops.keyframe_worlds.models_download(model_name=MEMORY_VARIANT, model_dir=str(models)) == {"FINISHED"}
     with pytest.raises(RuntimeError, match="busy"):
         bpy.ops.keyframe_worlds.models_check(model_dir=str(models))
     seen = poll_until_idle(model_manager)
@@ -340,8 +344,8 @@ def test_addon_lists_checks_and_downloads_in_the_background(addon, hub_cache, tm
     assert (models / MEMORY_VARIANT / "model.safetensors").is_file()
 
     # a model the offline cache lacks: the engine's one line reaches the preferences, Blender raises nothing
-    assert bpy.ops.keyframe_worlds.models_download(name=MEMORY_DMD_VARIANT, model_dir=str(models)) == {"FINISHED"}
+    assert bpy.ops.keyframe_worlds.models_download(model_name=MEMORY_DMD_VARIANT, model_dir=str(models)) == {"FINISHED"}
     poll_until_idle(model_manager)
     assert state.error and "HF_HUB_OFFLINE is set" in state.message and "\n" not in state.message
     with pytest.raises(RuntimeError, match="Model Folder"):
-        bpy.ops.keyframe_worlds.models_download(name=MEMORY_VARIANT)  # no folder chosen, none in the preferences
+        bpy.ops.keyframe_worlds.models_download(model_name=MEMORY_VARIANT)  # no folder chosen, none in the preferences

@@ -31,9 +31,10 @@ import json
 import os
 import shutil
 import threading
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable
 
 from ...bridge.errors import KeyframeWorldsError
 from .names import CAMERA_VARIANT, MEMORY_DMD_VARIANT, MEMORY_VARIANT, VARIANTS
@@ -471,11 +472,13 @@ class _Watcher:
                             pass
         return total
 
-    def report(self) -> None:
+    def bytes_so_far(self) -> int:
+        """Bytes written since the start (what an earlier, interrupted run left is not counted)."""
         done = max(0, self._bytes() - self._start)
-        if self.bytes_total is not None:
-            done = min(done, self.bytes_total)
-        self.callback(Progress(self.name, self.files_done, self.files_total, done, self.bytes_total))
+        return min(done, self.bytes_total) if self.bytes_total is not None else done
+
+    def report(self) -> None:
+        self.callback(Progress(self.name, self.files_done, self.files_total, self.bytes_so_far(), self.bytes_total))
 
     def file_done(self, n: int = 1) -> None:
         self.files_done += n
@@ -595,12 +598,13 @@ def _fetch(model: HubModel, local_dir: Path | None, storage: Path, revision: str
     try:
         watched.mkdir(parents=True, exist_ok=True)
         watcher = _Watcher(model.name, [watched], len(files), bytes_total, progress or (lambda p: None))
-        with watcher if progress is not None else _nothing():
+        with watcher if progress is not None else nullcontext():
             path = snapshot_download(model.repo_id, revision=revision, local_dir=local_dir,
                                      allow_patterns=model.allow_patterns, max_workers=max_workers,
                                      tqdm_class=_counting_tqdm(watcher) if progress is not None else None)
-        if progress is not None:
-            watcher.report()
+        if progress is not None:  # every file is there now, also those a previous run had fetched
+            done = bytes_total if bytes_total is not None else watcher.bytes_so_far()
+            progress(Progress(model.name, len(files), len(files), done, bytes_total))
     except (RequestException, HfHubHTTPError) as exc:
         raise KeyframeWorldsError(f"the download of {where} was interrupted ({_first_line(exc)}); run the same command "
                                   "again to resume it") from None
@@ -609,14 +613,6 @@ def _fetch(model: HubModel, local_dir: Path | None, storage: Path, revision: str
 
         raise KeyframeWorldsError(f"cannot download {where}: {describe_os_error(exc)}") from None
     return model.folder_in(Path(path)) if model.subfolder else Path(path)
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return None
 
 
 def _from_cache(model: HubModel, local_dir: Path | None, revision: str | None,

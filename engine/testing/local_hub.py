@@ -175,7 +175,6 @@ def write_tiny_release_repos(root: str | Path, variants: tuple[str, ...] | None 
     variant with ``config.json`` and a ``model.safetensors`` of the keys that differ from the backbone, plus files
     a download must skip) and the Wan2.1 I2V diffusers folder (``model_index.json``, the companions, the
     transformer's backbone keys in two shards with their index). Returns repo id -> folder."""
-    import torch
     from safetensors.torch import load_file, save_file
 
     from ..models.hub import WAN_I2V_REPO, WORLDSTEREO_REPO
@@ -184,7 +183,7 @@ def write_tiny_release_repos(root: str | Path, variants: tuple[str, ...] | None 
 
     root = Path(root)
     release = root / "release"
-    backbone: dict[str, "torch.Tensor"] = {}
+    backbone: dict = {}  # key -> tensor
     for i, variant in enumerate(variants or VARIANTS):
         folder = write_tiny_variant(release / variant, variant, seed=100 + i)
         weights = load_file(str(folder / "model.safetensors"))
