@@ -145,6 +145,26 @@ def read_ply(path: str | os.PathLike) -> PlyData:
     return out
 
 
+def ply_vertex_count(path: str | os.PathLike, header_limit: int = 65536) -> int:
+    """The vertex count a PLY's header declares, reading the header only (at most ``header_limit`` bytes)."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(header_limit)
+    except OSError as exc:
+        raise KeyframeWorldsError(f"cannot read PLY {path}: {exc}") from None
+    end = head.find(b"end_header")
+    if not head.startswith(b"ply") or end < 0:
+        raise KeyframeWorldsError(f"{path} is not a PLY file (no 'ply' magic or no end_header)")
+    for line in head[:end].decode("ascii", errors="replace").splitlines():
+        words = line.split()
+        if len(words) == 3 and words[:2] == ["element", "vertex"]:
+            if not words[2].isdigit():
+                raise KeyframeWorldsError(f"{path}: vertex count {words[2]!r} is not a number")
+            return int(words[2])
+    raise KeyframeWorldsError(f"{path}: no vertex element")
+
+
 def _type(name: str, path: Path) -> str:
     if name not in _TYPES:
         raise KeyframeWorldsError(f"{path}: unknown PLY property type {name!r}")
