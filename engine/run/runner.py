@@ -177,7 +177,10 @@ def run_job(
     ref_depth = lifted.depth_z_m.to(device)
     if ref_valid is not None:  # pinhole pixels the distorted plate does not reach hold nothing
         ref_depth = torch.where(torch.from_numpy(ref_valid).to(device), ref_depth, torch.zeros_like(ref_depth))
-    memory.add_rgbd(ref_rgb, ref_depth, ref_c2w, ref_k, frame_index=0, confidence=lifted.confidence)
+    if spec.reference.points:  # the seed keeps what it shows; the reference adds only what the seed does not explain
+        memory.fuse(ref_rgb, ref_depth, ref_c2w, ref_k, frame_index=0, confidence=lifted.confidence)
+    else:
+        memory.add_rgbd(ref_rgb, ref_depth, ref_c2w, ref_k, frame_index=0, confidence=lifted.confidence)
     add_backdrop(memory, ref_rgb, ref_depth, ref_c2w, ref_k, where=None if ref_valid is None else torch.from_numpy(ref_valid))
     cand, frame = _candidate((ref_traj.name, int(ref_traj.frames[ref_index])), ref_rgb, ref_depth, ref_c2w, ref_k, ref_traj.width, ref_traj.height)
     history = _History([cand], [frame])
