@@ -7,6 +7,7 @@ OpenCV's own ``undistortPoints`` is the reference for where a distorted pixel go
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -238,3 +239,90 @@ def test_old_manifests_without_source_lens_still_read_and_a_bad_one_is_named(pla
     assert [p.path for p in validate_manifest(doc)] == ["trajectories[0].source_lens[1].distortion.params"]
     doc["trajectories"][0]["source_lens"] = doc["trajectories"][0]["source_lens"][:2]
     assert [p.path for p in validate_manifest(doc)] == ["trajectories[0].source_lens"]
+
+
+# --- Blender: the imported movie clip carries the plate's lens --------------------------------------------------
+
+
+def libmv_distort(model: str, values: dict, xy: np.ndarray) -> np.ndarray:
+    """Blender's (libmv's) distortion of ideal normalised coordinates, from libmv's distortion_models.h, written out
+    here independently of the module under test: POLYNOMIAL radial k1..k3; BROWN radial k1..k4 and tangential
+    ``p1 (r^2 + 2 x^2) + 2 p2 x y`` in x, ``p2 (r^2 + 2 y^2) + 2 p1 x y`` in y."""
+    x, y = xy[:, 0], xy[:, 1]
+    r2 = x * x + y * y
+    if model == "POLYNOMIAL":
+        radial = 1 + values["k1"] * r2 + values["k2"] * r2**2 + values["k3"] * r2**3
+        return np.stack([x * radial, y * radial], -1)
+    radial = 1 + values["brown_k1"] * r2 + values["brown_k2"] * r2**2 + values["brown_k3"] * r2**3 + values["brown_k4"] * r2**4
+    p1, p2 = values["brown_p1"], values["brown_p2"]
+    return np.stack([x * radial + p1 * (r2 + 2 * x * x) + 2 * p2 * x * y, y * radial + p2 * (r2 + 2 * y * y) + 2 * p1 * x * y], -1)
+
+
+@pytest.mark.parametrize("model", ["SIMPLE_RADIAL", "RADIAL", "OPENCV", "FULL_OPENCV"])
+def test_the_blender_lens_distorts_as_the_plate_lens(model):
+    from keyframe_worlds.bridge.cameras import distortion_to_blender_tracking
+
+    params = LENSES[model] if model != "FULL_OPENCV" else (-0.31, 0.11, 0.0011, -0.0009, -0.021, 0, 0, 0)
+    lens = Distortion(model, params)
+    blender_model, values = distortion_to_blender_tracking(lens)
+    assert blender_model == ("BROWN" if model in ("OPENCV", "FULL_OPENCV") else "POLYNOMIAL")
+    xy = np.random.default_rng(0).uniform(-0.6, 0.6, (200, 2))
+    np.testing.assert_allclose(libmv_distort(blender_model, values, xy), conv.distort_normalized(xy, lens), atol=1e-12)
+
+
+@pytest.mark.parametrize("model", ["OPENCV_FISHEYE", "SIMPLE_RADIAL_FISHEYE", "FULL_OPENCV"])
+def test_lenses_blender_cannot_hold_are_named(model):
+    from keyframe_worlds.bridge.cameras import distortion_to_blender_tracking
+    from keyframe_worlds.bridge.errors import KeyframeWorldsError
+
+    with pytest.raises(KeyframeWorldsError, match="fisheye|rational terms"):
+        distortion_to_blender_tracking(Distortion(model, LENSES[model]))
+
+
+def small_distorted_job(folder, lens: Distortion) -> Path:
+    """A 2-frame 64x48 job of the given lens (the reference a gradient at 3 m): cheap, for the import."""
+    w, h = 64, 48
+    yy, xx = np.mgrid[0:h, 0:w]
+    write_png(folder / "ref.png", np.stack([xx * 4, yy * 5, (xx + yy) * 2], -1).astype(np.uint8))
+    np.save(folder / "ref_depth.npy", np.full((h, w), 3.0, np.float32))
+    fx, fy = (52.0, 52.0) if lens.lens.single_focal else (52.0, 49.0)
+    frames = [{"frame": 1 + i, "c2w_opencv": look_at_c2w_opencv((0.1 * i, -3.0, 1.0), (0.0, 0.0, 1.0)).tolist(),
+               "fx": fx, "fy": fy, "cx": 31.0, "cy": 25.5, "distortion": {"model": lens.model, "params": list(lens.params)}}
+              for i in range(2)]
+    doc = {"version": 1, "name": "lens", "generator": "preview", "reference": {"image": "ref.png", "depth": "ref_depth.npy"},
+           "trajectories": [{"name": "Plate", "fps": 24.0, "width": w, "height": h, "frames": frames}],
+           "output": {"mesh_every": 8, "mesh_stride": 8}, "geometry": {"flow": "none", "point_maps": False}}
+    (folder / "job.json").write_text(json.dumps(doc))
+    run_job(load_job(folder / "job.json"), folder / "out")
+    return folder / "out"
+
+
+@pytest.mark.parametrize("model", ["OPENCV", "RADIAL", "OPENCV_FISHEYE"])
+def test_importing_a_distorted_job_sets_the_clip_lens(blank_blend, tmp_path, model):
+    bpy = blank_blend
+    from keyframe_worlds.addon.importers import import_bundle
+
+    lens = Distortion(model, LENSES[model])
+    bundle = small_distorted_job(tmp_path, lens)
+    result = import_bundle(bpy.context.scene, bundle)
+    camera = result.cameras[0]
+    (clip,) = [bg.clip for bg in camera.data.background_images if bg.source == "MOVIE_CLIP"]
+    tracking = clip.tracking.camera
+    source = load_manifest(bundle).trajectories[0].source
+    if model == "OPENCV_FISHEYE":
+        # Blender has no fisheye model: said, and the clip is left a pinhole.
+        assert any("keeps no lens distortion" in w and "OPENCV_FISHEYE is a fisheye" in w for w in result.warnings)
+        assert tracking.k1 == 0 and tracking.brown_k1 == 0
+        return
+    assert not [w for w in result.warnings if "lens" in w]
+    assert tracking.units == "PIXELS"
+    assert tracking.focal_length_pixels == pytest.approx(source.fx[0], rel=1e-5)
+    assert tracking.pixel_aspect == pytest.approx(source.fy[0] / source.fx[0], rel=1e-5)
+    assert tuple(tracking.principal_point_pixels) == pytest.approx((31.0, 48 - 25.5), abs=1e-3)  # y up from the bottom
+    if model == "OPENCV":
+        k1, k2, p1, p2 = LENSES["OPENCV"]
+        assert tracking.distortion_model == "BROWN"
+        assert (tracking.brown_k1, tracking.brown_k2, tracking.brown_p1, tracking.brown_p2) == pytest.approx((k1, k2, p2, p1), rel=1e-6)
+    else:
+        assert tracking.distortion_model == "POLYNOMIAL"
+        assert (tracking.k1, tracking.k2, tracking.k3) == pytest.approx((*LENSES["RADIAL"], 0.0), rel=1e-6)
