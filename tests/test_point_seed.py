@@ -178,3 +178,82 @@ def test_the_service_takes_the_seed_as_an_upload_and_a_colmap_folder_as_its_ply(
         assert spec["reference"]["points"] == "inputs/reference_points.ply"
         log = client.log(job.id)
         assert f"memory seeded with {len(xyz[::7])} of {len(xyz[::7])} points" in log
+
+
+# --- Blender: a mesh or point-cloud object as the seed ------------------------------------------------------------
+
+
+def test_a_blender_mesh_seeds_a_job_with_its_evaluated_world_points_and_colours(blank_blend, tmp_path):
+    bpy = blank_blend
+    import keyframe_worlds
+    from keyframe_worlds.addon.jobs import JobSettings, prepare_job
+
+    mesh = bpy.data.meshes.new("scan")
+    verts = np.array([[0, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1]], np.float32)
+    mesh.from_pydata(verts.tolist(), [], [(0, 1, 2), (0, 1, 3)])
+    colours = mesh.color_attributes.new("Col", "BYTE_COLOR", "POINT")
+    srgb = np.array([[10, 20, 30], [200, 100, 50], [0, 255, 128], [77, 77, 77]], np.uint8)
+    colours.data.foreach_set("color_srgb", np.column_stack([srgb / 255.0, np.ones(4)]).astype(np.float32).ravel())
+    obj = bpy.data.objects.new("scan", mesh)
+    bpy.context.scene.collection.objects.link(obj)
+    obj.location, obj.rotation_euler, obj.scale = (2.0, -1.0, 0.5), (0.0, 0.0, np.pi / 2), (2.0, 2.0, 2.0)
+    mirror = obj.modifiers.new("mirror", "MIRROR")  # evaluated: the mirrored copy is part of the seed
+    mirror.use_axis = (True, False, False)
+    mirror.use_mirror_merge = False
+    camera = bpy.data.objects.new("Cam", bpy.data.cameras.new("Cam"))
+    bpy.context.scene.collection.objects.link(camera)
+    camera.location = (0.0, -6.0, 1.0)
+    camera.rotation_euler = (np.pi / 2, 0.0, 0.0)
+    bpy.context.scene.camera = camera
+    scene = bpy.context.scene
+    scene.render.resolution_x, scene.render.resolution_y = 64, 48
+    scene.frame_start, scene.frame_end = 1, 2
+    write_png(tmp_path / "ref.png", np.full((48, 64, 3), 90, np.uint8))
+
+    # The operator puts the active object in the panel's Memory Seed; a camera is refused.
+    keyframe_worlds.register()
+    try:
+        bpy.context.view_layer.objects.active = camera
+        with pytest.raises(RuntimeError, match=r"select a mesh or point cloud to seed the memory with \('Cam' is a camera\)"):
+            bpy.ops.keyframe_worlds.use_seed_object()
+        bpy.context.view_layer.objects.active = obj
+        assert bpy.ops.keyframe_worlds.use_seed_object() == {"FINISHED"}
+        settings = scene.keyframe_worlds.to_settings(scene)
+    finally:
+        keyframe_worlds.unregister()
+    assert settings.seed_object == "scan"
+    settings = JobSettings(**{**settings.__dict__, "reference": "FILE", "reference_path": str(tmp_path / "ref.png"),
+                              "depth": "NONE"})
+    job = prepare_job(scene, settings, tmp_path / "job")
+    assert json.loads((tmp_path / "job" / "job.json").read_text())["reference"]["points"] == "seed_points.ply"
+    seed = read_seed_points(job.spec.reference.points)
+    matrix = np.array(obj.matrix_world)
+    mirrored = np.concatenate([verts, verts * [-1, 1, 1]])
+    expected = mirrored @ matrix[:3, :3].T + matrix[:3, 3]
+    assert len(seed.positions_world) == 8
+    order = np.lexsort(seed.positions_world.T), np.lexsort(expected.T)
+    np.testing.assert_allclose(seed.positions_world[order[0]], expected[order[1]], atol=1e-5)
+    np.testing.assert_array_equal(seed.colors[order[0]], np.concatenate([srgb, srgb])[order[1]])
+    # The job runs seeded with it.
+    log = Log()
+    run_job(job.spec, tmp_path / "job" / "out", log)
+    assert any(line.startswith("memory seeded with 8 of 8 points") for line in log.lines)
+
+
+def test_a_previous_bundles_point_cloud_in_blender_seeds_with_the_same_points(blank_blend, tmp_path):
+    bpy = blank_blend
+    from keyframe_worlds.addon.importers import import_point_cloud
+    from keyframe_worlds.addon.seed import seed_points_of
+
+    rng = np.random.default_rng(5)
+    xyz = rng.uniform(-3, 3, (300, 3)).astype(np.float32)
+    rgb = rng.integers(0, 256, (300, 3)).astype(np.uint8)
+    write_seed_ply(tmp_path / "points.ply", xyz, rgb)
+    collection = bpy.data.collections.new("c")
+    bpy.context.scene.collection.children.link(collection)
+    cloud = import_point_cloud(tmp_path / "points.ply", "previous points", collection)
+    cloud.location = (1.0, 2.0, 3.0)  # moved in the scene: the seed follows it
+    bpy.context.view_layer.update()
+    seed_xyz, seed_rgb = seed_points_of(cloud, bpy.context.evaluated_depsgraph_get())
+    np.testing.assert_allclose(seed_xyz, xyz + [1.0, 2.0, 3.0], atol=1e-5)
+    np.testing.assert_array_equal(seed_rgb, rgb)
