@@ -15,6 +15,7 @@ import torch
 
 from keyframe_worlds.bridge import formats, ply
 from keyframe_worlds.bridge.cameras import unproject_depth_grid
+from keyframe_worlds.bridge.client import EngineError
 from keyframe_worlds.bridge.formats import TrajectorySet
 from keyframe_worlds.bridge.jobs import Progress
 from keyframe_worlds.bridge.seed import read_seed_points, write_seed_ply
@@ -167,17 +168,27 @@ def test_the_service_takes_the_seed_as_an_upload_and_a_colmap_folder_as_its_ply(
     formats.write_trajectory_set(TrajectorySet((cam,), SparsePoints.from_xyz(xyz[::7], rgb[::7])), tmp_path / "sparse", "colmap")
     doc = json.loads(path.read_text())
     doc["reference"]["points"] = "sparse"
-    with Engine(tmp_path / "jobs", extra_args=("--device", "cpu")) as engine:
+    (tmp_path / "job").mkdir()
+    for name in ("sparse", "ref.png"):
+        (tmp_path / name).rename(tmp_path / "job" / name)
+    with Engine(tmp_path / "jobs", extra_args=("--device", "cpu", "--allow-path", str(tmp_path / "job"))) as engine:
         client = engine.start()
-        job = client.submit(doc, base_dir=tmp_path)
-        status = client.wait(job.id, timeout=120)
-        assert status.state == "completed", status
-        uploaded = tmp_path / "jobs" / job.id / "inputs" / "reference_points.ply"
-        assert ply.read_ply(uploaded).count == len(xyz[::7])
-        spec = json.loads((tmp_path / "jobs" / job.id / "spec.json").read_text())
-        assert spec["reference"]["points"] == "inputs/reference_points.ply"
-        log = client.log(job.id)
-        assert f"memory seeded with {len(xyz[::7])} of {len(xyz[::7])} points" in log
+        # Uploaded (multipart), and as a local path the engine reads (a loopback client, inside --allow-path).
+        jobs = [client.submit(doc, base_dir=tmp_path / "job"), client.submit(doc, base_dir=tmp_path / "job", upload=False)]
+        for job in jobs:
+            status = client.wait(job.id, timeout=120)
+            assert status.state == "completed", status
+            uploaded = tmp_path / "jobs" / job.id / "inputs" / "reference_points.ply"
+            assert ply.read_ply(uploaded).count == len(xyz[::7])
+            spec = json.loads((tmp_path / "jobs" / job.id / "spec.json").read_text())
+            assert spec["reference"]["points"] == "inputs/reference_points.ply"
+            assert f"memory seeded with {len(xyz[::7])} of {len(xyz[::7])} points" in client.log(job.id)
+        # A seed outside the allowed folders is refused by name, like the other reference files.
+        outside = {**doc, "reference": {**doc["reference"], "image": str(tmp_path / "job" / "ref.png"),
+                                        "points": str(tmp_path / "scan.ply")}}
+        with pytest.raises(EngineError) as refused:
+            client.submit(outside, upload=False)
+        assert "reference.points" in str(refused.value) and "outside" in str(refused.value)
 
 
 # --- Blender: a mesh or point-cloud object as the seed ------------------------------------------------------------
