@@ -16,7 +16,7 @@ Job spec v1::
                    "depth": "ref_depth.npy",  # optional z-depth in metres (.npy float32 HxW or .exr)
                    "trajectory": "Camera", "frame": 1,  # which camera/frame it shows (default: first)
                    "points": "scan.ply"},      # optional seed of the memory: a PLY file or a COLMAP model folder,
-                                               # in the trajectories' world frame (``SEED_POINTS_*`` limits)
+                                               # in the trajectories' world frame (``MAX_SEED_*`` limits)
      "trajectories": [<trajectory JSON, see trajectory.py>, ...],
      "output": {"mesh_every": 8, "mesh_stride": 4, "point_budget": 2000000},
      "options": {...}}                       # generator-specific settings, checked by the generator
@@ -318,7 +318,7 @@ def seed_points_problems(value: Any, base_dir, check_files: bool) -> list[Proble
     """What is wrong with ``reference.points``: a ``.ply`` file or a COLMAP model folder (with ``points3D``), by header only.
 
     The PLY's declared vertex count and every file's size are held to ``MAX_SEED_POINTS`` / ``MAX_SEED_BYTES`` before
-    anything is decoded (the engine reads them in ``engine/run/seed.py``).
+    anything is decoded (``bridge/seed.py`` reads them).
     """
     from . import colmap
     from .ply import ply_vertex_count

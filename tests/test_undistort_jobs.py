@@ -183,7 +183,9 @@ def test_a_distorted_job_runs_on_pinhole_cameras_and_keeps_the_plate_lens(plate_
     path, intr, c2w, _plate = plate_job
 
     class Log(Progress):
-        lines: list[str] = []
+        def __init__(self):
+            super().__init__()
+            self.lines: list[str] = []
 
         def log(self, message: str) -> None:
             self.lines.append(message)

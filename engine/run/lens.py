@@ -14,10 +14,10 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from ...bridge.cameras import Distortion, Intrinsics
+from ...bridge.cameras import Intrinsics
 from ...bridge.spec import JobSpec
 from ...bridge.trajectory import Trajectory
-from ..world.undistort import UndistortMaps, pinhole_keeping_fov, undistort_maps
+from ..world.undistort import pinhole_keeping_fov, undistort_maps
 
 
 @dataclass
@@ -44,15 +44,11 @@ class PinholeJob:
         source = self.sources.get(traj.name)
         if source is None or source.distortion[index] is None or source.distortion[index].is_pinhole:
             return rgb, depth_z_m, None
-        maps = _maps(source.intrinsics(index), source.distortion[index], traj.intrinsics(index))
+        maps = undistort_maps(source.intrinsics(index), source.distortion[index], traj.intrinsics(index))
         rgb = maps.remap(rgb)
         if depth_z_m is not None:
             depth_z_m = maps.remap(depth_z_m.astype(np.float32), nearest=True)
         return rgb, depth_z_m, maps.valid
-
-
-def _maps(intr: Intrinsics, distortion: Distortion, pinhole: Intrinsics) -> UndistortMaps:
-    return undistort_maps(intr, distortion, pinhole)
 
 
 def pinhole_job(spec: JobSpec) -> PinholeJob:
