@@ -29,7 +29,7 @@ from keyframe_worlds.engine.testing.service import Engine
 from keyframe_worlds.engine.testing.synthetic import demo_scene, intrinsics_for_fov, look_at_c2w_opencv, raycast
 from keyframe_worlds.engine.world.memory import PointMemory
 
-W, H = 128, 96
+W, H = 96, 72
 K = intrinsics_for_fov(W, H, 70.0)
 REFERENCE = ((-0.4, -4.0, 1.6), (0.0, 2.0, 0.8))
 NEW_VIEW = ((2.0, -3.0, 2.2), (-1.5, 2.0, 0.4))  # another place, looking another way

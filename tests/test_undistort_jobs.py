@@ -179,24 +179,32 @@ def test_the_undistorted_reference_matches_the_pinhole_view_of_the_scene(plate_j
     assert np.all(undistorted[~valid] == 0) and np.all(undistorted_depth[~valid] == 0)
 
 
-def test_a_distorted_job_runs_on_pinhole_cameras_and_keeps_the_plate_lens(plate_job, tmp_path):
-    path, intr, c2w, _plate = plate_job
+class Log(Progress):
+    def __init__(self):
+        super().__init__()
+        self.lines: list[str] = []
 
-    class Log(Progress):
-        def __init__(self):
-            super().__init__()
-            self.lines: list[str] = []
+    def log(self, message: str) -> None:
+        self.lines.append(message)
 
-        def log(self, message: str) -> None:
-            self.lines.append(message)
 
+@pytest.fixture(scope="module")
+def plate_bundle(plate_job):
+    """The distorted job run once: (its bundle folder, the manifest run_job returned, the log lines)."""
+    path = plate_job[0]
     log = Log()
-    manifest = run_job(load_job(path), tmp_path / "out", log)
+    manifest = run_job(load_job(path), path.parent / "out", log)
+    return path.parent / "out", manifest, log
+
+
+def test_a_distorted_job_runs_on_pinhole_cameras_and_keeps_the_plate_lens(plate_job, plate_bundle, tmp_path):
+    path, intr, c2w, _plate = plate_job
+    out, manifest, log = plate_bundle
     lens_lines = [line for line in log.lines if line.startswith("lens:")]
     assert len(lens_lines) == 1  # one lens, every frame: one pinhole, said once
     assert "camera 'Plate' OPENCV k1=-0.24" in lens_lines[0] and "keeping its field of view" in lens_lines[0]
     assert f"focal {intr.fx:.2f} x {intr.fy:.2f} px -> " in lens_lines[0]
-    back = load_manifest(tmp_path / "out")
+    back = load_manifest(out)
     rt = back.trajectories[0]
     # The frames were made for the pinhole; the plate's lens is kept beside it, frame for frame.
     assert rt.trajectory.distortion == (None, None, None) and not rt.trajectory.has_distortion
@@ -210,7 +218,7 @@ def test_a_distorted_job_runs_on_pinhole_cameras_and_keeps_the_plate_lens(plate_
     # closer than the plate as it was.
     k = rt.trajectory.intrinsics(0)
     truth, _z = (x.numpy() for x in raycast(demo_scene(), c2w, torch.tensor([k.fx, k.fy, k.cx, k.cy], dtype=torch.float64), W, H))
-    first = read_rgb(tmp_path / "out" / rt.frames[0].image)
+    first = read_rgb(out / rt.frames[0].image)
     pinhole_folder = tmp_path / "pinhole"
     pinhole_folder.mkdir()
     pinhole_path, *_ = write_distorted_job(pinhole_folder, None)
@@ -227,13 +235,12 @@ def test_a_distorted_job_runs_on_pinhole_cameras_and_keeps_the_plate_lens(plate_
     assert mean_abs(first, truth, centre) < 0.5 * mean_abs(_plate, truth, centre)
 
 
-def test_old_manifests_without_source_lens_still_read_and_a_bad_one_is_named(plate_job, tmp_path):
-    path, *_ = plate_job
-    run_job(load_job(path), tmp_path / "out")
-    doc = json.loads((tmp_path / "out" / "manifest.json").read_text())
+def test_old_manifests_without_source_lens_still_read_and_a_bad_one_is_named(plate_bundle):
+    out = plate_bundle[0]
+    doc = json.loads((out / "manifest.json").read_text())
     from keyframe_worlds.bridge.spec import ResultManifest, validate_manifest
 
-    assert validate_manifest(doc, tmp_path / "out") == []
+    assert validate_manifest(doc, out) == []
     old = json.loads(json.dumps(doc))
     del old["trajectories"][0]["source_lens"]
     assert ResultManifest.from_json(old).trajectories[0].source is None
