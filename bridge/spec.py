@@ -337,15 +337,19 @@ def seed_points_problems(value: Any, base_dir, check_files: bool) -> list[Proble
             return [Problem(where, f"{full} is a folder without a COLMAP model's points3D (points3D.txt or points3D.bin, "
                                    "beside cameras and images)")]
         files = [points]
+        if kind == "binary":  # its first uint64 is the point count
+            with open(points, "rb") as fh:
+                head = fh.read(8)
+            count = int.from_bytes(head, "little") if len(head) == 8 else 0
+            if count > MAX_SEED_POINTS:
+                return [Problem(where, f"{points} has {count} points, more than the limit of {MAX_SEED_POINTS}")]
     elif full.is_file():
         if full.suffix.lower() != SEED_POINTS_SUFFIX:
             return [Problem(where, f"must be a {SEED_POINTS_SUFFIX} file or a COLMAP model folder, got {value!r}")]
         try:
-            count = ply_vertex_count(full)
+            ply_vertex_count(full, MAX_SEED_POINTS)
         except KeyframeWorldsError as exc:
             return [Problem(where, str(exc))]
-        if count > MAX_SEED_POINTS:
-            return [Problem(where, f"{full} has {count} points, more than the limit of {MAX_SEED_POINTS}")]
         files = [full]
     else:
         return [Problem(where, f"not found: {full}")]

@@ -157,6 +157,16 @@ def test_reference_points_are_checked_with_field_paths_and_limits(tmp_path):
                                         "property float x\nproperty float y\nproperty float z\nend_header\n".encode())
     assert problems("huge.ply") == [f"reference.points: {tmp_path / 'huge.ply'} has {MAX_SEED_POINTS + 1} points, more than "
                                     f"the limit of {MAX_SEED_POINTS}"]
+    data = (tmp_path / "scan.ply").read_bytes()
+    (tmp_path / "cut.ply").write_bytes(data[:-5])
+    assert problems("cut.ply") == [f"reference.points: {tmp_path / 'cut.ply'}: the header declares 45 bytes of data but the "
+                                   "file holds 40 (truncated)"]
+    (tmp_path / "big").mkdir()
+    for name in ("cameras.bin", "images.bin"):
+        (tmp_path / "big" / name).write_bytes(bytes(8))
+    (tmp_path / "big" / "points3D.bin").write_bytes((MAX_SEED_POINTS + 1).to_bytes(8, "little"))
+    assert problems("big") == [f"reference.points: {tmp_path / 'big' / 'points3D.bin'} has {MAX_SEED_POINTS + 1} points, "
+                               f"more than the limit of {MAX_SEED_POINTS}"]
     (tmp_path / "text.ply").write_text("not a ply")
     assert problems("text.ply") == [f"reference.points: {tmp_path / 'text.ply'} is not a PLY file (no 'ply' magic or no end_header)"]
     assert problems(3) == ["reference.points: must be a string, got int"]
