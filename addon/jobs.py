@@ -45,6 +45,7 @@ class JobSettings:
     mesh_stride: int | None = None  # a mesh vertex every N pixels (None: the spec's default)
     options: dict = field(default_factory=dict)  # generator settings, checked by the generator
     geometry: dict = field(default_factory=dict)  # the job spec's geometry section (depth_model, flow, ...)
+    seed_object: str = ""  # a mesh or point-cloud object whose points seed the memory (reference.points); "": none
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,13 @@ def prepare_job(scene: bpy.types.Scene, settings: JobSettings, job_dir: str | Pa
             reference["projection"] = settings.projection
     if settings.depth == "FILE":
         reference["depth"] = _copy_into(settings.depth_path, out, "reference_depth", "reference depth")
+    if settings.seed_object:
+        from .seed import write_seed_object
+
+        obj = scene.objects.get(settings.seed_object)
+        if obj is None:
+            raise KeyframeWorldsError(f"memory seed: no object named {settings.seed_object!r} in the scene")
+        reference["points"] = write_seed_object(obj, bpy.context.evaluated_depsgraph_get(), out)
     doc = {
         "version": spec.JOB_VERSION,
         "name": settings.name,

@@ -141,7 +141,27 @@ class KFW_OT_open_folder(bpy.types.Operator):
         return {"FINISHED"}
 
 
-classes = classes + (KFW_OT_import_result, KFW_OT_open_folder)
+class KFW_OT_use_seed_object(bpy.types.Operator):
+    """Use the active mesh or point cloud as the memory's seed: its points are the world the generator continues"""
+
+    bl_idname = "keyframe_worlds.use_seed_object"
+    bl_label = "Use Selected as Memory Seed"
+    bl_options = {"REGISTER", "UNDO"}
+
+    def execute(self, context):
+        from .seed import SEED_OBJECT_TYPES
+
+        obj = context.active_object
+        if obj is None or obj.type not in SEED_OBJECT_TYPES:
+            what = "nothing is active" if obj is None else f"{obj.name!r} is a {obj.type.lower()}"
+            self.report({"ERROR"}, f"select a mesh or point cloud to seed the memory with ({what})")
+            return {"CANCELLED"}
+        context.scene.keyframe_worlds.seed_object = obj
+        self.report({"INFO"}, f"The memory is seeded with {obj.name!r}")
+        return {"FINISHED"}
+
+
+classes = classes + (KFW_OT_import_result, KFW_OT_open_folder, KFW_OT_use_seed_object)
 
 
 def _engine_python_and_models(context, model_dir: str):

@@ -58,6 +58,10 @@ class KFW_JobProperties(bpy.types.PropertyGroup):
     output_dir: StringProperty(name="Output", subtype="DIR_PATH", default="//keyframe_worlds/",
                                description="Job folders are made here (relative to the .blend)")
     job_name: StringProperty(name="Job Name", default="world")
+    seed_object: PointerProperty(name="Memory Seed", type=bpy.types.Object,
+                                 poll=lambda _self, obj: obj.type in ("MESH", "POINTCLOUD"),
+                                 description="A mesh or point cloud (a scan, a previous result's points) whose points, in "
+                                             "world space, are the world the generator continues")
 
     # Live state of the running (or last) job, written only by the main-thread timer.
     state: StringProperty(name="State", default="")  # pending, running, completed, failed, cancelled
@@ -80,6 +84,7 @@ class KFW_JobProperties(bpy.types.PropertyGroup):
             reference=self.reference, reference_path=self.reference_path, projection=self.reference_projection,
             depth=self.depth, depth_path=self.depth_path,
             prompt=self.prompt, generator=self.generator, seed=self.seed,
+            seed_object=self.seed_object.name if self.seed_object is not None else "",
         )
 
 

@@ -19,7 +19,7 @@ output setting never changes what is generated.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +41,8 @@ from ..world.memory import PointMemory
 from ..world.retrieval import CandidateView, retrieve, target_samples
 from . import checkpoint
 from .geometry import DEFAULT_REFERENCE_DEPTH_M, build_depth_estimator, panorama_depth, reference_depth
+from .lens import pinhole_job
+from .seed import read_seed_points, seed_depth_at, seed_memory
 
 RETRIEVAL_SCALE = 0.125  # candidate depth maps and target samples at 1/8 of the frame size
 
@@ -70,14 +72,17 @@ BACKDROP_DISTANCE_FACTOR = 4.0
 BACKDROP_CONFIDENCE = 0.05
 
 
-def add_backdrop(memory: PointMemory, rgb: torch.Tensor, depth_z_m: torch.Tensor, c2w: torch.Tensor, k: torch.Tensor) -> int:
-    """Add the reference's no-surface pixels as a far, low-confidence backdrop; returns how many points."""
+def add_backdrop(memory: PointMemory, rgb: torch.Tensor, depth_z_m: torch.Tensor, c2w: torch.Tensor, k: torch.Tensor,
+                 where: torch.Tensor | None = None) -> int:
+    """Add the reference's no-surface pixels (of ``where``, (H, W) bool, default all) as a far, low-confidence backdrop;
+    returns how many points."""
     surface = depth_z_m > 0
-    if bool(surface.all()) or not bool(surface.any()):
+    empty = ~surface if where is None else ~surface & where.to(surface.device)
+    if not bool(empty.any()) or not bool(surface.any()):
         return 0
     far = float(torch.quantile(depth_z_m[surface].float().cpu(), 0.98)) * BACKDROP_DISTANCE_FACTOR
     return memory.add_rgbd(rgb, torch.full_like(depth_z_m, far), c2w, k, frame_index=0, confidence=BACKDROP_CONFIDENCE,
-                           where=~surface)
+                           where=empty)
 
 
 def load_reference(spec: JobSpec) -> tuple[Trajectory, int, np.ndarray, np.ndarray | None]:
@@ -208,8 +213,21 @@ def run_job(
     total = sum(len(t) for t in spec.trajectories)
 
     progress.stage("reference", "reading the reference")
-    ref_traj, ref_index, ref_rgb_np, ref_depth_np = load_reference(spec)
+    # Distorted cameras become the pinholes keeping their field of view; checkpoints still name the job as given.
+    lens = pinhole_job(spec)
+    for line in lens.log:
+        progress.log(line)
+    ref_traj, ref_index, ref_rgb_np, ref_depth_np = load_reference(lens.spec)
+    ref_rgb_np, ref_depth_np, ref_valid = lens.undistort_reference(ref_rgb_np, ref_depth_np)
     ref_c2w, ref_k = _camera(ref_traj, ref_index)
+    memory = PointMemory(device=device, max_points=spec.output.point_budget)
+    if spec.reference.points:
+        seed = read_seed_points(spec.reference.points)
+        progress.log(f"memory seeded with {seed_memory(memory, seed)} of {len(seed.positions_world)} points of {seed.source}")
+        if ref_depth_np is None:
+            ref_depth_np = seed_depth_at(memory, ref_c2w, ref_k, ref_traj.width, ref_traj.height)
+            progress.log(f"reference depth: the seed's points at the reference camera ({float((ref_depth_np > 0).mean()):.0%} "
+                         "of the pixels)")
     estimator = depth_estimator or build_depth_estimator(spec.geometry, device)
     if estimator.learned:
         progress.log(f"depth: {getattr(getattr(estimator, 'predictor', None), 'info', estimator.name)}")
@@ -229,15 +247,19 @@ def run_job(
                      f"{float(ref_k[0]):.1f} px")
     if lifted.warning:
         progress.warn(lifted.warning)
-    memory = PointMemory(device=device, max_points=spec.output.point_budget)
     ref_depth = lifted.depth_z_m.to(device)
+    if ref_valid is not None:  # pinhole pixels the distorted plate does not reach hold nothing
+        ref_depth = torch.where(torch.from_numpy(ref_valid).to(device), ref_depth, torch.zeros_like(ref_depth))
     if panorama:
         history = _History([], [])
         lift_panorama_reference(memory, ref_rgb, ref_depth, lifted.confidence, ref_c2w, ref_traj,
                                 int(ref_traj.frames[ref_index]), history)
     else:
-        memory.add_rgbd(ref_rgb, ref_depth, ref_c2w, ref_k, frame_index=0, confidence=lifted.confidence)
-        add_backdrop(memory, ref_rgb, ref_depth, ref_c2w, ref_k)
+        if spec.reference.points:  # the seed keeps what it shows; the reference adds only what the seed does not explain
+            memory.fuse(ref_rgb, ref_depth, ref_c2w, ref_k, frame_index=0, confidence=lifted.confidence)
+        else:
+            memory.add_rgbd(ref_rgb, ref_depth, ref_c2w, ref_k, frame_index=0, confidence=lifted.confidence)
+        add_backdrop(memory, ref_rgb, ref_depth, ref_c2w, ref_k, where=None if ref_valid is None else torch.from_numpy(ref_valid))
         cand, frame = _candidate((ref_traj.name, int(ref_traj.frames[ref_index])), ref_rgb, ref_depth, ref_c2w, ref_k, ref_traj.width, ref_traj.height)
         history = _History([cand], [frame])
     if spec.reference.views:
@@ -267,7 +289,7 @@ def run_job(
         bundle.resume(saved.finished, saved.finished_meshes)
         progress.log(f"resuming from the checkpoint: {done} of {total} frames were finished")
         progress.frames(done, total, f"resuming after {done} finished frames")
-    for traj_index, traj in enumerate(spec.trajectories):
+    for traj_index, traj in enumerate(lens.spec.trajectories):
         if restored is not None and traj_index < saved.trajectory:
             continue
         output = bundle.trajectory(traj)
@@ -337,6 +359,7 @@ def run_job(
         memory.positions_world.cpu().numpy(), memory.colors.cpu().numpy(),
         memory.confidence.cpu().numpy(), memory.frame_index.cpu().numpy(),
     )
+    bundle.trajectories = [replace(rt, source=lens.sources.get(rt.trajectory.name)) for rt in bundle.trajectories]
     manifest = bundle.finish(tuple(warnings))
     checkpoint.remove(out_dir)
     progress.stage("done", f"{total} frames -> {out_dir}", done=total, total=total)
