@@ -15,6 +15,7 @@ import bpy
 from ..bridge import spec
 from ..bridge.errors import KeyframeWorldsError
 from ..bridge.jobs import JobState
+from ..bridge.panorama import PERSPECTIVE
 from .choices import DEPTH_SOURCES, REFERENCE_SOURCES
 from .reference import render_reference
 from .scene_cameras import extract_trajectories
@@ -32,6 +33,7 @@ class JobSettings:
     frame_step: int = 1
     reference: str = "RENDER"  # REFERENCE_SOURCES
     reference_path: str = ""
+    projection: str = PERSPECTIVE  # a picked image's reference.projection (a rendered one: the camera's own)
     depth: str = "SCENE"  # DEPTH_SOURCES
     depth_path: str = ""
     prompt: str = ""
@@ -43,6 +45,7 @@ class JobSettings:
     mesh_stride: int | None = None  # a mesh vertex every N pixels (None: the spec's default)
     options: dict = field(default_factory=dict)  # generator settings, checked by the generator
     geometry: dict = field(default_factory=dict)  # the job spec's geometry section (depth_model, flow, ...)
+    seed_object: str = ""  # a mesh or point-cloud object whose points seed the memory (reference.points); "": none
 
 
 @dataclass(frozen=True)
@@ -73,10 +76,21 @@ def prepare_job(scene: bpy.types.Scene, settings: JobSettings, job_dir: str | Pa
         reference["image"] = ref.image.name
         if ref.depth is not None:
             reference["depth"] = ref.depth.name
+        if ref.projection != PERSPECTIVE:  # a panoramic reference camera rendered the panorama
+            reference["projection"] = ref.projection
     else:
         reference["image"] = _copy_into(settings.reference_path, out, "reference", "reference image")
+        if settings.projection != PERSPECTIVE:
+            reference["projection"] = settings.projection
     if settings.depth == "FILE":
         reference["depth"] = _copy_into(settings.depth_path, out, "reference_depth", "reference depth")
+    if settings.seed_object:
+        from .seed import write_seed_object
+
+        obj = scene.objects.get(settings.seed_object)
+        if obj is None:
+            raise KeyframeWorldsError(f"memory seed: no object named {settings.seed_object!r} in the scene")
+        reference["points"] = write_seed_object(obj, bpy.context.evaluated_depsgraph_get(), out)
     doc = {
         "version": spec.JOB_VERSION,
         "name": settings.name,
