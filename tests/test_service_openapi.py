@@ -10,6 +10,7 @@ import pytest
 import requests
 
 from keyframe_worlds.bridge.spec import validate_job
+from keyframe_worlds.engine.service.app import UPLOAD_FIELDS
 from keyframe_worlds.engine.testing.service import Engine, write_preview_job
 
 TIMEOUT = 20
@@ -129,7 +130,7 @@ def test_a_405_allows_every_documented_method_of_the_path(engine, document):
 
 def test_the_multipart_schema_admits_no_part_the_server_refuses(engine, document, valid):
     schema = document["paths"]["/v1/jobs"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
-    assert schema["additionalProperties"] is False and set(schema["properties"]) == {"spec", "image", "depth"}
+    assert schema["additionalProperties"] is False and set(schema["properties"]) == set(UPLOAD_FIELDS)
     image = open(valid["reference"]["image"], "rb").read()
     spec = {**valid, "reference": {"image": "ref.png"}}
     r = requests.post(f"{engine.url}/v1/jobs", headers={"Authorization": f"Bearer {engine.token}"}, timeout=TIMEOUT,
