@@ -14,7 +14,7 @@ import importlib
 import sys
 
 from . import __version__
-from .bridge.errors import KeyframeWorldsError
+from .bridge.errors import ERROR_PREFIX, KeyframeWorldsError
 
 # Modules (relative to this package) that contribute subcommands, in help order.
 COMMAND_MODULES = (
@@ -52,12 +52,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.handler(args) or 0)
     except KeyframeWorldsError as exc:
-        print(f"keyframe-worlds: error: {exc}", file=sys.stderr)
+        print(f"{ERROR_PREFIX} {exc}", file=sys.stderr)
         return 2
     except OSError as exc:  # a file or folder the command could not read or write: one line, not a traceback
         from .bridge.paths import describe_os_error
 
-        print(f"keyframe-worlds: error: {describe_os_error(exc)}", file=sys.stderr)
+        print(f"{ERROR_PREFIX} {describe_os_error(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("keyframe-worlds: interrupted", file=sys.stderr)

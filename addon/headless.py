@@ -19,7 +19,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..bridge.errors import KeyframeWorldsError
+from ..bridge.errors import ERROR_PREFIX, KeyframeWorldsError
 from ..bridge.formats import FORMATS
 from ..bridge.paths import check_output
 from .choices import CAMERA_SOURCES, GENERATORS
@@ -95,12 +95,12 @@ def run(args: argparse.Namespace) -> int:
     try:
         return int(args.scene_handler(args) or 0)
     except KeyframeWorldsError as exc:
-        print(f"keyframe_worlds: error: {exc}", file=sys.stderr)
+        print(f"{ERROR_PREFIX} {exc}", file=sys.stderr)
         return 2
     except OSError as exc:
         from ..bridge.paths import describe_os_error
 
-        print(f"keyframe_worlds: error: {describe_os_error(exc)}", file=sys.stderr)
+        print(f"{ERROR_PREFIX} {describe_os_error(exc)}", file=sys.stderr)
         return 2
 
 
@@ -209,7 +209,7 @@ def cmd_trajectory(args) -> int:
 def cmd_generate(args) -> int:
     import bpy
 
-    from ..bridge.jobs import format_status
+    from ..bridge.jobs import TerminalProgress
     from .jobs import JobSettings, prepare_job, run_through_engine, worldstereo_options
 
     check_output(args.out, "--out", folder=True, create_parents=True)
@@ -228,25 +228,21 @@ def cmd_generate(args) -> int:
     prepared = prepare_job(scene, settings, out, selected=selected)
     _print_warnings(prepared.warnings)
     print(f"job: {prepared.spec_path} ({sum(len(t) for t in prepared.spec.trajectories)} frames)", flush=True)
-    last = [""]
-
-    def show(status) -> None:
-        line = format_status(status)
-        if line != last[0]:
-            print(line, flush=True)
-            last[0] = line
-
-    bundle = run_through_engine(prepared.spec_path, out / "bundle", python=args.engine_python, device=args.device, on_status=show)
+    bar = TerminalProgress(stream=sys.stdout)  # one line, redrawn in place at every poll
+    bundle = run_through_engine(prepared.spec_path, out / "bundle", python=args.engine_python, device=args.device,
+                                on_status=bar.show_status)
     print(f"bundle: {bundle}", flush=True)
-    from ..bridge.spec import load_manifest
-
-    _print_warnings(load_manifest(bundle).warnings)
     if args.import_result:
         from .importers import import_bundle
 
         result = import_bundle(scene, bundle)
+        _print_warnings(result.warnings)  # the manifest's warnings and the import's own, as `scene import` prints them
         bpy.ops.wm.save_mainfile()
         print(f"imported into {bpy.data.filepath}: collection {result.collection.name!r}")
+    else:
+        from ..bridge.spec import load_manifest
+
+        _print_warnings(load_manifest(bundle).warnings)
     return 0
 
 

@@ -147,6 +147,18 @@ def render_reference(
     return ReferenceRender(image_path, depth_path, int(frame), width, height)
 
 
+def render_reference_depth(scene: bpy.types.Scene, camera: bpy.types.Object, frame: int, out_dir: str | os.PathLike,
+                           name: str = "reference") -> Path:
+    """Only the depth half of :func:`render_reference`: ``out_dir/<name>_depth.npy`` (the UI renders image and depth
+    as two stages, so the panel can show each)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    depth_path = out / f"{name}_depth.npy"
+    with _render_setup(scene, camera, frame, samples=1):
+        _render_depth(scene, depth_path)
+    return depth_path
+
+
 def render_still(scene: bpy.types.Scene, camera: bpy.types.Object, frame: int, path: str | os.PathLike, samples: int = 16) -> Path:
     """Render ``camera`` at ``frame`` to a PNG with Cycles on the CPU, imported results included (a look at the
     world, not a reference); every scene setting is restored."""
