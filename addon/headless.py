@@ -36,6 +36,16 @@ def _frames(text: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(f"frames must look like A-B (e.g. 1-120), got {text!r}") from None
 
 
+def _at_least_one(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value} (a bundle without meshes: import with --no-meshes)")
+    return value
+
+
 def _add_camera_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--camera", action="append", help="camera object name (repeatable); default: --cameras")
     p.add_argument("--cameras", choices=CAMERA_SOURCES, default="SCENE", help="which cameras when no --camera is given")
@@ -62,8 +72,9 @@ def add_scene_commands(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--depth", choices=("scene", "none"), default="scene", help="depth of the rendered reference from the scene")
     g.add_argument("--depth-file", help="reference depth file (.npy z-depth in metres, or .exr)")
     g.add_argument("--samples", type=int, default=16, help="Cycles samples for the reference render")
-    g.add_argument("--mesh-every", type=int, help="a depth mesh in the bundle every N frames of each camera (default 8)")
-    g.add_argument("--mesh-stride", type=int, help="a mesh vertex every N pixels (default 4)")
+    g.add_argument("--mesh-every", type=_at_least_one, metavar="N",
+                   help="a depth mesh in the bundle every N frames of each camera, N >= 1 (default: 8, the spec's)")
+    g.add_argument("--mesh-stride", type=_at_least_one, metavar="N", help="a mesh vertex every N pixels (default: 4, the spec's)")
     g.add_argument("--engine-python", help="the engine's Python (default: $KEYFRAME_WORLDS_ENGINE_PYTHON, else this Python)")
     g.add_argument("--model-dir", help="worldstereo: folder with one folder per variant (and the Wan2.1 I2V folder)")
     g.add_argument("--variant", default="worldstereo-memory-dmd", help="worldstereo: the model variant")

@@ -200,6 +200,9 @@ def worldstereo_options(model_dir: str | None, variant: str, offload: str = "non
         root = Path(bpy.path.abspath(model_dir))
         if not root.is_dir():
             raise KeyframeWorldsError(f"model folder not found: {root}")
+        if not (root / variant / "config.json").is_file():  # said now, before the reference is rendered
+            raise KeyframeWorldsError(f"options.checkpoint: {root / variant} is not a WorldStereo variant folder (no "
+                                      f"config.json); the model folder {root} holds one folder per variant")
         options["checkpoint"] = str(root / variant)
         wan = sorted(p for p in root.iterdir() if p.is_dir() and "wan2.1" in p.name.lower() and (p / "model_index.json").is_file())
         if wan:
