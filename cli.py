@@ -26,6 +26,30 @@ COMMAND_MODULES = (
 )
 
 
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Every option's help ends with its default, where it has one worth saying (not None, False or empty) and the
+    help does not already name it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        # By identity: 0 is a default worth saying, False (a flag's) is not.
+        if (default is None or default is False or default is argparse.SUPPRESS or default in ("", []) or "default" in text
+                or not action.option_strings or isinstance(action, argparse._StoreConstAction)):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def show_defaults(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Give ``parser`` and every sub-command's parser below it :class:`DefaultsHelpFormatter`; returns ``parser``."""
+    parser.formatter_class = DefaultsHelpFormatter
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                show_defaults(sub)
+    return parser
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="keyframe-worlds",
@@ -43,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
                 continue
             raise
         module.add_commands(subparsers)
-    return parser
+    return show_defaults(parser)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -57,17 +57,18 @@ def add_scene_commands(subparsers: argparse._SubParsersAction) -> None:
     """Add ``trajectory``, ``generate`` and ``import`` to ``subparsers``."""
     t = subparsers.add_parser("trajectory", help="write camera trajectories from the scene")
     _add_camera_arguments(t)
-    t.add_argument("--format", required=True, choices=FORMATS)
-    t.add_argument("--out", required=True)
+    t.add_argument("--format", required=True, choices=FORMATS, help="the trajectory format to write")
+    t.add_argument("--out", required=True, help="the file (or, for colmap and colmap-binary, folder) to write")
     t.set_defaults(scene_handler=cmd_trajectory)
 
     g = subparsers.add_parser("generate", help="run a job from the scene in the engine")
     _add_camera_arguments(g)
     g.add_argument("--out", required=True, help="job folder: job.json, reference and the result bundle (bundle/)")
     g.add_argument("--name", default=None, help="job name (default: the folder's name)")
-    g.add_argument("--generator", default="preview", choices=GENERATORS)
-    g.add_argument("--prompt", default="")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--generator", default="preview", choices=GENERATORS,
+                   help="preview: the memory rendered along the cameras, no weights; worldstereo: the diffusion model")
+    g.add_argument("--prompt", default="", help="what the world looks like (used by worldstereo)")
+    g.add_argument("--seed", type=int, default=0, help="random seed of the generator")
     g.add_argument("--reference", help="reference image file (default: render the first frame from the scene)")
     g.add_argument("--depth", choices=("scene", "none"), default="scene", help="depth of the rendered reference from the scene")
     g.add_argument("--depth-file", help="reference depth file (.npy z-depth in metres, or .exr)")
@@ -85,9 +86,9 @@ def add_scene_commands(subparsers: argparse._SubParsersAction) -> None:
 
     i = subparsers.add_parser("import", help="import a result bundle into the file and save it")
     i.add_argument("bundle", help="result bundle folder (with manifest.json)")
-    i.add_argument("--no-meshes", action="store_true")
-    i.add_argument("--no-points", action="store_true")
-    i.add_argument("--no-video", action="store_true")
+    i.add_argument("--no-meshes", action="store_true", help="leave out the depth meshes")
+    i.add_argument("--no-points", action="store_true", help="leave out the point cloud")
+    i.add_argument("--no-video", action="store_true", help="do not put the generated video on the cameras")
     i.add_argument("--point-maps", action="store_true", help="each camera's point maps as a (hidden) background image sequence")
     i.add_argument("--dynamic-masks", action="store_true", help="each camera's dynamic masks as a (hidden) background image sequence")
     i.add_argument("--consistency", action="store_true", help="the point cloud's material shows its consistency attribute")
@@ -96,9 +97,11 @@ def add_scene_commands(subparsers: argparse._SubParsersAction) -> None:
 
 
 def build_parser(prog: str) -> argparse.ArgumentParser:
+    from ..cli import show_defaults
+
     parser = argparse.ArgumentParser(prog=prog, description="Keyframe Worlds headless commands on the open Blender file")
     add_scene_commands(parser.add_subparsers(dest="scene_command", required=True, metavar="COMMAND"))
-    return parser
+    return show_defaults(parser)
 
 
 def run(args: argparse.Namespace) -> int:
