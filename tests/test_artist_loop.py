@@ -206,3 +206,22 @@ def test_generate_prints_one_progress_line_and_import_warnings_and_saves_absolut
     assert check.returncode == 0, check.stderr[-2000:]
     media = [line[len("MEDIA "):] for line in check.stdout.splitlines() if line.startswith("MEDIA ")]
     assert media and all(Path(p).is_absolute() and Path(p).is_file() for p in media), media
+
+
+def test_the_terminal_bar_for_a_remote_job_is_one_line():
+    """``TerminalProgress.show_status``: every poll redraws the same line; a poll that changes nothing writes
+    nothing; the line ends once, when the job has finished."""
+    import io
+
+    from keyframe_worlds.bridge.jobs import JobStatus, TerminalProgress
+
+    stream = io.StringIO()
+    bar = TerminalProgress(stream=stream, width=10)
+    base = {"id": "j", "name": "n", "generator": "preview", "frames_total": 4}
+    for state, stage, done in (("pending", "queued", 0), ("running", "generating frames", 1), ("running", "generating frames", 1),
+                               ("running", "generating frames", 4), ("completed", "done", 4), ("completed", "done", 4)):
+        bar.show_status(JobStatus.from_json({**base, "state": state, "stage": stage, "frames_done": done,
+                                             "progress": done / 4}))
+    text = stream.getvalue()
+    assert text.count("\n") == 1 and text.endswith("\n") and text.count("\r") == 4, repr(text)
+    assert "100% done, 4/4 frames" in text.split("\r")[-1]
