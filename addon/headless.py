@@ -21,6 +21,7 @@ from pathlib import Path
 
 from ..bridge.errors import ERROR_PREFIX, KeyframeWorldsError
 from ..bridge.formats import FORMATS
+from ..bridge.panorama import PERSPECTIVE, PROJECTIONS
 from ..bridge.paths import check_output
 from .choices import CAMERA_SOURCES, GENERATORS
 
@@ -70,8 +71,11 @@ def add_scene_commands(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--prompt", default="", help="what the world looks like (used by worldstereo)")
     g.add_argument("--seed", type=int, default=0, help="random seed of the generator")
     g.add_argument("--reference", help="reference image file (default: render the first frame from the scene)")
+    g.add_argument("--projection", choices=PROJECTIONS, default=PERSPECTIVE,
+                   help="what the --reference image is: the camera's view, or a 2:1 equirectangular panorama around it")
     g.add_argument("--depth", choices=("scene", "none"), default="scene", help="depth of the rendered reference from the scene")
     g.add_argument("--depth-file", help="reference depth file (.npy z-depth in metres, or .exr)")
+    g.add_argument("--seed-object", default="", help="a mesh or point-cloud object whose points seed the memory (reference.points)")
     g.add_argument("--samples", type=int, default=16, help="Cycles samples for the reference render")
     g.add_argument("--mesh-every", type=_at_least_one, metavar="N",
                    help="a depth mesh in the bundle every N frames of each camera, N >= 1 (default: 8, the spec's)")
@@ -233,10 +237,10 @@ def cmd_generate(args) -> int:
     start, end = args.frames if args.frames else (None, None)
     settings = JobSettings(
         name=args.name or out.name, cameras=source, frame_start=start, frame_end=end, frame_step=args.step,
-        reference="FILE" if args.reference else "RENDER", reference_path=args.reference or "",
+        reference="FILE" if args.reference else "RENDER", reference_path=args.reference or "", projection=args.projection,
         depth="FILE" if args.depth_file else ("SCENE" if args.depth == "scene" and not args.reference else "NONE"),
         depth_path=args.depth_file or "", prompt=args.prompt, generator=args.generator, seed=args.seed, samples=args.samples,
-        mesh_every=args.mesh_every, mesh_stride=args.mesh_stride,
+        mesh_every=args.mesh_every, mesh_stride=args.mesh_stride, seed_object=args.seed_object,
         options=worldstereo_options(args.model_dir, args.variant, args.offload) if args.generator == "worldstereo" else {},
     )
     prepared = prepare_job(scene, settings, out, selected=selected)

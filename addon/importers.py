@@ -92,6 +92,8 @@ def import_bundle(scene: bpy.types.Scene, bundle_dir: str | os.PathLike, options
         if options.video:
             result.warnings += attach_video(scene, cam, rt.trajectory, [bundle / f.image for f in rt.frames],
                                             None if rt.video is None else bundle / rt.video)
+            if rt.source is not None:
+                result.warnings += set_clip_lens(cam, rt.source)
         for wanted, key, what in ((options.point_maps, "point_map", "point maps"), (options.dynamic_masks, "dynamic_mask", "dynamic mask")):
             if not wanted:
                 continue
@@ -159,6 +161,44 @@ def attach_video(scene, camera: bpy.types.Object, trajectory: Trajectory, frame_
             clip_bg.clip = clip
             clip_bg.alpha = 1.0
             bg.show_background_image = False  # the clip is the one shown; the sequence stays available
+    return warnings
+
+
+def set_clip_lens(camera: bpy.types.Object, source: Trajectory) -> list[str]:
+    """Give the camera's movie clip the lens of the plate the job was made for (the manifest's ``source_lens``).
+
+    The clip holds the generated video, made for the pinhole the plate was undistorted to; its tracking camera
+    gets the plate's focal length (pixels), pixel aspect, principal point and distortion
+    (``cameras.distortion_to_blender_tracking``), so Blender's Movie Distortion node (Distort) and the clip
+    editor take the video to the plate's lens. A clip has one lens: the first distorted frame's. Returns
+    warnings: a lens Blender cannot hold (it is named; the clip keeps no distortion), a lens that changes.
+    """
+    from ..bridge.cameras import distortion_to_blender_tracking
+
+    clips = [bg.clip for bg in camera.data.background_images
+             if bg.source == "MOVIE_CLIP" and bg.clip is not None and bg.clip.name.startswith(COLLECTION_PREFIX)]
+    lensed = [i for i, d in enumerate(source.distortion) if d is not None]
+    if not clips or not lensed:
+        return []
+    i = lensed[0]
+    warnings = []
+    if len({(source.distortion[j], float(source.fx[j]), float(source.fy[j])) for j in lensed}) > 1:
+        warnings.append(f"{source.name}: the plate's lens changes over the shot; the movie clip has the lens of frame "
+                        f"{int(source.frames[i])}")
+    try:
+        model, values = distortion_to_blender_tracking(source.distortion[i])
+    except KeyframeWorldsError as exc:
+        return warnings + [f"{source.name}: the movie clip keeps no lens distortion: {exc}"]
+    for clip in clips:
+        tracking = clip.tracking.camera
+        tracking.units = "PIXELS"
+        tracking.focal_length_pixels = float(source.fx[i])
+        tracking.pixel_aspect = float(source.fy[i] / source.fx[i])  # Blender's x:y pixel aspect, as its camera has
+        # Blender's tracking frame is y up from the bottom-left corner; ours is y down from the top-left.
+        tracking.principal_point_pixels = (float(source.cx[i]), float(source.height - source.cy[i]))
+        tracking.distortion_model = model
+        for key, value in values.items():
+            setattr(tracking, key, float(value))
     return warnings
 
 

@@ -15,8 +15,9 @@ import bpy
 from ..bridge import spec
 from ..bridge.errors import KeyframeWorldsError
 from ..bridge.jobs import JobState
+from ..bridge.panorama import PERSPECTIVE
 from .choices import DEPTH_SOURCES, REFERENCE_SOURCES
-from .reference import render_reference, render_reference_depth
+from .reference import check_reference_camera, render_reference
 from .scene_cameras import choose_cameras, extract_trajectory, frame_range
 
 
@@ -31,6 +32,7 @@ class JobSettings:
     frame_step: int = 1
     reference: str = "RENDER"  # REFERENCE_SOURCES
     reference_path: str = ""
+    projection: str = PERSPECTIVE  # a picked image's reference.projection (a rendered one: the camera's own)
     depth: str = "SCENE"  # DEPTH_SOURCES
     depth_path: str = ""
     prompt: str = ""
@@ -42,6 +44,7 @@ class JobSettings:
     mesh_stride: int | None = None  # a mesh vertex every N pixels (None: the spec's default)
     options: dict = field(default_factory=dict)  # generator settings, checked by the generator
     geometry: dict = field(default_factory=dict)  # the job spec's geometry section (depth_model, flow, ...)
+    seed_object: str = ""  # a mesh or point-cloud object whose points seed the memory (reference.points); "": none
 
 
 @dataclass(frozen=True)
@@ -82,9 +85,10 @@ class JobPreparation:
         frames = frame_range(scene, settings.frame_start, settings.frame_end, settings.frame_step)
         self.shots = choose_cameras(scene, settings.cameras, frames, selected)
         first_camera = self.shots[0][0]
-        if first_camera.data.type != "PERSP":
-            raise KeyframeWorldsError(f"camera {first_camera.name!r} is {first_camera.data.type.lower()}; only perspective "
-                                      "cameras are supported")
+        if settings.reference == "RENDER":
+            check_reference_camera(first_camera)
+        if settings.seed_object and scene.objects.get(settings.seed_object) is None:
+            raise KeyframeWorldsError(f"memory seed: no object named {settings.seed_object!r} in the scene")
         if settings.reference == "FILE":
             _check_chosen(settings.reference_path, "reference", "reference image")
         if settings.depth == "FILE":
@@ -119,19 +123,28 @@ class JobPreparation:
         ref = render_reference(self.scene, self.scene.objects[first.name], int(first.frames[0]), self.out, with_depth=False,
                                samples=self.settings.samples)
         self.reference["image"] = ref.image.name
+        if ref.projection != PERSPECTIVE:  # a panoramic reference camera rendered the panorama
+            self.reference["projection"] = ref.projection
 
     def _render_depth(self) -> None:
         first = self.trajectories[0]
-        self.reference["depth"] = render_reference_depth(self.scene, self.scene.objects[first.name], int(first.frames[0]),
-                                                         self.out).name
+        ref = render_reference(self.scene, self.scene.objects[first.name], int(first.frames[0]), self.out, with_image=False)
+        self.reference["depth"] = ref.depth.name
 
     def _write(self) -> None:
         settings, out = self.settings, self.out
         reference = dict(self.reference)
         if settings.reference == "FILE":
             reference["image"] = _copy_into(settings.reference_path, out, "reference", "reference image")
+            if settings.projection != PERSPECTIVE:
+                reference["projection"] = settings.projection
         if settings.depth == "FILE":
             reference["depth"] = _copy_into(settings.depth_path, out, "reference_depth", "reference depth")
+        if settings.seed_object:
+            from .seed import write_seed_object
+
+            reference["points"] = write_seed_object(self.scene.objects[settings.seed_object],
+                                                    bpy.context.evaluated_depsgraph_get(), out)
         doc = {
             "version": spec.JOB_VERSION,
             "name": settings.name,

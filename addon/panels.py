@@ -46,9 +46,13 @@ class KFW_PT_main(bpy.types.Panel):
         col.prop(props, "reference")
         if props.reference == "FILE":
             col.prop(props, "reference_path")
+            col.prop(props, "reference_projection")
         col.prop(props, "depth")
         if props.depth == "FILE":
             col.prop(props, "depth_path")
+        row = col.row(align=True)
+        row.prop(props, "seed_object")
+        row.operator("keyframe_worlds.use_seed_object", text="", icon="EYEDROPPER")
         col.separator()
         col.prop(props, "prompt")
         col.prop(props, "generator")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import bpy
 from bpy.props import BoolProperty, EnumProperty, FloatProperty, IntProperty, PointerProperty, StringProperty
 
+from ..bridge.panorama import PROJECTIONS
 from .choices import GENERATORS
 
 CAMERA_ITEMS = [
@@ -17,6 +18,11 @@ REFERENCE_ITEMS = [
     ("RENDER", "Render", "Render the first frame from the scene (Cycles, CPU)"),
     ("FILE", "Image File", "An image you pick"),
 ]
+PROJECTION_ITEMS = [
+    ("perspective", "Perspective", "The image is the reference camera's own view"),
+    ("equirectangular", "Panorama", "A 2:1 equirectangular panorama around the reference camera (its depth: distance along each ray)"),
+]
+assert tuple(i[0] for i in PROJECTION_ITEMS) == PROJECTIONS
 DEPTH_ITEMS = [
     ("SCENE", "From Scene", "Render the blockout's z-depth with the exact camera: it becomes the world's first memory"),
     ("FILE", "File", "A depth file (.npy z-depth in metres, or .exr)"),
@@ -37,6 +43,8 @@ class KFW_JobProperties(bpy.types.PropertyGroup):
     frame_step: IntProperty(name="Step", default=1, min=1, description="Generate every Nth frame")
     reference: EnumProperty(name="Reference", items=REFERENCE_ITEMS, default="RENDER")
     reference_path: StringProperty(name="Image", subtype="FILE_PATH")
+    reference_projection: EnumProperty(name="Projection", items=PROJECTION_ITEMS, default="perspective",
+                                       description="What the picked image is (a rendered reference says so itself)")
     depth: EnumProperty(name="Depth", items=DEPTH_ITEMS, default="SCENE")
     depth_path: StringProperty(name="Depth File", subtype="FILE_PATH")
     prompt: StringProperty(name="Prompt", description="What the world looks like (used by WorldStereo)")
@@ -50,6 +58,10 @@ class KFW_JobProperties(bpy.types.PropertyGroup):
     output_dir: StringProperty(name="Output", subtype="DIR_PATH", default="//keyframe_worlds/",
                                description="Job folders are made here (relative to the .blend)")
     job_name: StringProperty(name="Job Name", default="world")
+    seed_object: PointerProperty(name="Memory Seed", type=bpy.types.Object,
+                                 poll=lambda _self, obj: obj.type in ("MESH", "POINTCLOUD"),
+                                 description="A mesh or point cloud (a scan, a previous result's points) whose points, in "
+                                             "world space, are the world the generator continues")
 
     # Live state of the running (or last) job, written only by the main-thread timer.
     state: StringProperty(name="State", default="")  # pending, running, completed, failed, cancelled
@@ -69,8 +81,10 @@ class KFW_JobProperties(bpy.types.PropertyGroup):
         start, end = (None, None) if self.use_scene_range else (self.frame_start, self.frame_end)
         return JobSettings(
             name=self.job_name, cameras=self.cameras, frame_start=start, frame_end=end, frame_step=self.frame_step,
-            reference=self.reference, reference_path=self.reference_path, depth=self.depth, depth_path=self.depth_path,
+            reference=self.reference, reference_path=self.reference_path, projection=self.reference_projection,
+            depth=self.depth, depth_path=self.depth_path,
             prompt=self.prompt, generator=self.generator, seed=self.seed,
+            seed_object=self.seed_object.name if self.seed_object is not None else "",
         )
 
 

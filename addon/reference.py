@@ -7,6 +7,11 @@ in metres, routed through a temporary compositor node group into a float EXR
 that Blender itself loads back; it is saved as ``.npy`` float32 ``(H, W)``,
 0 where no surface was hit.
 
+A camera set to panoramic (Cycles' equirectangular type) renders the reference as a 2:1 panorama
+(``bridge/panorama.py``'s convention, which is Blender's) at ``panorama_size``, and its depth is then Cycles'
+Depth pass for panoramic cameras: the distance along each pixel's ray, which is what a panorama's depth is;
+the render says so in ``projection``.
+
 Every scene setting touched here is restored afterwards.
 """
 
@@ -24,6 +29,8 @@ import numpy as np
 from ..bridge.atomic import atomic_write
 from ..bridge.cameras import render_resolution
 from ..bridge.errors import KeyframeWorldsError
+from ..bridge.panorama import EQUIRECTANGULAR, PERSPECTIVE
+from ..bridge.trajectory import MAX_SIZE_PX
 
 # Cycles writes this (1e10) where a ray hits nothing.
 _NO_HIT_DEPTH = 1e9
@@ -31,13 +38,40 @@ _NO_HIT_DEPTH = 1e9
 
 @dataclass(frozen=True)
 class ReferenceRender:
-    """What ``render_reference`` wrote: image path, depth path (or None), frame and size."""
+    """What ``render_reference`` wrote: image path, depth path (or None), frame, size and projection (``reference.projection``:
+    perspective with z-depth, or equirectangular with the distance along each ray)."""
 
     image: Path
     depth: Path | None
     frame: int
     width: int
     height: int
+    projection: str = PERSPECTIVE
+
+
+def is_equirectangular_camera(camera: bpy.types.Object) -> bool:
+    """Whether a camera object is panoramic with Cycles' equirectangular type."""
+    return camera.data.type == "PANO" and camera.data.panorama_type == "EQUIRECTANGULAR"
+
+
+def panorama_size(width: int) -> tuple[int, int]:
+    """The panorama a reference camera renders for an output ``width`` px wide: 4 x width by half that, so a
+    90-degree view of it has about the output's pixels (at most MAX_SIZE_PX wide)."""
+    pano_width = min(4 * width, MAX_SIZE_PX) // 2 * 2
+    return pano_width, pano_width // 2
+
+
+@contextlib.contextmanager
+def _panorama_setup(scene: bpy.types.Scene, camera: bpy.types.Object, width: int, height: int):
+    """The output at the panorama's size and the camera's full sphere (360 x 180 degrees), restored on exit."""
+    render = scene.render
+    with _saved(render, "resolution_x", "resolution_y", "resolution_percentage", "pixel_aspect_x", "pixel_aspect_y"), \
+            _saved(camera.data, "longitude_min", "longitude_max", "latitude_min", "latitude_max"):
+        render.resolution_x, render.resolution_y, render.resolution_percentage = width, height, 100
+        render.pixel_aspect_x = render.pixel_aspect_y = 1.0
+        camera.data.longitude_min, camera.data.longitude_max = -np.pi, np.pi
+        camera.data.latitude_min, camera.data.latitude_max = -np.pi / 2, np.pi / 2
+        yield
 
 
 @contextlib.contextmanager
@@ -120,6 +154,19 @@ def _load_float_image(path: Path) -> np.ndarray:
     return pixels.reshape(h, w, 4)[::-1]
 
 
+def check_reference_camera(camera) -> bool:
+    """Refuse what cannot render a reference (not a camera; orthographic; a panorama other than equirectangular);
+    returns whether it is an equirectangular panorama. Renders nothing: the Generate operator calls it first."""
+    if camera is None or camera.type != "CAMERA":
+        raise KeyframeWorldsError(f"{getattr(camera, 'name', camera)!r} is not a camera object")
+    panorama = camera.data.type == "PANO" and is_equirectangular_camera(camera)
+    if camera.data.type != "PERSP" and not panorama:
+        kind = camera.data.type.lower() if camera.data.type != "PANO" else f"panoramic ({camera.data.panorama_type.lower()})"
+        raise KeyframeWorldsError(f"camera {camera.name!r} is {kind}; a reference is rendered from a perspective "
+                                  f"camera or an equirectangular panoramic one")
+    return panorama
+
+
 def render_reference(
     scene: bpy.types.Scene,
     camera: bpy.types.Object,
@@ -127,36 +174,34 @@ def render_reference(
     out_dir: str | os.PathLike,
     *,
     with_depth: bool = True,
+    with_image: bool = True,
     samples: int = 16,
     name: str = "reference",
 ) -> ReferenceRender:
-    """Render ``camera`` at ``frame`` into ``out_dir/<name>.png`` and, with depth, ``<name>_depth.npy``."""
-    if camera is None or camera.type != "CAMERA":
-        raise KeyframeWorldsError(f"{getattr(camera, 'name', camera)!r} is not a camera object")
-    if camera.data.type != "PERSP":
-        raise KeyframeWorldsError(f"camera {camera.name!r} is {camera.data.type.lower()}; only perspective cameras are supported")
+    """Render ``camera`` at ``frame`` into ``out_dir/<name>.png`` and, with depth, ``<name>_depth.npy``.
+
+    A perspective camera renders at the output resolution (z-depth); an equirectangular panoramic one renders the
+    full sphere at ``panorama_size`` (depth: distance along the rays), see the module docstring. Without
+    ``with_image`` only the depth is rendered (the UI renders the two as stages of their own); ``image`` then names
+    the file the image render writes.
+    """
+    panorama = check_reference_camera(camera)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     image_path = out / f"{name}.png"
     depth_path = out / f"{name}_depth.npy" if with_depth else None
     width, height = render_resolution(scene.render.resolution_x, scene.render.resolution_y, scene.render.resolution_percentage)
-    with _render_setup(scene, camera, frame, samples):
-        _render_png(scene, image_path)
+    if panorama:
+        width, height = panorama_size(width)
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(_render_setup(scene, camera, frame, samples))
+        if panorama:
+            stack.enter_context(_panorama_setup(scene, camera, width, height))
+        if with_image:
+            _render_png(scene, image_path)
         if depth_path is not None:
             _render_depth(scene, depth_path)
-    return ReferenceRender(image_path, depth_path, int(frame), width, height)
-
-
-def render_reference_depth(scene: bpy.types.Scene, camera: bpy.types.Object, frame: int, out_dir: str | os.PathLike,
-                           name: str = "reference") -> Path:
-    """Only the depth half of :func:`render_reference`: ``out_dir/<name>_depth.npy`` (the UI renders image and depth
-    as two stages, so the panel can show each)."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    depth_path = out / f"{name}_depth.npy"
-    with _render_setup(scene, camera, frame, samples=1):
-        _render_depth(scene, depth_path)
-    return depth_path
+    return ReferenceRender(image_path, depth_path, int(frame), width, height, EQUIRECTANGULAR if panorama else PERSPECTIVE)
 
 
 def render_still(scene: bpy.types.Scene, camera: bpy.types.Object, frame: int, path: str | os.PathLike, samples: int = 16) -> Path:

@@ -23,7 +23,17 @@ def scene_fps(scene: bpy.types.Scene) -> float:
 
 
 def camera_intrinsics(scene: bpy.types.Scene, camera_data: bpy.types.Camera) -> conv.Intrinsics:
-    """Pixel intrinsics of a perspective camera at the scene's output resolution (current frame's values)."""
+    """Pixel intrinsics of a perspective camera at the scene's output resolution (current frame's values).
+
+    An equirectangular panoramic camera (a panorama reference, ``reference.py``) gets those of a 90-degree
+    view along its axis: the perspective view the engine renders along its trajectory from the panorama's memory.
+    """
+    if camera_data.type == "PANO" and camera_data.panorama_type == "EQUIRECTANGULAR":
+        render = scene.render
+        width, height = conv.render_resolution(render.resolution_x, render.resolution_y, render.resolution_percentage)
+        focal = width / 2.0  # 90 degrees across the width
+        return conv.Intrinsics(focal, focal * render.pixel_aspect_x / render.pixel_aspect_y, width / 2.0, height / 2.0,
+                               width, height)
     if camera_data.type != "PERSP":
         raise KeyframeWorldsError(f"camera {camera_data.name!r} is {camera_data.type.lower()}; only perspective cameras are supported")
     render = scene.render

@@ -577,3 +577,35 @@ def _brown(x: np.ndarray, y: np.ndarray, c: tuple[float, ...], jacobian: bool = 
     jyx = 2 * x * y * dradial + 2 * p2 * y + 2 * p1 * x
     jyy = radial + 2 * y * y * dradial + 2 * p2 * x + 6 * p1 * y
     return xd, yd, jxx, jxy, jyx, jyy
+
+
+# --- lens models as Blender's movie-clip tracking camera (libmv) ---------------------------------
+
+#: Blender's tracking camera distortion models (``MovieTrackingCamera.distortion_model``).
+BLENDER_DISTORTION_MODELS = ("POLYNOMIAL", "DIVISION", "NUKE", "BROWN")
+
+
+def distortion_to_blender_tracking(distortion: Distortion | None) -> tuple[str, dict[str, float]]:
+    """A lens as Blender's movie-clip tracking camera holds it: ``(distortion_model, {property: value})``.
+
+    Blender's models are libmv's: ``POLYNOMIAL`` (radial ``k1 k2 k3`` on r^2, r^4, r^6) and ``BROWN``
+    (radial ``brown_k1..k4`` up to r^8, tangential ``brown_p1, brown_p2``) distort ideal normalised
+    coordinates as COLMAP's pinhole-family models do, but libmv's ``p1`` multiplies ``r^2 + 2 x^2``
+    (OpenCV's and COLMAP's ``p2``) and its ``p2`` multiplies ``2 x y`` (their ``p1``), so the two swap.
+    ``DIVISION`` and ``NUKE`` model undistortion instead and no COLMAP model maps onto them. A radial-only
+    lens becomes ``POLYNOMIAL``; one with tangential terms ``BROWN``. Raises ``KeyframeWorldsError`` for a
+    lens Blender's models cannot hold: the fisheyes (no fisheye model) and FULL_OPENCV with its rational
+    terms ``k4 k5 k6``. None (a pinhole) is ``POLYNOMIAL`` with every coefficient zero.
+    """
+    if distortion is None:
+        return "POLYNOMIAL", {"k1": 0.0, "k2": 0.0, "k3": 0.0}
+    if distortion.lens.fisheye:
+        raise KeyframeWorldsError(f"camera model {distortion.model} is a fisheye, which Blender's tracking camera cannot hold "
+                                  f"(its models: {', '.join(BLENDER_DISTORTION_MODELS)})")
+    k1, k2, p1, p2, k3, k4, k5, k6 = distortion.opencv_coefficients()
+    if k4 or k5 or k6:
+        raise KeyframeWorldsError(f"camera model {distortion.model} has rational terms (k4={k4:g} k5={k5:g} k6={k6:g}), which "
+                                  "Blender's tracking camera cannot hold")
+    if not (p1 or p2):
+        return "POLYNOMIAL", {"k1": k1, "k2": k2, "k3": k3}
+    return "BROWN", {"brown_k1": k1, "brown_k2": k2, "brown_k3": k3, "brown_k4": 0.0, "brown_p1": p2, "brown_p2": p1}

@@ -15,6 +15,7 @@ engine's validator refused (same field paths as ``validate_job`` here).
 from __future__ import annotations
 
 import json
+import tempfile
 import os
 import time
 from contextlib import ExitStack
@@ -126,19 +127,28 @@ class EngineClient:
             raise ValidationError("job spec", problems)
         ref = doc["reference"]
         if not upload:
-            for key in ("image", "depth"):
+            for key in ("image", "depth", "points"):
                 if ref.get(key) is not None:
                     full = Path(ref[key]) if base is None else base / ref[key]
                     ref[key] = str(full.resolve())
             return JobStatus.from_json(self._json("POST", "/jobs", json=doc))
-        if base is None and any(not Path(ref[k]).is_absolute() for k in ("image", "depth") if ref.get(k)):
+        if base is None and any(not Path(ref[k]).is_absolute() for k in ("image", "depth", "points") if ref.get(k)):
             raise KeyframeWorldsError("submit: give base_dir for a spec with relative reference paths")
         with ExitStack() as stack:
-            files: dict[str, Any] = {"spec": (None, json.dumps(doc), "application/json")}
-            for key in ("image", "depth"):
+            files: dict[str, Any] = {}
+            for key in ("image", "depth", "points"):
                 if ref.get(key) is not None:
                     full = Path(ref[key]) if base is None else base / ref[key]
+                    if key == "points" and full.is_dir():
+                        # A COLMAP model folder travels as the PLY of its points3D: one file part, the form jobs carry.
+                        from .seed import seed_as_ply
+
+                        temporary = Path(stack.enter_context(tempfile.TemporaryDirectory())) / f"{full.name or 'points'}.ply"
+                        seed_as_ply(full, temporary)
+                        full = temporary
+                        ref[key] = full.name
                     files[key] = (full.name, stack.enter_context(open(full, "rb")), "application/octet-stream")
+            files = {"spec": (None, json.dumps(doc), "application/json"), **files}
             return JobStatus.from_json(self._json("POST", "/jobs", files=files, timeout=max(self.timeout, 300.0)))
 
     def jobs(self) -> list[JobStatus]:

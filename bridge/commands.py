@@ -16,7 +16,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     c.add_argument("input", help="trajectory file or folder")
     c.add_argument("--to", required=True, choices=FORMATS, dest="to_format", help="the format to write")
     c.add_argument("--from", choices=FORMATS, dest="from_format", help="input format (detected when omitted)")
-    c.add_argument("--out", required=True, help="output file (folder for colmap and colmap-binary, or for several worldstereo cameras)")
+    c.add_argument("--out", required=True, help="output file (folder for colmap, colmap-binary and pano_bank, or for several worldstereo cameras)")
     c.add_argument("--camera", action="append", help="only this camera (repeatable)")
     c.set_defaults(handler=cmd_trajectory_convert)
 
@@ -26,8 +26,8 @@ def cmd_trajectory_convert(args: argparse.Namespace) -> int:
 
     from .paths import check_output
 
-    # COLMAP writes a folder; worldstereo a file, or a folder for several cameras; the others one file.
-    folder = True if args.to_format in ("colmap", "colmap-binary") else None if args.to_format == "worldstereo" else False
+    # COLMAP and pano_bank write a folder; worldstereo a file, or a folder for several cameras; the others one file.
+    folder = True if args.to_format in ("colmap", "colmap-binary", "pano_bank") else None if args.to_format == "worldstereo" else False
     check_output(args.out, "--out", folder=folder)
     tset = read_trajectory_set(args.input, args.from_format)
     names = [t.name for t in tset.trajectories]

@@ -20,6 +20,12 @@ Formats (``FORMATS``); what each holds besides poses and pinhole intrinsics:
   fisheyes) is written as it, with its own name in ``keyframe_worlds_camera_model``.
 - ``colmap`` (text) and ``colmap-binary``: a COLMAP sparse model folder (``colmap.py``):
   every lens model, image ``NAME``s, and ``points3D`` with tracks.
+- ``pano_bank``: upstream WorldStereo's panorama memory bank, a folder ``pano_bank/`` with
+  ``cameras.json`` ``{"0000": {"extrinsic": <world-to-camera 4x4, OpenCV>, "intrinsic": <3x3 pixel K>}, ...}``
+  and one ``images/<key>.png`` per key (the views cut from a panorama, all of one camera). One camera,
+  pinhole only; the size comes from the images (else ``2 * (cx, cy)``). We also write each entry's
+  ``width``/``height`` and a ``keyframe_worlds`` entry with the camera's name and fps (upstream reads only the keys
+  of its images). Frame numbers are the keys; each frame's image is ``images/<key>.png``.
 
 Camera names and frame numbers travel in generated image names (``<camera>/<frame:06d>.png``;
 nerfstudio's under ``images/``) for frames without an image path; frames with one keep it,
@@ -49,7 +55,7 @@ from .sparse import SparsePoints
 from .spec import read_json
 from .trajectory import Trajectory
 
-FORMATS = ("keyframe-worlds", "worldstereo", "nerfstudio", "colmap", "colmap-binary")
+FORMATS = ("keyframe-worlds", "worldstereo", "nerfstudio", "colmap", "colmap-binary", "pano_bank")
 POINT_FORMATS = ("colmap", "colmap-binary")
 """The formats that hold sparse points; the others write the cameras only."""
 KW_FORMAT_TAG = "keyframe-worlds/trajectories"
@@ -89,6 +95,8 @@ def detect_format(path: str | os.PathLike) -> str:
             return "colmap" if kind == "text" else "colmap-binary"
         if (p / "transforms.json").is_file():
             return "nerfstudio"
+        if _pano_bank_file(p) is not None:
+            return "pano_bank"
         if (p / "camera.json").is_file() or any(p.glob("*/camera.json")):
             return "worldstereo"
         raise KeyframeWorldsError(f"{p} is a folder with no trajectory file (cameras.txt + images.txt, cameras.bin + images.bin, "
@@ -105,6 +113,8 @@ def detect_format(path: str | os.PathLike) -> str:
             return "keyframe-worlds"
         if "extrinsic" in doc:
             return "worldstereo"
+        if p.name == PANO_BANK_CAMERAS and any(PANO_BANK_KEY.match(k) for k in doc):
+            return "pano_bank"
         frames = doc.get("frames")
         if isinstance(frames, list) and frames and isinstance(frames[0], dict):
             if "transform_matrix" in frames[0]:
@@ -123,6 +133,7 @@ def read_trajectory_set(path: str | os.PathLike, fmt: str | None = None) -> Traj
         "nerfstudio": read_nerfstudio,
         "colmap": lambda p: read_colmap(p, binary=False),
         "colmap-binary": lambda p: read_colmap(p, binary=True),
+        "pano_bank": read_pano_bank,
     }
     if fmt not in readers:
         raise KeyframeWorldsError(f"unknown trajectory format {fmt!r}; known: {', '.join(FORMATS)}")
@@ -159,6 +170,7 @@ def write_trajectory_set(tset: TrajectorySet, path: str | os.PathLike, fmt: str)
         "nerfstudio": write_nerfstudio,
         "colmap": lambda t, p: write_colmap(TrajectorySet(tuple(t), tset.points), p, binary=False),
         "colmap-binary": lambda t, p: write_colmap(TrajectorySet(tuple(t), tset.points), p, binary=True),
+        "pano_bank": write_pano_bank,
     }
     if fmt not in writers:
         raise KeyframeWorldsError(f"unknown trajectory format {fmt!r}; known: {', '.join(FORMATS)}")
@@ -683,4 +695,107 @@ def write_colmap(tset: TrajectorySet, path: Path, binary: bool = False) -> list[
     written = colmap.write_model(model, folder, binary)
     if binary:
         written.append(_write_text(folder / COLMAP_EXTRAS_FILE, json.dumps(extras.to_json(), indent=1) + "\n"))
+    return written
+
+
+# --- pano_bank (upstream WorldStereo's panorama memory bank) ------------------------
+
+PANO_BANK_FOLDER = "pano_bank"
+PANO_BANK_CAMERAS = "cameras.json"
+PANO_BANK_KEY = re.compile(r"^[0-9]+$")
+#: Our own entry in a bank's cameras.json (not a view key, so upstream never looks it up): the camera's name and fps.
+PANO_BANK_EXTRAS_KEY = "keyframe_worlds"
+
+
+def _is_pano_bank(path: Path) -> bool:
+    return (path / PANO_BANK_CAMERAS).is_file() and (path / "images").is_dir()
+
+
+def _pano_bank_files(path: Path) -> list[Path]:
+    """The ``cameras.json`` of a bank folder, of the scene folder holding ``pano_bank/``, or of each camera's bank
+    in a folder of them (``<camera>/cameras.json``, as several cameras are written); empty if none."""
+    if _is_pano_bank(path):
+        return [path / PANO_BANK_CAMERAS]
+    return sorted(sub / PANO_BANK_CAMERAS for sub in path.iterdir() if sub.is_dir() and _is_pano_bank(sub))
+
+
+def _pano_bank_file(path: Path) -> Path | None:
+    files = _pano_bank_files(path)
+    return files[0] if files else None
+
+
+def _pano_bank_image(key: str) -> str:
+    """Where a bank keeps view ``key``'s image, relative to the bank folder (upstream's reader looks there)."""
+    return f"images/{key}.png"
+
+
+def read_pano_bank(path: Path) -> list[Trajectory]:
+    """A bank folder (``pano_bank/``), the scene folder holding it, its ``cameras.json``, or a folder of banks.
+
+    One camera per bank, a frame per view key in key order. Frame numbers, image paths and the size are the entry's
+    ``frame``, ``image`` and ``width``/``height`` when we wrote them; in upstream's banks the key's number, the
+    bank's ``images/<key>.png`` (relative to the bank folder), and that image's size (else ``2 * (cx, cy)``).
+    """
+    if path.is_file():
+        files = [path]
+    else:
+        files = _pano_bank_files(path)
+        if not files:
+            raise KeyframeWorldsError(f"{path}: no pano_bank (cameras.json with an images/ folder beside it)")
+    if len(files) > 1:
+        return [t for f in files for t in read_pano_bank(f)]
+    file = files[0]
+    doc = read_json(file, "pano_bank cameras.json")
+    if not isinstance(doc, dict):
+        raise KeyframeWorldsError(f"{file}: must be an object keyed by view (\"0000\", \"0001\", ...)")
+    keys = sorted((k for k in doc if PANO_BANK_KEY.match(k)), key=int)
+    if not keys:
+        raise KeyframeWorldsError(f"{file}: no views (keys \"0000\", \"0001\", ...)")
+    extras = doc.get(PANO_BANK_EXTRAS_KEY) if isinstance(doc.get(PANO_BANK_EXTRAS_KEY), dict) else {}
+    name = str(extras.get("name") or (file.parent.name if file.parent.name != PANO_BANK_FOLDER else PANO_BANK_FOLDER))
+    entries = []
+    for key in keys:
+        entry = doc[key]
+        if not isinstance(entry, dict) or "extrinsic" not in entry or "intrinsic" not in entry:
+            raise KeyframeWorldsError(f"{file}: view {key!r} needs 'extrinsic' and 'intrinsic'")
+        w2c = _matrix(entry["extrinsic"], (4, 4), f"{file.name}: {key}.extrinsic")
+        k = _matrix(entry["intrinsic"], (3, 3), f"{file.name}: {key}.intrinsic")
+        image = entry["image"] if "image" in entry else _pano_bank_image(key)
+        if image is not None and not isinstance(image, str):
+            raise KeyframeWorldsError(f"{file}: view {key!r}: 'image' must be a path or null")
+        frame = entry.get("frame", int(key))
+        if not isinstance(frame, int) or isinstance(frame, bool):
+            raise KeyframeWorldsError(f"{file}: view {key!r}: 'frame' must be an integer")
+        if "width" in entry and "height" in entry:
+            size = (int(entry["width"]), int(entry["height"]))
+        elif (info := image_info(file.parent / _pano_bank_image(key))) is not None:
+            size = (info[1], info[2])
+        else:
+            size = (int(round(2 * k[0, 2])), int(round(2 * k[1, 2])))
+        entries.append(_Frame(name, frame, cameras.w2c_to_c2w(w2c), (k[0, 0], k[1, 1], k[0, 2], k[1, 2], *size), None, image))
+    return _group_sorted(entries, {name: float(extras.get("fps", WORLDSTEREO_DEFAULT_FPS))})
+
+
+def write_pano_bank(trajectories: list[Trajectory], path: Path) -> list[Path]:
+    """``path/cameras.json`` for one camera (``path`` is the bank folder; a ``cameras.json`` path names it), or
+    ``path/<camera>/cameras.json`` each for several. Views are keyed ``0000``, ``0001``, ... in frame order; each
+    entry also holds its frame number, image path (null for none), width and height, which upstream ignores. The
+    images themselves are the views' own files: a bank for upstream needs them as ``images/<key>.png``."""
+    for traj in trajectories:
+        for i, d in enumerate(traj.distortion):
+            if d is not None and not d.is_pinhole:
+                raise _cannot_hold(traj, i, "pano_bank", "a bank holds pinhole cameras only (undistort first)")
+    if len(trajectories) == 1:
+        targets = [(trajectories[0], path if path.name == PANO_BANK_CAMERAS else path / PANO_BANK_CAMERAS)]
+    else:
+        targets = [(t, path / t.name / PANO_BANK_CAMERAS) for t in trajectories]
+    written = []
+    for traj, target in targets:
+        doc: dict[str, Any] = {PANO_BANK_EXTRAS_KEY: {"name": traj.name, "fps": traj.fps}}
+        for i in range(len(traj)):
+            doc[f"{i:04d}"] = {"intrinsic": traj.k[i].tolist(), "extrinsic": cameras.c2w_to_w2c(traj.c2w_opencv[i]).tolist(),
+                               "frame": int(traj.frames[i]), "image": traj.images[i],
+                               "width": traj.width, "height": traj.height}
+        (target.parent / "images").mkdir(parents=True, exist_ok=True)
+        written.append(_write_text(target, json.dumps(doc, indent=1) + "\n"))
     return written

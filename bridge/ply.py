@@ -145,6 +145,47 @@ def read_ply(path: str | os.PathLike) -> PlyData:
     return out
 
 
+def ply_vertex_count(path: str | os.PathLike, max_vertices: int | None = None, header_limit: int = 65536) -> int:
+    """The vertex count a PLY's header declares, reading the header only (at most ``header_limit`` bytes).
+
+    More than ``max_vertices`` is refused. A binary file whose elements all have scalar properties (a point cloud) must also be long enough to hold them:
+    a truncated one is refused here, before anything is decoded.
+    """
+    path = Path(path)
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(header_limit)
+        size = path.stat().st_size
+    except OSError as exc:
+        raise KeyframeWorldsError(f"cannot read PLY {path}: {exc}") from None
+    end = head.find(b"end_header")
+    if not head.startswith(b"ply") or end < 0:
+        raise KeyframeWorldsError(f"{path} is not a PLY file (no 'ply' magic or no end_header)")
+    body_start = head.find(b"\n", end) + 1
+    fmt, elements = None, []
+    for line in head[:end].decode("ascii", errors="replace").splitlines():
+        words = line.split()
+        if len(words) >= 2 and words[0] == "format":
+            fmt = words[1]
+        elif len(words) == 3 and words[0] == "element":
+            if not words[2].isdigit():
+                raise KeyframeWorldsError(f"{path}: element {words[1]!r} count {words[2]!r} is not a number")
+            elements.append([words[1], int(words[2]), 0])
+        elif len(words) >= 3 and words[0] == "property" and elements:
+            elements[-1][2] = None if words[1] == "list" or elements[-1][2] is None else elements[-1][2] + np.dtype(_type(words[1], path)).itemsize
+    vertex = [e for e in elements if e[0] == "vertex"]
+    if not vertex:
+        raise KeyframeWorldsError(f"{path}: no vertex element")
+    if max_vertices is not None and vertex[0][1] > max_vertices:
+        raise KeyframeWorldsError(f"{path} has {vertex[0][1]} points, more than the limit of {max_vertices}")
+    if fmt in ("binary_little_endian", "binary_big_endian") and all(e[2] is not None for e in elements):
+        needed = body_start + sum(count * row for _name, count, row in elements)
+        if size < needed:
+            raise KeyframeWorldsError(f"{path}: the header declares {needed - body_start} bytes of data but the file holds "
+                                      f"{size - body_start} (truncated)")
+    return vertex[0][1]
+
+
 def _type(name: str, path: Path) -> str:
     if name not in _TYPES:
         raise KeyframeWorldsError(f"{path}: unknown PLY property type {name!r}")

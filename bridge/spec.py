@@ -14,7 +14,11 @@ Job spec v1::
      "prompt": "", "seed": 0,
      "reference": {"image": "ref.png",       # RGB reference image (path; relative to the spec file)
                    "depth": "ref_depth.npy",  # optional z-depth in metres (.npy float32 HxW or .exr)
-                   "trajectory": "Camera", "frame": 1},  # which camera/frame it shows (default: first)
+                   "trajectory": "Camera", "frame": 1,  # which camera/frame it shows (default: first)
+                   "projection": "perspective",  # or "equirectangular": a 2:1 panorama around that camera (panorama.py)
+                   "views": "pano_bank",      # optional: a trajectory file/folder whose frames' images are more views
+                   "points": "scan.ply"},      # optional seed of the memory: a PLY file or a COLMAP model folder,
+                                               # in the trajectories' world frame (``MAX_SEED_*`` limits)
      "trajectories": [<trajectory JSON, see trajectory.py>, ...],
      "output": {"mesh_every": 8, "mesh_stride": 4, "point_budget": 2000000},
      "options": {...}}                       # generator-specific settings, checked by the generator
@@ -35,6 +39,7 @@ from typing import Any
 from .atomic import atomic_write
 from .errors import KeyframeWorldsError, Problem, ValidationError
 from .imageinfo import file_kind, image_info, npy_info
+from .panorama import EQUIRECTANGULAR, PERSPECTIVE, PROJECTIONS, is_equirectangular_size
 from .trajectory import (
     MAX_SIZE_PX,
     MIN_SIZE_PX,
@@ -58,6 +63,10 @@ MAX_TRAJECTORIES = 256
 MAX_TOTAL_FRAMES = 200_000
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".exr", ".tif", ".tiff", ".webp")
 DEPTH_SUFFIXES = (".npy", ".exr")
+#: ``reference.points``: a PLY file, or a COLMAP model folder (its ``points3D``), of at most this many points and bytes.
+SEED_POINTS_SUFFIX = ".ply"
+MAX_SEED_POINTS = 20_000_000
+MAX_SEED_BYTES = 2 * 1024**3
 
 
 # --- job spec ------------------------------------------------------------------
@@ -65,18 +74,29 @@ DEPTH_SUFFIXES = (".npy", ".exr")
 
 @dataclass(frozen=True)
 class Reference:
-    """The reference view: an image, optionally its z-depth in metres, and which camera frame shows it."""
+    """The reference view: an image, optionally its depth in metres, and which camera frame shows it.
+
+    projection: ``perspective`` (the camera's pinhole view; depth is z-depth) or ``equirectangular`` (a 2:1
+    panorama centred on that camera, ``bridge/panorama.py``; depth is the distance along each pixel's ray).
+    views: a trajectory file or folder (any read format, e.g. upstream's ``pano_bank``) whose frames' images are
+    further reference views, each lifted into the first memory with its own camera.
+    """
 
     image: str
     depth: str | None = None
     trajectory: str | None = None  # None: the first trajectory
     frame: int | None = None  # None: that trajectory's first frame
+    projection: str = PERSPECTIVE
+    views: str | None = None
+    points: str | None = None  # a PLY file or COLMAP model folder seeding the memory (world frame), or None
 
     def to_json(self) -> dict:
         doc: dict[str, Any] = {"image": self.image}
-        for key in ("depth", "trajectory", "frame"):
+        for key in ("depth", "trajectory", "frame", "views", "points"):
             if getattr(self, key) is not None:
                 doc[key] = getattr(self, key)
+        if self.projection != PERSPECTIVE:
+            doc["projection"] = self.projection
         return doc
 
 
@@ -190,7 +210,8 @@ class JobSpec:
             name=doc["name"],
             generator=doc["generator"],
             trajectories=tuple(Trajectory.from_json(t, f"trajectories[{i}]") for i, t in enumerate(doc["trajectories"])),
-            reference=Reference(ref["image"], ref.get("depth"), ref.get("trajectory"), ref.get("frame")),
+            reference=Reference(ref["image"], ref.get("depth"), ref.get("trajectory"), ref.get("frame"),
+                                ref.get("projection", PERSPECTIVE), ref.get("views"), ref.get("points")),
             prompt=doc.get("prompt", ""),
             seed=doc.get("seed", 0),
             output=OutputOptions.from_json(out),
@@ -205,10 +226,12 @@ class JobSpec:
         ref = self.reference
         image = str((base / ref.image).resolve())
         depth = str((base / ref.depth).resolve()) if ref.depth else None
+        views = str((base / ref.views).resolve()) if ref.views else None
+        points = str((base / ref.points).resolve()) if ref.points else None
         geometry = self.geometry
         if geometry.depth_model:
             geometry = replace(geometry, depth_model=str((base / geometry.depth_model).resolve()))
-        return JobSpec(**{**self.__dict__, "reference": Reference(image, depth, ref.trajectory, ref.frame),
+        return JobSpec(**{**self.__dict__, "reference": replace(ref, image=image, depth=depth, views=views, points=points),
                           "geometry": geometry})
 
     def reference_view(self) -> tuple[Trajectory, int]:
@@ -274,9 +297,6 @@ def _validate_job(doc: Any, base_dir, check_files: bool) -> list[Problem]:
         for i, traj in enumerate(trajectories):
             traj_problems = validate_trajectory_json(traj, f"trajectories[{i}]")
             problems.extend(traj_problems)
-            # Only frames that carry a lens model can be refused; parsing the others again would double the cost.
-            if not traj_problems and any(f.get("distortion") is not None for f in traj["frames"]):
-                problems.extend(engine_lens_problems(Trajectory.from_json(traj), f"trajectories[{i}]"))
             if isinstance(traj, dict):
                 if isinstance(traj.get("name"), str):
                     if traj["name"] in names:
@@ -309,22 +329,49 @@ def _validate_job(doc: Any, base_dir, check_files: bool) -> list[Problem]:
     return problems
 
 
-def engine_lens_problems(trajectory: Trajectory, path: str) -> list[Problem]:
-    """What the engine cannot do with a trajectory's lenses: the one place that says so.
+def seed_points_problems(value: Any, base_dir, check_files: bool) -> list[Problem]:
+    """What is wrong with ``reference.points``: a ``.ply`` file or a COLMAP model folder (with ``points3D``), by header only.
 
-    Trajectory files carry lens distortion (``cameras.Distortion``), but the
-    engine renders and generates pinhole views only, so a job whose frames are
-    distorted (or fisheye) is refused until it undistorts them itself; one
-    problem per trajectory, naming its first such frame.
+    The PLY's declared vertex count and every file's size are held to ``MAX_SEED_POINTS`` / ``MAX_SEED_BYTES`` before
+    anything is decoded (``bridge/seed.py`` reads them).
     """
-    bad = [i for i, d in enumerate(trajectory.distortion) if d is not None and not d.is_pinhole]
-    if not bad:
-        return []
-    first = trajectory.distortion[bad[0]]
-    more = f" (and {len(bad) - 1} more frame(s))" if len(bad) > 1 else ""
-    return [Problem(f"{path}.frames[{bad[0]}].distortion",
-                    f"camera {trajectory.name!r} has lens distortion ({first.describe()}){more}, which is not yet supported "
-                    f"by the engine: undistort first (the images, and the trajectory to a pinhole)")]
+    from . import colmap
+    from .ply import ply_vertex_count
+
+    problems: list[Problem] = []
+    where = "reference.points"
+    if not check_string(problems, where, value):
+        return problems
+    if not check_files or base_dir is None:
+        return problems
+    full = Path(value) if Path(value).is_absolute() else Path(base_dir) / value
+    if full.is_dir():
+        kind = colmap.model_kind(full)
+        points = full / ("points3D.bin" if kind == "binary" else "points3D.txt")
+        if kind is None or not points.is_file():
+            return [Problem(where, f"{full} is a folder without a COLMAP model's points3D (points3D.txt or points3D.bin, "
+                                   "beside cameras and images)")]
+        files = [points]
+        if kind == "binary":  # its first uint64 is the point count
+            with open(points, "rb") as fh:
+                head = fh.read(8)
+            count = int.from_bytes(head, "little") if len(head) == 8 else 0
+            if count > MAX_SEED_POINTS:
+                return [Problem(where, f"{points} has {count} points, more than the limit of {MAX_SEED_POINTS}")]
+    elif full.is_file():
+        if full.suffix.lower() != SEED_POINTS_SUFFIX:
+            return [Problem(where, f"must be a {SEED_POINTS_SUFFIX} file or a COLMAP model folder, got {value!r}")]
+        try:
+            ply_vertex_count(full, MAX_SEED_POINTS)
+        except KeyframeWorldsError as exc:
+            return [Problem(where, str(exc))]
+        files = [full]
+    else:
+        return [Problem(where, f"not found: {full}")]
+    for path in files:
+        if path.stat().st_size > MAX_SEED_BYTES:
+            problems.append(Problem(where, f"{path} is {path.stat().st_size} bytes, more than the limit of {MAX_SEED_BYTES}"))
+    return problems
 
 
 def _validate_reference(ref: Any, doc: dict, names: list[str], base_dir, check_files: bool) -> list[Problem]:
@@ -333,7 +380,9 @@ def _validate_reference(ref: Any, doc: dict, names: list[str], base_dir, check_f
         return [Problem("reference", "is required: a reference image (and optionally its depth)")]
     if not check_object(problems, "reference", ref):
         return problems
-    check_unknown_keys(problems, "reference", ref, {"image", "depth", "trajectory", "frame"})
+    check_unknown_keys(problems, "reference", ref, {"image", "depth", "trajectory", "frame", "projection", "views", "points"})
+    if ref.get("points") is not None:
+        problems.extend(seed_points_problems(ref["points"], base_dir, check_files))
     for key, suffixes, required in (("image", IMAGE_SUFFIXES, True), ("depth", DEPTH_SUFFIXES, False)):
         value = ref.get(key)
         if value is None:
@@ -367,7 +416,80 @@ def _validate_reference(ref: Any, doc: dict, names: list[str], base_dir, check_f
             numbers = [f.get("frame") for f in target["frames"] if isinstance(f, dict)]
             if ref["frame"] not in numbers:
                 problems.append(Problem("reference.frame", f"frame {ref['frame']} is not in trajectory {target.get('name')!r}"))
+    problems.extend(_projection_problems(ref, target, base_dir, check_files, bool(problems)))
     return problems
+
+
+def _projection_problems(ref: dict, target: Any, base_dir, check_files: bool, image_bad: bool) -> list[Problem]:
+    """``reference.projection`` and ``reference.views``; a panorama must be 2:1, and a 2:1 image given as a
+    perspective reference for a camera of another shape is refused (resizing it would squash it silently)."""
+    problems: list[Problem] = []
+    projection = ref.get("projection", PERSPECTIVE)
+    if projection not in PROJECTIONS:
+        problems.append(Problem("reference.projection", f"must be one of {', '.join(PROJECTIONS)}, got {projection!r}"))
+        return problems
+    views = ref.get("views")
+    if views is not None and check_string(problems, "reference.views", views) and check_files and base_dir is not None:
+        problem = views_problem(Path(base_dir) / views)
+        if problem:
+            problems.append(Problem("reference.views", problem))
+    image = ref.get("image")
+    if image_bad or not isinstance(image, str) or not check_files or base_dir is None:
+        return problems
+    info = image_info(Path(base_dir) / image)
+    if info is None:  # a kind whose header gives no size here (EXR): the engine checks it when it reads the pixels
+        return problems
+    problem = projection_problem(projection, info[1], info[2], target, str(Path(base_dir) / image))
+    if problem:
+        problems.append(Problem("reference.projection", problem))
+    return problems
+
+
+def views_problem(path: Path) -> str | None:
+    """What is wrong with a ``reference.views`` trajectory file or folder (read, images checked by header), or None."""
+    from .formats import read_trajectory_set  # formats reads its JSON with this module's read_json
+
+    if not path.exists():
+        return f"trajectory file or folder not found: {path}"
+    try:
+        trajectories = read_trajectory_set(path).trajectories
+    except KeyframeWorldsError as exc:
+        return str(exc)
+    base = path if path.is_dir() else path.parent
+    images = [(t, i, image) for t in trajectories for i, image in enumerate(t.images) if image is not None]
+    if not images:
+        return f"{path} has no frame with an image"
+    for traj, i, image in images:
+        full = base / image
+        if not full.suffix.lower() in IMAGE_SUFFIXES:
+            problem = f"{full} must be one of {', '.join(IMAGE_SUFFIXES)} files"
+        else:
+            problem = reference_file_problem("image", full) if full.is_file() else f"image not found: {full}"
+        if problem:
+            return f"camera {traj.name!r} frame {int(traj.frames[i])}: {problem}"
+    return None
+
+
+def projection_problem(projection: str, width: int, height: int, camera: Any, image: str) -> str | None:
+    """What is wrong with a reference image of ``width`` x ``height`` px for ``projection``, or None.
+
+    camera: the reference trajectory (JSON dict or ``Trajectory``) or None. Shared by the spec's validation and
+    the engine's reading of the pixels (``engine/run/runner.py``), so both say the same.
+    """
+    if projection == EQUIRECTANGULAR:
+        if not is_equirectangular_size(width, height):
+            return (f"reference.image {image} is {width}x{height} px; an equirectangular panorama is 2:1 "
+                    f"(width = 2 x height)")
+        return None
+    if not is_equirectangular_size(width, height) or camera is None:
+        return None
+    cam_w, cam_h = (camera.get("width"), camera.get("height")) if isinstance(camera, dict) else (camera.width, camera.height)
+    if not (is_integer(cam_w) and is_integer(cam_h)) or is_equirectangular_size(cam_w, cam_h):
+        return None
+    name = camera.get("name") if isinstance(camera, dict) else camera.name
+    return (f"reference.image {image} is {width}x{height} px, a 2:1 panorama's shape, but camera {name!r} is "
+            f"{cam_w}x{cam_h}: if it is an equirectangular panorama set reference.projection to "
+            f"\"{EQUIRECTANGULAR}\"; otherwise give an image of the camera's shape (it is not squashed to fit)")
 
 
 def reference_file_problem(key: str, path: Path) -> str | None:
@@ -462,6 +584,26 @@ class ResultTrajectory:
     trajectory: Trajectory
     frames: tuple[ResultFrame, ...]
     video: str | None = None  # MP4 (H.264), one frame per trajectory frame
+    #: The camera as the job gave it, with its lens distortion, when ``trajectory`` is the pinhole it was undistorted
+    #: to (the cameras the frames were made for); None: the job's camera was a pinhole. JSON: ``source_lens``, per
+    #: frame ``{"fx", "fy", "cx", "cy", "distortion"}`` (poses, size and images are ``trajectory``'s).
+    source: Trajectory | None = None
+
+    def source_lens_json(self) -> list[dict] | None:
+        if self.source is None:
+            return None
+        return [{key: frame.get(key) for key in SOURCE_LENS_KEYS} for frame in self.source.to_json()["frames"]]
+
+
+#: The keys of a ``source_lens`` entry: what undistortion changes in a frame.
+SOURCE_LENS_KEYS = ("fx", "fy", "cx", "cy", "distortion")
+
+
+def _source_trajectory_json(traj_doc: dict, source_lens: list) -> dict:
+    """The trajectory JSON ``traj_doc`` with each frame's intrinsics and lens taken from ``source_lens``."""
+    frames = [{**{k: v for k, v in frame.items() if k not in SOURCE_LENS_KEYS},
+               **{k: v for k, v in lens.items() if v is not None}} for frame, lens in zip(traj_doc["frames"], source_lens)]
+    return {**traj_doc, "frames": frames}
 
 
 @dataclass(frozen=True)
@@ -499,6 +641,7 @@ class ResultManifest:
                     **rt.trajectory.to_json(),
                     "video": rt.video,
                     "files": [f.to_json() for f in rt.frames],
+                    **({} if rt.source is None else {"source_lens": rt.source_lens_json()}),
                 }
                 for rt in self.trajectories
             ],
@@ -514,9 +657,12 @@ class ResultManifest:
             raise ValidationError("result manifest", problems)
         trajs = []
         for i, t in enumerate(doc["trajectories"]):
-            traj_doc = {k: v for k, v in t.items() if k not in ("video", "files")}
+            traj_doc = {k: v for k, v in t.items() if k not in ("video", "files", "source_lens")}
             files = tuple(ResultFrame.from_json(f) for f in t["files"])
-            trajs.append(ResultTrajectory(Trajectory.from_json(traj_doc, f"trajectories[{i}]"), files, t.get("video")))
+            source = None
+            if t.get("source_lens") is not None:
+                source = Trajectory.from_json(_source_trajectory_json(traj_doc, t["source_lens"]), f"trajectories[{i}].source_lens")
+            trajs.append(ResultTrajectory(Trajectory.from_json(traj_doc, f"trajectories[{i}]"), files, t.get("video"), source))
         pc = doc.get("point_cloud")
         return cls(
             job_name=doc["job"]["name"],
@@ -593,8 +739,12 @@ def _validate_manifest(doc: Any, bundle_dir) -> list[Problem]:
             tpath = f"trajectories[{i}]"
             if not check_object(problems, tpath, t):
                 continue
-            traj_doc = {k: v for k, v in t.items() if k not in ("video", "files")}
-            problems.extend(validate_trajectory_json(traj_doc, tpath))
+            traj_doc = {k: v for k, v in t.items() if k not in ("video", "files", "source_lens")}
+            traj_problems = validate_trajectory_json(traj_doc, tpath)
+            problems.extend(traj_problems)
+            lens = t.get("source_lens")
+            if lens is not None and not traj_problems:
+                problems.extend(_source_lens_problems(traj_doc, lens, tpath))
             check_bundle_path(problems, f"{tpath}.video", t.get("video"), bundle_dir, optional=True)
             files = t.get("files")
             frames = t.get("frames") if isinstance(t.get("frames"), list) else []
@@ -638,6 +788,21 @@ def _validate_manifest(doc: Any, bundle_dir) -> list[Problem]:
             check_bundle_path(problems, f"{mp}.path", m.get("path"), bundle_dir)
             check_bundle_path(problems, f"{mp}.texture", m.get("texture"), bundle_dir)
     return problems
+
+
+def _source_lens_problems(traj_doc: dict, lens: Any, tpath: str) -> list[Problem]:
+    """A manifest trajectory's ``source_lens``: one entry per frame, each the intrinsics and lens of a valid frame."""
+    if not isinstance(lens, list) or len(lens) != len(traj_doc["frames"]):
+        return [Problem(f"{tpath}.source_lens", f"must be a list of one entry per frame ({len(traj_doc['frames'])})")]
+    problems: list[Problem] = []
+    for j, entry in enumerate(lens):
+        if check_object(problems, f"{tpath}.source_lens[{j}]", entry):
+            check_unknown_keys(problems, f"{tpath}.source_lens[{j}]", entry, set(SOURCE_LENS_KEYS))
+    if problems:
+        return problems
+    # The frames' own validation, with its paths named after source_lens.
+    return [Problem(p.path.replace(f"{tpath}.frames[", f"{tpath}.source_lens["), p.reason)
+            for p in validate_trajectory_json(_source_trajectory_json(traj_doc, lens), tpath)]
 
 
 def write_json_atomic(path: str | os.PathLike, doc: Any) -> None:

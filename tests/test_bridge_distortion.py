@@ -482,7 +482,8 @@ def test_single_focal_model_needs_equal_focal_lengths():
                                           f"(fx={doc['frames'][1]['fx']!r}, fy={doc['frames'][1]['fy']!r})"]
 
 
-def test_job_validation_refuses_distortion_with_its_field_path(tmp_path):
+def test_job_validation_accepts_distorted_and_fisheye_cameras(tmp_path):
+    # The engine undistorts them (engine/run/lens.py, tests/test_undistort_jobs.py); a bad lens is still named.
     from PIL import Image
 
     from keyframe_worlds.bridge import spec
@@ -490,15 +491,11 @@ def test_job_validation_refuses_distortion_with_its_field_path(tmp_path):
     Image.new("RGB", (64, 48)).save(tmp_path / "ref.png")
     doc = {"version": 1, "name": "j", "generator": "preview", "reference": {"image": "ref.png"},
            "trajectories": [make_trajectory("Plain", 2).to_json(), distorted("OPENCV", 3).to_json()]}
-    problems = spec.validate_job(doc, base_dir=tmp_path)
-    assert [p.path for p in problems] == ["trajectories[1].frames[0].distortion"]
-    assert ("camera 'Cam' has lens distortion (OPENCV k1=-0.24 k2=0.071 p1=0.0012 p2=-0.0017) (and 2 more frame(s)), "
-            "which is not yet supported by the engine: undistort first") in problems[0].reason
-    # A lens that projects like a pinhole is fine; a fisheye never is, even with zero parameters.
-    doc["trajectories"][1] = type(distorted())(**{**distorted().__dict__, "distortion": Distortion("OPENCV", (0, 0, 0, 0))}).to_json()
     assert spec.validate_job(doc, base_dir=tmp_path) == []
     doc["trajectories"][1] = type(distorted())(**{**distorted().__dict__, "distortion": Distortion("OPENCV_FISHEYE", (0, 0, 0, 0))}).to_json()
-    assert [p.path for p in spec.validate_job(doc, base_dir=tmp_path)] == ["trajectories[1].frames[0].distortion"]
+    assert spec.validate_job(doc, base_dir=tmp_path) == []
+    doc["trajectories"][1]["frames"][0]["distortion"]["params"] = [0.1]
+    assert [p.path for p in spec.validate_job(doc, base_dir=tmp_path)] == ["trajectories[1].frames[0].distortion.params"]
 
 
 def test_old_trajectory_json_without_lens_or_image_still_reads():
@@ -548,8 +545,8 @@ def test_lenses_images_and_points_round_trip(tmp_path_factory, seed, model, fmt,
     out = tmp_path_factory.mktemp(fmt) / ("model" if fmt.startswith("colmap") else "t.json")
     distorted_frames = any(t.has_distortion for t in trajectories)
     families = {d is not None and d.lens.fisheye for t in trajectories for d in t.distortion}
-    if fmt == "worldstereo" and distorted_frames:
-        with pytest.raises(KeyframeWorldsError, match="cannot be written as worldstereo"):
+    if fmt in ("worldstereo", "pano_bank") and distorted_frames:
+        with pytest.raises(KeyframeWorldsError, match=f"cannot be written as {fmt}"):
             formats.write_trajectory_set(tset, out, fmt)
         return
     if fmt == "nerfstudio" and (len(families) > 1 or (model == "FULL_OPENCV" and distorted_frames)):
@@ -561,7 +558,7 @@ def test_lenses_images_and_points_round_trip(tmp_path_factory, seed, model, fmt,
     by_name = {t.name: t for t in back.trajectories}
     for a in trajectories:
         b = by_name[a.name]
-        if fmt == "worldstereo":
+        if fmt in ("worldstereo", "pano_bank"):
             # These hold the projection, not the model's name, of a lens that is a pinhole anyway.
             assert all(d is None for d in b.distortion)
             a = type(a)(**{**a.__dict__, "distortion": None})

@@ -31,6 +31,7 @@ SUBSTITUTIONS = {
     "INPUTS.safetensors": str(WORLDSTEREO_FIXTURES / "memory" / "inputs.safetensors"),
     "CASE_DIR": str(WORLDSTEREO_FIXTURES / "pipeline" / "memory-dmd"),
     "WAN_DIR": str(WORLDSTEREO_FIXTURES / "pipeline" / "wan_tiny"),
+    "MODELS": "models",  # after MODELS/worldstereo-memory: a model folder in the scratch folder, empty (nothing downloads)
     # Filled in while running: the port the `serve` command printed, and a job submitted to it.
     "PORT": None,
     "JOB_ID": None,
@@ -41,6 +42,8 @@ NOT_RUN = {
     "make demo": "the full demo takes minutes; tests/test_demo.py runs it at 32 frames",
     "make test": "the whole suite, which this test is part of",
     "make extension": "tests/test_extension.py builds the zip and validates it with Blender's tool",
+    ".venv/bin/keyframe-worlds model download ": "needs the network (the Hugging Face Hub) and tens of GB; "
+                                                 "tests/test_model_hub.py runs it against a hub on loopback",
     "blender ": "needs the Blender application, which this machine lacks; the next block runs the same commands "
                 "through the bpy module (`keyframe-worlds scene`)",
 }

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ...bridge.errors import KeyframeWorldsError
 from ...bridge.spec import GeometryOptions
 from ..world.depth import DEFAULT_DEPTH_M, DepthEstimator, MemoryDepthCompletion
 
@@ -81,3 +82,52 @@ def reference_depth(rgb: torch.Tensor, depth_z_m: torch.Tensor | None, intrinsic
     flat = torch.full((height, width), float(flat_depth_m), dtype=torch.float32, device=rgb.device)
     return ReferenceDepth(flat, FLAT_BOARD_CONFIDENCE, "a flat board (no depth)", warning=warning)
 
+
+
+def panorama_depth(rgb: torch.Tensor, distance_m: torch.Tensor | None, estimator: DepthEstimator,
+                   flat_depth_m: float = DEFAULT_REFERENCE_DEPTH_M) -> ReferenceDepth:
+    """The depth to lift an equirectangular reference with (``bridge/panorama.py``): a ReferenceDepth whose
+    ``depth_z_m`` holds the distance along each pixel's ray instead (the panorama's depth, 0 = no surface).
+
+    rgb: (H, W, 3) uint8 panorama; distance_m: its (H, W) depth map (the add-on's panoramic render) or None.
+    Without one: a learned estimator's depth on cube faces aligned to one another
+    (``world/panorama.panorama_distance_from_faces``), else a sphere ``flat_depth_m`` around the camera, said so.
+    """
+    height, width = rgb.shape[:2]
+    if distance_m is not None:
+        return ReferenceDepth(distance_m, 1.0, "the given panorama depth (distance along each ray)")
+    predictor = getattr(estimator, "predictor", None)
+    if estimator.learned and predictor is not None:
+        import numpy as np
+
+        from ..world.depth_alignment import lift_reference
+        from ..world.panorama import panorama_distance_from_faces
+
+        failed: list[str] = []
+
+        def face_depth(image: np.ndarray, k: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            face = torch.from_numpy(image).to(rgb.device)
+            try:
+                estimate, _fit = lift_reference(predictor, face, intrinsics=torch.as_tensor(k, dtype=torch.float32, device=rgb.device))
+            except KeyframeWorldsError:  # nothing predicted on this face (a blank sky): the other faces still count
+                failed.append(str(len(failed)))
+                return np.zeros(image.shape[:2], np.float32), np.zeros(image.shape[:2], np.float32)
+            return estimate.depth_z_m[0].cpu().numpy(), estimate.confidence[0].cpu().numpy()
+
+        distance, confidence, fits = panorama_distance_from_faces(rgb.cpu().numpy(), face_depth)
+        covered = distance > 0
+        if covered.any():
+            scales = ", ".join(f"{f.face} {f.scale:.3g}" for f in fits)
+            source = f"the depth network on 6 cube faces aligned to one another (scales {scales})"
+            if not covered.all():
+                # Faces the network saw nothing on: at the typical distance of the others, trusted as little as a board.
+                distance = np.where(covered, distance, np.median(distance[covered])).astype(np.float32)
+                confidence = np.where(covered, confidence, FLAT_BOARD_CONFIDENCE).astype(np.float32)
+                source += f"; {len(failed)} face(s) without a prediction at the median distance"
+            return ReferenceDepth(torch.from_numpy(distance).to(rgb.device), torch.from_numpy(confidence).to(rgb.device), source)
+    why = ("the depth network predicted nothing on any of its cube faces" if estimator.learned and predictor is not None
+           else "no depth model is configured (geometry.depth_model)")
+    warning = (f"the panorama reference has no depth and {why}: it became a sphere {flat_depth_m:g} m around the "
+               f"camera; give it a depth or a depth model")
+    flat = torch.full((height, width), float(flat_depth_m), dtype=torch.float32, device=rgb.device)
+    return ReferenceDepth(flat, FLAT_BOARD_CONFIDENCE, "a sphere (no depth)", warning=warning)

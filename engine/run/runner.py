@@ -19,15 +19,17 @@ output setting never changes what is generated.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ...bridge.atomic import remove_temporary_files
+from ...bridge.errors import KeyframeWorldsError
 from ...bridge.jobs import Progress
-from ...bridge.spec import JobSpec, ResultManifest
+from ...bridge.panorama import EQUIRECTANGULAR
+from ...bridge.spec import JobSpec, ResultManifest, projection_problem
 from ...bridge.trajectory import Trajectory
 from .bundle import BundleWriter
 from ..generators import Generator, ReferenceFrame, SegmentRequest, get_generator
@@ -38,7 +40,9 @@ from ..world.depth import DepthEstimator
 from ..world.memory import PointMemory
 from ..world.retrieval import CandidateView, retrieve, target_samples
 from . import checkpoint
-from .geometry import DEFAULT_REFERENCE_DEPTH_M, build_depth_estimator, reference_depth
+from .geometry import DEFAULT_REFERENCE_DEPTH_M, build_depth_estimator, panorama_depth, reference_depth
+from .lens import pinhole_job
+from .seed import read_seed_points, seed_depth_at, seed_memory
 
 RETRIEVAL_SCALE = 0.125  # candidate depth maps and target samples at 1/8 of the frame size
 
@@ -68,27 +72,96 @@ BACKDROP_DISTANCE_FACTOR = 4.0
 BACKDROP_CONFIDENCE = 0.05
 
 
-def add_backdrop(memory: PointMemory, rgb: torch.Tensor, depth_z_m: torch.Tensor, c2w: torch.Tensor, k: torch.Tensor) -> int:
-    """Add the reference's no-surface pixels as a far, low-confidence backdrop; returns how many points."""
+def add_backdrop(memory: PointMemory, rgb: torch.Tensor, depth_z_m: torch.Tensor, c2w: torch.Tensor, k: torch.Tensor,
+                 where: torch.Tensor | None = None) -> int:
+    """Add the reference's no-surface pixels (of ``where``, (H, W) bool, default all) as a far, low-confidence backdrop;
+    returns how many points."""
     surface = depth_z_m > 0
-    if bool(surface.all()) or not bool(surface.any()):
+    empty = ~surface if where is None else ~surface & where.to(surface.device)
+    if not bool(empty.any()) or not bool(surface.any()):
         return 0
     far = float(torch.quantile(depth_z_m[surface].float().cpu(), 0.98)) * BACKDROP_DISTANCE_FACTOR
     return memory.add_rgbd(rgb, torch.full_like(depth_z_m, far), c2w, k, frame_index=0, confidence=BACKDROP_CONFIDENCE,
-                           where=~surface)
+                           where=empty)
 
 
 def load_reference(spec: JobSpec) -> tuple[Trajectory, int, np.ndarray, np.ndarray | None]:
-    """The reference trajectory, frame index, RGB (H, W, 3) uint8 and z-depth (H, W) or None, at the trajectory's size."""
+    """The reference trajectory, frame index, RGB (H, W, 3) uint8 and depth (H, W) or None.
+
+    A perspective reference comes at the trajectory's size (z-depth); an equirectangular one at its own size
+    (depth: distance along the rays). A 2:1 image for a camera of another shape is refused, never squashed.
+    """
     traj, index = spec.reference_view()
     raw_rgb = read_reference_rgb(spec.reference.image)
-    rgb = _resize(raw_rgb, traj.width, traj.height, nearest=False)
+    problem = projection_problem(spec.reference.projection, raw_rgb.shape[1], raw_rgb.shape[0], traj, spec.reference.image)
+    if problem:
+        raise KeyframeWorldsError(f"reference.projection: {problem}")
+    panorama = spec.reference.projection == EQUIRECTANGULAR
+    rgb = raw_rgb if panorama else _resize(raw_rgb, traj.width, traj.height, nearest=False)
     depth = None
     if spec.reference.depth:
         depth = read_reference_depth(spec.reference.depth)
         check_depth_matches(depth, raw_rgb, spec.reference.depth, spec.reference.image)
-        depth = _resize(depth, traj.width, traj.height, nearest=True)
+        if not panorama:
+            depth = _resize(depth, traj.width, traj.height, nearest=True)
     return traj, index, rgb, depth
+
+
+def lift_panorama_reference(memory: PointMemory, rgb: torch.Tensor, distance: torch.Tensor, confidence, c2w: torch.Tensor,
+                            traj: Trajectory, frame: int, history: "_History") -> None:
+    """An equirectangular reference into the memory (and its no-surface pixels as the far backdrop); the memory
+    seen along the panorama's four horizontal cube faces, at the reference camera's size, joins the retrieval
+    candidates (the generators take perspective views only)."""
+    from ..world.panorama import face_camera, lift_panorama
+
+    lift_panorama(memory, rgb, distance, c2w, frame_index=0, confidence=confidence)
+    surface = distance > 0
+    if bool(surface.any()) and not bool(surface.all()):
+        far = float(torch.quantile(distance[surface].float().cpu(), 0.98)) * BACKDROP_DISTANCE_FACTOR
+        lift_panorama(memory, rgb, torch.full_like(distance, far), c2w, frame_index=0, confidence=BACKDROP_CONFIDENCE,
+                      where=~surface)
+    f = traj.width / 2.0  # a 90-degree horizontal view, square pixels
+    k = torch.tensor([f, f, traj.width / 2.0, traj.height / 2.0], dtype=torch.float64)
+    for face in ("front", "right", "back", "left"):
+        face_c2w = face_camera(c2w, face)
+        seen = memory.render(face_c2w[None], k[None], traj.width, traj.height)
+        cand, view = _candidate((f"{traj.name} {face}", frame), seen.rgb[0], seen.depth_z_m[0], face_c2w, k, traj.width, traj.height)
+        history.candidates.append(cand)
+        history.frames.append(view)
+
+
+def lift_reference_views(spec: JobSpec, memory: PointMemory, estimator: DepthEstimator, progress: Progress,
+                         history: "_History", device: torch.device) -> int:
+    """``reference.views``: every frame with an image in that trajectory file (a ``pano_bank``, ...) is fused into
+    the first memory with its own camera, its depth estimated against what the memory already holds (a learned
+    network aligned to it, else the memory's completion). Returns how many views."""
+    from ...bridge.formats import read_trajectory_set
+
+    folder = Path(spec.reference.views)
+    base = folder if folder.is_dir() else folder.parent
+    count = 0
+    for traj in read_trajectory_set(folder).trajectories:
+        estimator.reset()
+        for i, image in enumerate(traj.images):
+            if image is None:
+                continue
+            raw = read_reference_rgb(base / image, what=f"reference.views {traj.name!r} frame {int(traj.frames[i])}")
+            if raw.shape[:2] != (traj.height, traj.width):
+                raise KeyframeWorldsError(f"reference.views: {base / image} is {raw.shape[1]}x{raw.shape[0]} px but its camera "
+                                          f"{traj.name!r} is {traj.width}x{traj.height}")
+            rgb = torch.from_numpy(raw).to(device)
+            c2w, k = _camera(traj, i)
+            rendered = memory.render(c2w[None], k[None], traj.width, traj.height)
+            depth = estimator.estimate(rgb[None], rendered, point_confidence=memory.confidence, intrinsics=k[None])
+            memory.fuse(rgb, depth.depth_z_m[0], c2w, k, frame_index=0, confidence=depth.confidence[0])
+            cand, frame = _candidate((traj.name, int(traj.frames[i])), rgb, depth.depth_z_m[0], c2w, k, traj.width, traj.height)
+            history.candidates.append(cand)
+            history.frames.append(frame)
+            count += 1
+    if count == 0:
+        raise KeyframeWorldsError(f"reference.views: {folder} has no frame with an image")
+    progress.log(f"reference views: {count} from {folder}, {len(memory)} points")
+    return count
 
 
 def _camera(traj: Trajectory, i: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -140,15 +213,33 @@ def run_job(
     total = sum(len(t) for t in spec.trajectories)
 
     progress.stage("reference", "reading the reference")
-    ref_traj, ref_index, ref_rgb_np, ref_depth_np = load_reference(spec)
+    # Distorted cameras become the pinholes keeping their field of view; checkpoints still name the job as given.
+    lens = pinhole_job(spec)
+    for line in lens.log:
+        progress.log(line)
+    ref_traj, ref_index, ref_rgb_np, ref_depth_np = load_reference(lens.spec)
+    ref_rgb_np, ref_depth_np, ref_valid = lens.undistort_reference(ref_rgb_np, ref_depth_np)
     ref_c2w, ref_k = _camera(ref_traj, ref_index)
+    memory = PointMemory(device=device, max_points=spec.output.point_budget)
+    if spec.reference.points:
+        seed = read_seed_points(spec.reference.points)
+        progress.log(f"memory seeded with {seed_memory(memory, seed)} of {len(seed.positions_world)} points of {seed.source}")
+        if ref_depth_np is None:
+            ref_depth_np = seed_depth_at(memory, ref_c2w, ref_k, ref_traj.width, ref_traj.height)
+            progress.log(f"reference depth: the seed's points at the reference camera ({float((ref_depth_np > 0).mean()):.0%} "
+                         "of the pixels)")
     estimator = depth_estimator or build_depth_estimator(spec.geometry, device)
     if estimator.learned:
         progress.log(f"depth: {getattr(getattr(estimator, 'predictor', None), 'info', estimator.name)}")
     progress.stage("memory", "lifting the reference")
     ref_rgb = torch.from_numpy(ref_rgb_np).to(device)
-    lifted = reference_depth(ref_rgb, None if ref_depth_np is None else torch.from_numpy(ref_depth_np).to(device), ref_k,
-                             estimator, float(spec.options.get("reference_depth_m", DEFAULT_REFERENCE_DEPTH_M)))
+    panorama = spec.reference.projection == EQUIRECTANGULAR
+    flat_depth_m = float(spec.options.get("reference_depth_m", DEFAULT_REFERENCE_DEPTH_M))
+    given_depth = None if ref_depth_np is None else torch.from_numpy(ref_depth_np).to(device)
+    if panorama:
+        lifted = panorama_depth(ref_rgb, given_depth, estimator, flat_depth_m)
+    else:
+        lifted = reference_depth(ref_rgb, given_depth, ref_k, estimator, flat_depth_m)
     warnings = [lifted.warning] if lifted.warning else []
     progress.log(f"reference depth: {lifted.source}")
     if lifted.focal_px is not None:
@@ -156,12 +247,23 @@ def run_job(
                      f"{float(ref_k[0]):.1f} px")
     if lifted.warning:
         progress.warn(lifted.warning)
-    memory = PointMemory(device=device, max_points=spec.output.point_budget)
     ref_depth = lifted.depth_z_m.to(device)
-    memory.add_rgbd(ref_rgb, ref_depth, ref_c2w, ref_k, frame_index=0, confidence=lifted.confidence)
-    add_backdrop(memory, ref_rgb, ref_depth, ref_c2w, ref_k)
-    cand, frame = _candidate((ref_traj.name, int(ref_traj.frames[ref_index])), ref_rgb, ref_depth, ref_c2w, ref_k, ref_traj.width, ref_traj.height)
-    history = _History([cand], [frame])
+    if ref_valid is not None:  # pinhole pixels the distorted plate does not reach hold nothing
+        ref_depth = torch.where(torch.from_numpy(ref_valid).to(device), ref_depth, torch.zeros_like(ref_depth))
+    if panorama:
+        history = _History([], [])
+        lift_panorama_reference(memory, ref_rgb, ref_depth, lifted.confidence, ref_c2w, ref_traj,
+                                int(ref_traj.frames[ref_index]), history)
+    else:
+        if spec.reference.points:  # the seed keeps what it shows; the reference adds only what the seed does not explain
+            memory.fuse(ref_rgb, ref_depth, ref_c2w, ref_k, frame_index=0, confidence=lifted.confidence)
+        else:
+            memory.add_rgbd(ref_rgb, ref_depth, ref_c2w, ref_k, frame_index=0, confidence=lifted.confidence)
+        add_backdrop(memory, ref_rgb, ref_depth, ref_c2w, ref_k, where=None if ref_valid is None else torch.from_numpy(ref_valid))
+        cand, frame = _candidate((ref_traj.name, int(ref_traj.frames[ref_index])), ref_rgb, ref_depth, ref_c2w, ref_k, ref_traj.width, ref_traj.height)
+        history = _History([cand], [frame])
+    if spec.reference.views:
+        lift_reference_views(spec, memory, estimator, progress, history, device)
     progress.stage("memory", f"{len(memory)} points", done=1, total=1)
 
     geometry = spec.geometry
@@ -187,7 +289,7 @@ def run_job(
         bundle.resume(saved.finished, saved.finished_meshes)
         progress.log(f"resuming from the checkpoint: {done} of {total} frames were finished")
         progress.frames(done, total, f"resuming after {done} finished frames")
-    for traj_index, traj in enumerate(spec.trajectories):
+    for traj_index, traj in enumerate(lens.spec.trajectories):
         if restored is not None and traj_index < saved.trajectory:
             continue
         output = bundle.trajectory(traj)
@@ -257,6 +359,7 @@ def run_job(
         memory.positions_world.cpu().numpy(), memory.colors.cpu().numpy(),
         memory.confidence.cpu().numpy(), memory.frame_index.cpu().numpy(),
     )
+    bundle.trajectories = [replace(rt, source=lens.sources.get(rt.trajectory.name)) for rt in bundle.trajectories]
     manifest = bundle.finish(tuple(warnings))
     checkpoint.remove(out_dir)
     progress.stage("done", f"{total} frames -> {out_dir}", done=total, total=total)

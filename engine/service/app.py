@@ -3,7 +3,7 @@
 Routes (all under ``/v1``; every one but ``health`` needs ``Authorization: Bearer <token>``):
 
     GET  /health                     version, devices, generators, GPU memory, job counts, disk use
-    POST /jobs                       submit: multipart (spec + image [+ depth] uploads),
+    POST /jobs                       submit: multipart (spec + image [+ depth] [+ points] uploads),
                                      or a JSON spec with local paths (loopback clients only)
     GET  /jobs                       every job, oldest first
     GET  /jobs/{id}                  state, stage, progress, frames done, time left, error
@@ -41,6 +41,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ... import __version__
 from ...bridge.errors import KeyframeWorldsError, Problem, ValidationError
 from ...bridge.jobs import CANCELLING_STAGE, STATUS_FIELD_DOCS, JobState, JobStatus
+from ...bridge.panorama import PROJECTIONS
 from ...bridge.spec import MANIFEST_FILENAME, validate_job
 from ...bridge.trajectory import safe_text
 from .jobs import (
@@ -57,7 +58,7 @@ from .jobs import (
 
 API_PREFIX = "/v1"
 # Parts a multipart submission may carry.
-UPLOAD_FIELDS = ("spec", "image", "depth")
+UPLOAD_FIELDS = ("spec", "image", "depth", "points")
 
 
 # --- errors ----------------------------------------------------------------------
@@ -193,7 +194,13 @@ def job_spec_schema() -> dict:
             "reference": {"type": "object", "additionalProperties": False, "required": ["image"],
                           "properties": {"image": {"type": "string", "description": "the reference image's path"},
                                          "depth": {"type": "string", "description": "its z-depth in metres (.npy or .exr)"},
-                                         "trajectory": {"type": "string"}, "frame": {"type": "integer"}}},
+                                         "trajectory": {"type": "string"}, "frame": {"type": "integer"},
+                                         "projection": {"type": "string", "enum": list(PROJECTIONS),
+                                                        "description": "equirectangular: a 2:1 panorama around the reference camera"},
+                                         "views": {"type": "string", "description": "a trajectory file or folder (a pano_bank) "
+                                                   "whose frames' images are more reference views (local paths only)"},
+                                         "points": {"type": "string", "description": "a point cloud seeding the memory "
+                                                    "(.ply, or a COLMAP model folder), in the trajectories' world frame"}}},
             "trajectories": {"type": "array", "minItems": 1, "maxItems": MAX_TRAJECTORIES, "items": trajectory},
             "output": {"type": "object", "additionalProperties": False,
                        "properties": {"mesh_every": {"type": "integer", "minimum": 1, "maximum": 100_000},
@@ -405,6 +412,8 @@ def create_app(manager: JobManager, settings: AppSettings) -> FastAPI:
                                                     "name the uploaded files"},
                             "image": {"type": "string", "format": "binary", "description": "the reference image"},
                             "depth": {"type": "string", "format": "binary", "description": "its z-depth (.npy or .exr), when the spec names one"},
+                            "points": {"type": "string", "format": "binary",
+                                       "description": "the memory's seed (.ply), when the spec names reference.points"},
                         },
                     }
                 },
@@ -431,7 +440,7 @@ def create_app(manager: JobManager, settings: AppSettings) -> FastAPI:
         elif content_type == "multipart/form-data":
             doc, inputs = await _multipart_submission(request, settings.max_body_bytes)
         else:
-            raise ApiError(415, f"unsupported content type {content_type!r}: send multipart/form-data (spec, image, depth) "
+            raise ApiError(415, f"unsupported content type {content_type!r}: send multipart/form-data (spec, image, depth, points) "
                                 "or application/json (a spec with local paths)")
         if doc["generator"] not in settings.generators:
             raise ApiError(400, "job spec is invalid (1 problem(s))",
@@ -464,7 +473,7 @@ def create_app(manager: JobManager, settings: AppSettings) -> FastAPI:
         if base_dir is not None and not Path(base_dir).is_absolute():
             raise ApiError(400, "request is invalid", [Problem("base_dir", f"must be an absolute folder, got {base_dir!r}")])
         check_spec(doc, base_dir=None, check_files=False)
-        for key in ("image", "depth"):
+        for key in ("image", "depth", "points"):
             value = doc["reference"].get(key)
             if value is not None and not Path(value).is_absolute() and base_dir is None:
                 raise ApiError(400, "job spec is invalid (1 problem(s))",
@@ -472,12 +481,20 @@ def create_app(manager: JobManager, settings: AppSettings) -> FastAPI:
         base = Path(base_dir or "/")
         # Before the files are looked at, so nothing (not even whether a file exists) is told outside the allowed folders.
         readable = {key: allowed_file(base / doc["reference"][key], f"reference.{key}", settings.allowed_paths)
-                    for key in ("image", "depth") if doc["reference"].get(key)}
+                    for key in ("image", "depth", "points") if doc["reference"].get(key)}
+        views = doc["reference"].get("views")
+        if isinstance(views, str):
+            # Read in place by the job (a folder of views is not copied): the spec keeps the resolved path.
+            doc["reference"]["views"] = str(allowed_file(base / views, "reference.views", settings.allowed_paths))
         model = (doc.get("geometry") or {}).get("depth_model")
         if isinstance(model, str) and Path(model).is_absolute():
             allowed_file(Path(model), "geometry.depth_model", settings.allowed_paths)
         check_spec(doc, base_dir=base, check_files=True)
         inputs = {key: copier(path) for key, path in readable.items()}
+        if "points" in readable and readable["points"].is_dir():
+            # A COLMAP model folder is copied as the PLY of its points3D, the one form a job folder carries.
+            inputs["points"] = seed_copier(readable["points"])
+            doc["reference"]["points"] = f"{readable['points'].name or 'points'}.ply"
         return doc, inputs
 
     async def _multipart_submission(request: Request, limit: int) -> tuple[dict, dict]:
@@ -501,7 +518,7 @@ def create_app(manager: JobManager, settings: AppSettings) -> FastAPI:
         doc = parse_json(raw, "spec part")
         check_spec(doc, base_dir=None, check_files=False)
         inputs = {}
-        for key in ("image", "depth"):
+        for key in ("image", "depth", "points"):
             named = doc["reference"].get(key)
             part = form.get(key)
             if named is not None and part is None:
@@ -656,6 +673,16 @@ def copier(source: Path) -> Callable[[Path], None]:
                 os.close(dst)
         finally:
             os.close(src)
+
+    return write
+
+
+def seed_copier(folder: Path) -> Callable[[Path], None]:
+    """Write the points3D of the COLMAP model in ``folder`` (a resolved path) to the job as PLY."""
+    def write(target: Path) -> None:
+        from ...bridge.seed import seed_as_ply
+
+        seed_as_ply(folder, target)
 
     return write
 

@@ -1,0 +1,82 @@
+"""A job's distorted cameras made pinhole: the trajectories it generates along, and its reference image and depth.
+
+The engine renders and generates pinhole views only. A trajectory whose frames carry lens distortion
+(``bridge.cameras.Distortion``) is replaced by the pinhole that keeps each lens's field of view
+(``world/undistort.py``, OpenCV); frames sharing a lens (model, parameters, intrinsics) share that pinhole, so
+a camera's video has one focal length wherever its lens has one. The reference image (and its depth) is
+undistorted to its frame's pinhole. The result manifest keeps both: each trajectory as generated (pinhole) and
+its ``source_lens`` (the job's intrinsics and distortion), which the add-on sets on the movie clip.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from ...bridge.cameras import Intrinsics
+from ...bridge.spec import JobSpec
+from ...bridge.trajectory import Trajectory
+from ..world.undistort import pinhole_keeping_fov, undistort_maps
+
+
+@dataclass
+class PinholeJob:
+    """What undistortion made of a job.
+
+    spec: the job with every trajectory pinhole; sources: the job's own trajectory, by name, of each that changed;
+    log: one line per distinct lens, what was done.
+    """
+
+    spec: JobSpec
+    sources: dict[str, Trajectory] = field(default_factory=dict)
+    log: list[str] = field(default_factory=list)
+
+    def undistort_reference(self, rgb: np.ndarray, depth_z_m: np.ndarray | None
+                            ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """The reference (H, W, 3) uint8 and z-depth (H, W) metres or None, at the trajectory's size, as its pinhole sees
+        them, and the (H, W) bool mask of pixels the plate reaches (None: the reference camera is a pinhole).
+
+        Depth is remapped to the nearest source pixel: a pinhole ray is the same ray of the lens, so its z-depth
+        along the axis is unchanged, and no depth is blended across an edge or with a pixel that has none.
+        """
+        traj, index = self.spec.reference_view()
+        source = self.sources.get(traj.name)
+        if source is None or source.distortion[index] is None or source.distortion[index].is_pinhole:
+            return rgb, depth_z_m, None
+        maps = undistort_maps(source.intrinsics(index), source.distortion[index], traj.intrinsics(index))
+        rgb = maps.remap(rgb)
+        if depth_z_m is not None:
+            depth_z_m = maps.remap(depth_z_m.astype(np.float32), nearest=True)
+        return rgb, depth_z_m, maps.valid
+
+
+def pinhole_job(spec: JobSpec) -> PinholeJob:
+    """``spec`` with its distorted trajectories replaced by pinhole ones keeping each lens's field of view."""
+    result = PinholeJob(spec)
+    trajectories = []
+    for traj in spec.trajectories:
+        if not traj.has_distortion:
+            trajectories.append(traj if all(d is None for d in traj.distortion) else replace(traj, distortion=None))
+            continue
+        chosen: dict[tuple, Intrinsics] = {}
+        fx, fy, cx, cy = (np.array(getattr(traj, k)) for k in ("fx", "fy", "cx", "cy"))
+        for i, lens in enumerate(traj.distortion):
+            if lens is None or lens.is_pinhole:
+                continue
+            intr = traj.intrinsics(i)
+            key = (lens, intr.fx, intr.fy, intr.cx, intr.cy)
+            if key not in chosen:
+                chosen[key] = pinhole_keeping_fov(intr, lens)
+                new = chosen[key]
+                result.log.append(
+                    f"lens: camera {traj.name!r} {lens.describe()} undistorted (OpenCV) to a pinhole keeping its field of "
+                    f"view: focal {intr.fx:.2f} x {intr.fy:.2f} px -> {new.fx:.2f} x {new.fy:.2f} px, principal point "
+                    f"({intr.cx:.2f}, {intr.cy:.2f}) -> ({new.cx:.2f}, {new.cy:.2f})")
+            new = chosen[key]
+            fx[i], fy[i], cx[i], cy[i] = new.fx, new.fy, new.cx, new.cy
+        trajectories.append(replace(traj, fx=fx, fy=fy, cx=cx, cy=cy, distortion=None))
+        result.sources[traj.name] = traj
+    if result.sources:
+        result.spec = replace(spec, trajectories=tuple(trajectories))
+    return result

@@ -1,0 +1,116 @@
+"""Undistortion of images to pinhole cameras with OpenCV: the engine renders and generates pinhole views only.
+
+A lens is a ``bridge.cameras.Distortion`` (COLMAP's models) with the frame's ``fx, fy, cx, cy``; OpenCV's
+``cv2`` (pinhole family, the rational model with its eight coefficients) and ``cv2.fisheye`` (the equidistant
+polynomial) hold every one of them (``Distortion.opencv_coefficients``). The pinhole chosen keeps the field of
+view: every pixel of the distorted image lands inside the pinhole frame of the same size and pixel aspect
+(``pinhole_keeping_fov``), so nothing the plate shows is cropped; the pinhole pixels no source pixel reaches are
+marked invalid (``UndistortMaps.valid``). The maps are OpenCV's (``cv2.initUndistortRectifyMap`` and its
+``cv2.fisheye`` twin).
+
+Pixel convention: ours is continuous, the top-left pixel's centre at (0.5, 0.5) (``bridge/cameras.py``);
+OpenCV puts pixel centres on integers. ``_k_opencv`` / ``_k_ours`` are the one place the half pixel is moved.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from ...bridge.cameras import Distortion, Intrinsics
+
+def _k_opencv(intr: Intrinsics) -> np.ndarray:
+    """Our intrinsics -> OpenCV's 3x3 K (principal point moved by half a pixel: OpenCV's pixel centres are integers)."""
+    return np.array([[intr.fx, 0.0, intr.cx - 0.5], [0.0, intr.fy, intr.cy - 0.5], [0.0, 0.0, 1.0]])
+
+
+def _k_ours(k: np.ndarray, width: int, height: int) -> Intrinsics:
+    """OpenCV's 3x3 K -> our intrinsics of a ``width`` x ``height`` image."""
+    return Intrinsics(float(k[0, 0]), float(k[1, 1]), float(k[0, 2]) + 0.5, float(k[1, 2]) + 0.5, int(width), int(height))
+
+
+def undistort_points_normalized(points_px: np.ndarray, intr: Intrinsics, distortion: Distortion) -> np.ndarray:
+    """Our continuous pixels ``(N, 2)`` of the distorted camera -> ideal normalised coordinates ``(x / z, y / z)`` ``(N, 2)``.
+
+    OpenCV's iterative undistortion run to convergence (``UNDISTORT_CRITERIA``): its default of a few iterations is
+    pixels off near the corners of a strong lens.
+    """
+    pts = (np.asarray(points_px, dtype=np.float64) - 0.5).reshape(-1, 1, 2)
+    coefficients = np.array(distortion.opencv_coefficients(), dtype=np.float64)
+    if distortion.lens.fisheye:
+        out = cv2.fisheye.undistortPoints(pts, _k_opencv(intr), coefficients.reshape(4, 1), R=np.eye(3),
+                                          criteria=UNDISTORT_CRITERIA)
+    else:
+        out = cv2.undistortPointsIter(pts, _k_opencv(intr), coefficients, np.eye(3), np.eye(3), UNDISTORT_CRITERIA)
+    return out.reshape(-1, 2)
+
+
+UNDISTORT_CRITERIA = (cv2.TERM_CRITERIA_COUNT | cv2.TERM_CRITERIA_EPS, 200, 1e-14)
+#: Samples per side of the plate's outline whose undistortion bounds the pinhole frame.
+OUTLINE_SAMPLES = 65
+#: A pinhole sees at most this far off axis (tan of the half angle, 80 degrees): a fisheye's wider rays are cropped.
+MAX_PINHOLE_TAN = float(np.tan(np.radians(80.0)))
+
+
+def pinhole_keeping_fov(intr: Intrinsics, distortion: Distortion) -> Intrinsics:
+    """The pinhole, at the same size and pixel aspect, whose frame holds every pixel of the distorted image ``intr``.
+
+    The plate's outline (``OUTLINE_SAMPLES`` points a side) is undistorted; one scale of ``fx, fy`` and a principal
+    point fit its bounding box into the frame, centred. (What ``cv2.getOptimalNewCameraMatrix`` does with alpha 1,
+    but with the outline undistorted to convergence and the pixel aspect kept; OpenCV's own is a few pixels short on
+    strong lenses.)
+    """
+    t = np.linspace(0.0, 1.0, OUTLINE_SAMPLES)
+    w, h = float(intr.width), float(intr.height)
+    outline = np.concatenate([np.stack([t * w, np.zeros_like(t)], -1), np.stack([t * w, np.full_like(t, h)], -1),
+                              np.stack([np.zeros_like(t), t * h], -1), np.stack([np.full_like(t, w), t * h], -1)])
+    xy = undistort_points_normalized(outline, intr, distortion)
+    xy = np.clip(np.nan_to_num(xy, nan=0.0, posinf=MAX_PINHOLE_TAN, neginf=-MAX_PINHOLE_TAN), -MAX_PINHOLE_TAN, MAX_PINHOLE_TAN)
+    lo, hi = xy.min(0), xy.max(0)
+    scale = min(w / (intr.fx * (hi[0] - lo[0])), h / (intr.fy * (hi[1] - lo[1])))
+    fx, fy = intr.fx * scale, intr.fy * scale
+    return Intrinsics(float(fx), float(fy), float(w / 2 - fx * (hi[0] + lo[0]) / 2), float(h / 2 - fy * (hi[1] + lo[1]) / 2),
+                      intr.width, intr.height)
+
+
+@dataclass(frozen=True)
+class UndistortMaps:
+    """Where each pinhole pixel comes from in the distorted image.
+
+    source_x, source_y: ``(H, W)`` float32, OpenCV pixel coordinates (``cv2.remap``'s maps; add 0.5 for ours);
+    valid: ``(H, W)`` bool, the pinhole pixels a source pixel reaches.
+    """
+
+    source_x: np.ndarray
+    source_y: np.ndarray
+    valid: np.ndarray
+
+    def remap(self, image: np.ndarray, nearest: bool = False) -> np.ndarray:
+        """``image`` (H, W[, C]) of the distorted camera as the pinhole sees it; invalid pixels are 0.
+
+        ``nearest``: take the nearest source pixel (depth, masks: no value is ever blended with a neighbour,
+        so a depth edge or a pixel without depth (0) is never averaged into a surface).
+        """
+        interpolation = cv2.INTER_NEAREST if nearest else cv2.INTER_LINEAR
+        out = cv2.remap(np.ascontiguousarray(image), self.source_x, self.source_y, interpolation,
+                        borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+        out[~self.valid] = 0
+        return out
+
+
+def undistort_maps(intr: Intrinsics, distortion: Distortion, pinhole: Intrinsics) -> UndistortMaps:
+    """The maps taking the distorted camera ``intr`` + ``distortion`` to the pinhole ``pinhole`` (same size)."""
+    size = (pinhole.width, pinhole.height)
+    coefficients = np.array(distortion.opencv_coefficients(), dtype=np.float64)
+    if distortion.lens.fisheye:
+        map_x, map_y = cv2.fisheye.initUndistortRectifyMap(_k_opencv(intr), coefficients.reshape(4, 1), np.eye(3),
+                                                           _k_opencv(pinhole), size, cv2.CV_32FC1)
+    else:
+        map_x, map_y = cv2.initUndistortRectifyMap(_k_opencv(intr), coefficients, np.eye(3), _k_opencv(pinhole), size,
+                                                   cv2.CV_32FC1)
+    # A source position counts when its nearest pixel is inside the distorted image.
+    valid = (map_x > -0.5) & (map_x < intr.width - 0.5) & (map_y > -0.5) & (map_y < intr.height - 0.5)
+    valid &= np.isfinite(map_x) & np.isfinite(map_y)
+    return UndistortMaps(map_x, map_y, valid)
