@@ -82,8 +82,10 @@ def test_the_readme_commands_are_runnable_from_the_repository_root():
 
 @pytest.fixture(scope="module")
 def scratch(tmp_path_factory):
-    """The scratch folder, holding ``shot.blend``: the demo's street, 24 frames at 64x36 (cameras Dolly and Crane)."""
+    """The scratch folder, holding ``shot.blend``: the demo's street, 24 frames at 64x36 (cameras Dolly and Crane),
+    and an empty ``models/`` (MODELS: what `model download` would fill)."""
     folder = tmp_path_factory.mktemp("readme")
+    (folder / "models").mkdir()
     code = (
         "import sys, bpy\n"
         f"sys.path.insert(0, {str(REPO_ROOT / 'scripts')!r})\n"
