@@ -14,7 +14,7 @@ import importlib
 import sys
 
 from . import __version__
-from .bridge.errors import KeyframeWorldsError
+from .bridge.errors import ERROR_PREFIX, KeyframeWorldsError
 
 # Modules (relative to this package) that contribute subcommands, in help order.
 COMMAND_MODULES = (
@@ -24,6 +24,30 @@ COMMAND_MODULES = (
     ".engine.service.commands",
     ".addon.headless",
 )
+
+
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Every option's help ends with its default, where it has one worth saying (not None, False or empty) and the
+    help does not already name it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        # By identity: 0 is a default worth saying, False (a flag's) is not.
+        if (default is None or default is False or default is argparse.SUPPRESS or default in ("", []) or "default" in text
+                or not action.option_strings or isinstance(action, argparse._StoreConstAction)):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def show_defaults(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Give ``parser`` and every sub-command's parser below it :class:`DefaultsHelpFormatter`; returns ``parser``."""
+    parser.formatter_class = DefaultsHelpFormatter
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                show_defaults(sub)
+    return parser
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
                 continue
             raise
         module.add_commands(subparsers)
-    return parser
+    return show_defaults(parser)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,12 +76,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.handler(args) or 0)
     except KeyframeWorldsError as exc:
-        print(f"keyframe-worlds: error: {exc}", file=sys.stderr)
+        print(f"{ERROR_PREFIX} {exc}", file=sys.stderr)
         return 2
     except OSError as exc:  # a file or folder the command could not read or write: one line, not a traceback
         from .bridge.paths import describe_os_error
 
-        print(f"keyframe-worlds: error: {describe_os_error(exc)}", file=sys.stderr)
+        print(f"{ERROR_PREFIX} {describe_os_error(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("keyframe-worlds: interrupted", file=sys.stderr)

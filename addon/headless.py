@@ -19,7 +19,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..bridge.errors import KeyframeWorldsError
+from ..bridge.errors import ERROR_PREFIX, KeyframeWorldsError
 from ..bridge.formats import FORMATS
 from ..bridge.panorama import PERSPECTIVE, PROJECTIONS
 from ..bridge.paths import check_output
@@ -37,6 +37,16 @@ def _frames(text: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(f"frames must look like A-B (e.g. 1-120), got {text!r}") from None
 
 
+def _at_least_one(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value} (a bundle without meshes: import with --no-meshes)")
+    return value
+
+
 def _add_camera_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--camera", action="append", help="camera object name (repeatable); default: --cameras")
     p.add_argument("--cameras", choices=CAMERA_SOURCES, default="SCENE", help="which cameras when no --camera is given")
@@ -48,17 +58,18 @@ def add_scene_commands(subparsers: argparse._SubParsersAction) -> None:
     """Add ``trajectory``, ``generate`` and ``import`` to ``subparsers``."""
     t = subparsers.add_parser("trajectory", help="write camera trajectories from the scene")
     _add_camera_arguments(t)
-    t.add_argument("--format", required=True, choices=FORMATS)
-    t.add_argument("--out", required=True)
+    t.add_argument("--format", required=True, choices=FORMATS, help="the trajectory format to write")
+    t.add_argument("--out", required=True, help="the file (or, for colmap and colmap-binary, folder) to write")
     t.set_defaults(scene_handler=cmd_trajectory)
 
     g = subparsers.add_parser("generate", help="run a job from the scene in the engine")
     _add_camera_arguments(g)
     g.add_argument("--out", required=True, help="job folder: job.json, reference and the result bundle (bundle/)")
     g.add_argument("--name", default=None, help="job name (default: the folder's name)")
-    g.add_argument("--generator", default="preview", choices=GENERATORS)
-    g.add_argument("--prompt", default="")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--generator", default="preview", choices=GENERATORS,
+                   help="preview: the memory rendered along the cameras, no weights; worldstereo: the diffusion model")
+    g.add_argument("--prompt", default="", help="what the world looks like (used by worldstereo)")
+    g.add_argument("--seed", type=int, default=0, help="random seed of the generator")
     g.add_argument("--reference", help="reference image file (default: render the first frame from the scene)")
     g.add_argument("--projection", choices=PROJECTIONS, default=PERSPECTIVE,
                    help="what the --reference image is: the camera's view, or a 2:1 equirectangular panorama around it")
@@ -66,8 +77,9 @@ def add_scene_commands(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--depth-file", help="reference depth file (.npy z-depth in metres, or .exr)")
     g.add_argument("--seed-object", default="", help="a mesh or point-cloud object whose points seed the memory (reference.points)")
     g.add_argument("--samples", type=int, default=16, help="Cycles samples for the reference render")
-    g.add_argument("--mesh-every", type=int, help="a depth mesh in the bundle every N frames of each camera (default 8)")
-    g.add_argument("--mesh-stride", type=int, help="a mesh vertex every N pixels (default 4)")
+    g.add_argument("--mesh-every", type=_at_least_one, metavar="N",
+                   help="a depth mesh in the bundle every N frames of each camera, N >= 1 (default: 8, the spec's)")
+    g.add_argument("--mesh-stride", type=_at_least_one, metavar="N", help="a mesh vertex every N pixels (default: 4, the spec's)")
     g.add_argument("--engine-python", help="the engine's Python (default: $KEYFRAME_WORLDS_ENGINE_PYTHON, else this Python)")
     g.add_argument("--model-dir", help="worldstereo: folder with one folder per variant (and the Wan2.1 I2V folder)")
     g.add_argument("--variant", default="worldstereo-memory-dmd", help="worldstereo: the model variant")
@@ -78,9 +90,9 @@ def add_scene_commands(subparsers: argparse._SubParsersAction) -> None:
 
     i = subparsers.add_parser("import", help="import a result bundle into the file and save it")
     i.add_argument("bundle", help="result bundle folder (with manifest.json)")
-    i.add_argument("--no-meshes", action="store_true")
-    i.add_argument("--no-points", action="store_true")
-    i.add_argument("--no-video", action="store_true")
+    i.add_argument("--no-meshes", action="store_true", help="leave out the depth meshes")
+    i.add_argument("--no-points", action="store_true", help="leave out the point cloud")
+    i.add_argument("--no-video", action="store_true", help="do not put the generated video on the cameras")
     i.add_argument("--point-maps", action="store_true", help="each camera's point maps as a (hidden) background image sequence")
     i.add_argument("--dynamic-masks", action="store_true", help="each camera's dynamic masks as a (hidden) background image sequence")
     i.add_argument("--consistency", action="store_true", help="the point cloud's material shows its consistency attribute")
@@ -89,9 +101,11 @@ def add_scene_commands(subparsers: argparse._SubParsersAction) -> None:
 
 
 def build_parser(prog: str) -> argparse.ArgumentParser:
+    from ..cli import show_defaults
+
     parser = argparse.ArgumentParser(prog=prog, description="Keyframe Worlds headless commands on the open Blender file")
     add_scene_commands(parser.add_subparsers(dest="scene_command", required=True, metavar="COMMAND"))
-    return parser
+    return show_defaults(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -99,12 +113,12 @@ def run(args: argparse.Namespace) -> int:
     try:
         return int(args.scene_handler(args) or 0)
     except KeyframeWorldsError as exc:
-        print(f"keyframe_worlds: error: {exc}", file=sys.stderr)
+        print(f"{ERROR_PREFIX} {exc}", file=sys.stderr)
         return 2
     except OSError as exc:
         from ..bridge.paths import describe_os_error
 
-        print(f"keyframe_worlds: error: {describe_os_error(exc)}", file=sys.stderr)
+        print(f"{ERROR_PREFIX} {describe_os_error(exc)}", file=sys.stderr)
         return 2
 
 
@@ -213,7 +227,7 @@ def cmd_trajectory(args) -> int:
 def cmd_generate(args) -> int:
     import bpy
 
-    from ..bridge.jobs import format_status
+    from ..bridge.jobs import TerminalProgress
     from .jobs import JobSettings, prepare_job, run_through_engine, worldstereo_options
 
     check_output(args.out, "--out", folder=True, create_parents=True)
@@ -232,25 +246,21 @@ def cmd_generate(args) -> int:
     prepared = prepare_job(scene, settings, out, selected=selected)
     _print_warnings(prepared.warnings)
     print(f"job: {prepared.spec_path} ({sum(len(t) for t in prepared.spec.trajectories)} frames)", flush=True)
-    last = [""]
-
-    def show(status) -> None:
-        line = format_status(status)
-        if line != last[0]:
-            print(line, flush=True)
-            last[0] = line
-
-    bundle = run_through_engine(prepared.spec_path, out / "bundle", python=args.engine_python, device=args.device, on_status=show)
+    bar = TerminalProgress(stream=sys.stdout)  # one line, redrawn in place at every poll
+    bundle = run_through_engine(prepared.spec_path, out / "bundle", python=args.engine_python, device=args.device,
+                                on_status=bar.show_status)
     print(f"bundle: {bundle}", flush=True)
-    from ..bridge.spec import load_manifest
-
-    _print_warnings(load_manifest(bundle).warnings)
     if args.import_result:
         from .importers import import_bundle
 
         result = import_bundle(scene, bundle)
+        _print_warnings(result.warnings)  # the manifest's warnings and the import's own, as `scene import` prints them
         bpy.ops.wm.save_mainfile()
         print(f"imported into {bpy.data.filepath}: collection {result.collection.name!r}")
+    else:
+        from ..bridge.spec import load_manifest
+
+        _print_warnings(load_manifest(bundle).warnings)
     return 0
 
 

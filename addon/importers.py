@@ -80,7 +80,9 @@ def remove_collection(collection: bpy.types.Collection) -> None:
 
 def import_bundle(scene: bpy.types.Scene, bundle_dir: str | os.PathLike, options: ImportOptions = ImportOptions()) -> ImportResult:
     """Import a result bundle folder into ``scene``; returns what was made."""
-    bundle = Path(bundle_dir)
+    # Absolute: every media path saved into the .blend is built from it, and a relative one would only resolve
+    # from the working directory of this run.
+    bundle = Path(bundle_dir).resolve()
     manifest = load_manifest(bundle)
     result = ImportResult(job_collection(scene, manifest.job_name), warnings=list(manifest.warnings))
     for rt in manifest.trajectories:

@@ -17,9 +17,8 @@ from ..bridge.errors import KeyframeWorldsError
 from ..bridge.jobs import JobState
 from ..bridge.panorama import PERSPECTIVE
 from .choices import DEPTH_SOURCES, REFERENCE_SOURCES
-from .reference import render_reference
-from .scene_cameras import extract_trajectories
-
+from .reference import check_reference_camera, render_reference
+from .scene_cameras import choose_cameras, extract_trajectory, frame_range
 
 
 @dataclass(frozen=True)
@@ -55,68 +54,141 @@ class PreparedJob:
     warnings: tuple[str, ...]
 
 
-def prepare_job(scene: bpy.types.Scene, settings: JobSettings, job_dir: str | Path, selected=()) -> PreparedJob:
-    """Write ``job.json`` (validated), the reference image and its depth into ``job_dir``."""
-    if settings.reference not in REFERENCE_SOURCES:
-        raise KeyframeWorldsError(f"reference source must be one of {', '.join(REFERENCE_SOURCES)}, got {settings.reference!r}")
-    if settings.depth not in DEPTH_SOURCES:
-        raise KeyframeWorldsError(f"depth source must be one of {', '.join(DEPTH_SOURCES)}, got {settings.depth!r}")
-    if settings.depth == "SCENE" and settings.reference != "RENDER":
-        raise KeyframeWorldsError("depth from the scene needs the reference rendered from the scene (a picked image may show something else)")
-    out = Path(bpy.path.abspath(str(job_dir)))
-    out.mkdir(parents=True, exist_ok=True)
-    warnings: list[str] = []
-    trajectories = extract_trajectories(scene, settings.cameras, start=settings.frame_start, end=settings.frame_end,
-                                        step=settings.frame_step, selected=selected, warnings=warnings)
-    first = trajectories[0]
-    reference: dict = {"trajectory": first.name, "frame": int(first.frames[0])}
-    if settings.reference == "RENDER":
-        camera = scene.objects[first.name]
-        ref = render_reference(scene, camera, int(first.frames[0]), out, with_depth=settings.depth == "SCENE", samples=settings.samples)
-        reference["image"] = ref.image.name
-        if ref.depth is not None:
-            reference["depth"] = ref.depth.name
-        if ref.projection != PERSPECTIVE:  # a panoramic reference camera rendered the panorama
-            reference["projection"] = ref.projection
-    else:
-        reference["image"] = _copy_into(settings.reference_path, out, "reference", "reference image")
-        if settings.projection != PERSPECTIVE:
-            reference["projection"] = settings.projection
-    if settings.depth == "FILE":
-        reference["depth"] = _copy_into(settings.depth_path, out, "reference_depth", "reference depth")
-    if settings.seed_object:
-        from .seed import write_seed_object
+#: The stages of preparing a job on Blender's side, as the panel shows them (the engine's own stages follow).
+TRAJECTORY_STAGE = "extracting camera trajectories"
+RENDER_STAGE = "rendering the reference"
+RENDER_DEPTH_STAGE = "rendering the reference depth"
+SPEC_STAGE = "writing the job"
 
-        obj = scene.objects.get(settings.seed_object)
-        if obj is None:
+
+class JobPreparation:
+    """``prepare_job`` in stages, so the UI can run one stage per timer tick and show it.
+
+    The constructor checks everything that needs no render (the settings, the chosen cameras and frame range,
+    the chosen reference and depth files) and raises at once; :meth:`stages` lists what is left as
+    ``(stage word, function)``; :meth:`run` runs them all. Every stage runs on the main thread: Blender's data
+    and its renderer may not be used from another thread.
+    """
+
+    def __init__(self, scene: bpy.types.Scene, settings: JobSettings, job_dir: str | Path, selected=()):
+        if settings.reference not in REFERENCE_SOURCES:
+            raise KeyframeWorldsError(f"reference source must be one of {', '.join(REFERENCE_SOURCES)}, got {settings.reference!r}")
+        if settings.depth not in DEPTH_SOURCES:
+            raise KeyframeWorldsError(f"depth source must be one of {', '.join(DEPTH_SOURCES)}, got {settings.depth!r}")
+        if settings.depth == "SCENE" and settings.reference != "RENDER":
+            raise KeyframeWorldsError("depth from the scene needs the reference rendered from the scene (a picked image may show something else)")
+        for value, name in ((settings.mesh_every, "mesh every"), (settings.mesh_stride, "mesh stride")):
+            if value is not None and value < 1:
+                raise KeyframeWorldsError(f"{name} must be at least 1, got {value}")
+        self.scene, self.settings = scene, settings
+        self.out = Path(bpy.path.abspath(str(job_dir)))
+        frames = frame_range(scene, settings.frame_start, settings.frame_end, settings.frame_step)
+        self.shots = choose_cameras(scene, settings.cameras, frames, selected)
+        first_camera = self.shots[0][0]
+        if settings.reference == "RENDER":
+            check_reference_camera(first_camera)
+        if settings.seed_object and scene.objects.get(settings.seed_object) is None:
             raise KeyframeWorldsError(f"memory seed: no object named {settings.seed_object!r} in the scene")
-        reference["points"] = write_seed_object(obj, bpy.context.evaluated_depsgraph_get(), out)
-    doc = {
-        "version": spec.JOB_VERSION,
-        "name": settings.name,
-        "generator": settings.generator,
-        "prompt": settings.prompt,
-        "seed": settings.seed,
-        "reference": reference,
-        "trajectories": [t.to_json() for t in trajectories],
-        "options": dict(settings.options),
-    }
-    output = {key: int(value) for key, value in (("point_budget", settings.point_budget), ("mesh_every", settings.mesh_every),
-                                                  ("mesh_stride", settings.mesh_stride)) if value is not None}
-    if output:
-        doc["output"] = output
-    if settings.geometry:
-        doc["geometry"] = dict(settings.geometry)
-    job = spec.JobSpec.from_json(doc, base_dir=out)
-    path = out / "job.json"
-    spec.write_json_atomic(path, doc)
-    return PreparedJob(path, job.resolve(out), tuple(warnings))
+        if settings.reference == "FILE":
+            _check_chosen(settings.reference_path, "reference", "reference image")
+        if settings.depth == "FILE":
+            _check_chosen(settings.depth_path, "reference_depth", "reference depth")
+        self.warnings: list[str] = []
+        self.trajectories: list = []
+        self.reference: dict = {}
+        self.prepared: PreparedJob | None = None
+
+    def stages(self) -> list[tuple[str, object]]:
+        stages = [(TRAJECTORY_STAGE, self._extract)]
+        if self.settings.reference == "RENDER":
+            stages.append((RENDER_STAGE, self._render_image))
+            if self.settings.depth == "SCENE":
+                stages.append((RENDER_DEPTH_STAGE, self._render_depth))
+        stages.append((SPEC_STAGE, self._write))
+        return stages
+
+    def run(self) -> PreparedJob:
+        for _stage, function in self.stages():
+            function()
+        return self.prepared
+
+    def _extract(self) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.trajectories = [extract_trajectory(self.scene, cam, frames, self.warnings) for cam, frames in self.shots]
+        first = self.trajectories[0]
+        self.reference = {"trajectory": first.name, "frame": int(first.frames[0])}
+
+    def _render_image(self) -> None:
+        first = self.trajectories[0]
+        ref = render_reference(self.scene, self.scene.objects[first.name], int(first.frames[0]), self.out, with_depth=False,
+                               samples=self.settings.samples)
+        self.reference["image"] = ref.image.name
+        if ref.projection != PERSPECTIVE:  # a panoramic reference camera rendered the panorama
+            self.reference["projection"] = ref.projection
+
+    def _render_depth(self) -> None:
+        first = self.trajectories[0]
+        ref = render_reference(self.scene, self.scene.objects[first.name], int(first.frames[0]), self.out, with_image=False)
+        self.reference["depth"] = ref.depth.name
+
+    def _write(self) -> None:
+        settings, out = self.settings, self.out
+        reference = dict(self.reference)
+        if settings.reference == "FILE":
+            reference["image"] = _copy_into(settings.reference_path, out, "reference", "reference image")
+            if settings.projection != PERSPECTIVE:
+                reference["projection"] = settings.projection
+        if settings.depth == "FILE":
+            reference["depth"] = _copy_into(settings.depth_path, out, "reference_depth", "reference depth")
+        if settings.seed_object:
+            from .seed import write_seed_object
+
+            reference["points"] = write_seed_object(self.scene.objects[settings.seed_object],
+                                                    bpy.context.evaluated_depsgraph_get(), out)
+        doc = {
+            "version": spec.JOB_VERSION,
+            "name": settings.name,
+            "generator": settings.generator,
+            "prompt": settings.prompt,
+            "seed": settings.seed,
+            "reference": reference,
+            "trajectories": [t.to_json() for t in self.trajectories],
+            "options": dict(settings.options),
+        }
+        output = {key: int(value) for key, value in (("point_budget", settings.point_budget), ("mesh_every", settings.mesh_every),
+                                                      ("mesh_stride", settings.mesh_stride)) if value is not None}
+        if output:
+            doc["output"] = output
+        if settings.geometry:
+            doc["geometry"] = dict(settings.geometry)
+        job = spec.JobSpec.from_json(doc, base_dir=out)
+        path = out / "job.json"
+        spec.write_json_atomic(path, doc)
+        self.prepared = PreparedJob(path, job.resolve(out), tuple(self.warnings))
 
 
-def _copy_into(source: str, out: Path, stem: str, what: str) -> str:
+def prepare_job(scene: bpy.types.Scene, settings: JobSettings, job_dir: str | Path, selected=()) -> PreparedJob:
+    """Write ``job.json`` (validated), the reference image and its depth into ``job_dir`` (every stage at once)."""
+    return JobPreparation(scene, settings, job_dir, selected).run()
+
+
+def _check_chosen(source: str, stem: str, what: str) -> Path:
+    """The chosen reference (``stem`` "reference") or depth file, checked by its header; errors name it as given."""
     src = Path(bpy.path.abspath(source)) if source else None
     if src is None or not src.is_file():
         raise KeyframeWorldsError(f"{what} not found: {source or '(none chosen)'}")
+    key, suffixes = ("image", spec.IMAGE_SUFFIXES) if stem == "reference" else ("depth", spec.DEPTH_SUFFIXES)
+    if not src.name.lower().endswith(suffixes):
+        raise KeyframeWorldsError(f"{what} {source}: must be one of {', '.join(suffixes)} files")
+    problem = spec.reference_file_problem(key, src)
+    if problem:
+        raise KeyframeWorldsError(f"{what} {source}: {problem}")
+    return src
+
+
+def _copy_into(source: str, out: Path, stem: str, what: str) -> str:
+    """Copy a chosen reference file into the job folder as ``<stem><suffix>``, checked first (:func:`_check_chosen`)."""
+    src = _check_chosen(source, stem, what)
     target = out / f"{stem}{src.suffix.lower()}"
     if src.resolve() != target.resolve():
         shutil.copyfile(src, target)
@@ -141,6 +213,9 @@ def worldstereo_options(model_dir: str | None, variant: str, offload: str = "non
         root = Path(bpy.path.abspath(model_dir))
         if not root.is_dir():
             raise KeyframeWorldsError(f"model folder not found: {root}")
+        if not (root / variant / "config.json").is_file():  # said now, before the reference is rendered
+            raise KeyframeWorldsError(f"options.checkpoint: {root / variant} is not a WorldStereo variant folder (no "
+                                      f"config.json); the model folder {root} holds one folder per variant")
         options["checkpoint"] = str(root / variant)
         wan = sorted(p for p in root.iterdir() if p.is_dir() and "wan2.1" in p.name.lower() and (p / "model_index.json").is_file())
         if wan:
@@ -189,6 +264,10 @@ def run_through_engine(spec_path: str | Path, bundle_dir: str | Path, *, python:
         status = client.wait(job.id, poll_s=0.25, on_status=on_status)
         if status.state is not JobState.COMPLETED:
             raise KeyframeWorldsError(f"the job {status.state}: {status.error or status.stage}")
-        return client.download_bundle(job.id, bundle_dir)
+        bundle = client.download_bundle(job.id, bundle_dir)
+        # The engine's own copy of a fetched job is a second bundle (hundreds of MB with the 4D outputs):
+        # remove it, so each run leaves one bundle, not one more engine job folder.
+        client.delete(job.id)
+        return bundle
     finally:
         process.stop()

@@ -1,35 +1,49 @@
 """Generate and Cancel in the UI: the engine works in its own process, a timer polls it on the main thread.
 
-Nothing here blocks Blender while a job runs. ``Generate`` prepares the job
-(trajectories, reference render), makes sure an engine is reachable (the one
-in the preferences' URL, or one it starts with the engine Python), submits
-the job and registers a ``bpy.app.timers`` callback. That callback is the
-only code that touches Blender data while the job runs: it copies the job's
-status into the scene's properties (which the panel and the status bar
-draw) and, when the job has completed, imports the bundle.
+``Generate`` checks everything that needs no render (the settings, cameras and frame range, the chosen files,
+the model folder, the engine Python) and reports a problem at once; then it registers a ``bpy.app.timers``
+callback and returns. That callback runs the preparation one stage per tick (trajectories, the reference
+render, its depth, the job spec, starting the engine, submitting), so Blender redraws between stages and the
+panel shows each with Cancel, which stops before the next stage. Blender's renderer and data cannot be used
+from another thread, so each stage itself runs on the main thread: the reference render still holds the UI
+for its own few seconds (a render started as Blender's background render job would need a window, which
+headless Blender and the tests do not have, and would leave the scene's settings changed until it ends).
+Once submitted, the same callback copies the engine job's status into the scene's properties (which the panel
+and the status bar draw) and, when the job has completed, imports the bundle.
 """
 
 from __future__ import annotations
 
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import bpy
 
 from ..bridge.errors import KeyframeWorldsError
-from ..bridge.jobs import QUEUED_STAGE, JobState
+from ..bridge.jobs import CANCELLING_STAGE, FINISHED_STAGE, QUEUED_STAGE, STARTING_STAGE, JobState
 
 POLL_INTERVAL_S = 0.5
+STAGE_INTERVAL_S = 0.01  # between preparation stages: long enough for Blender to redraw the panel
+#: Stage words of the submission, after the preparation's (``jobs.TRAJECTORY_STAGE`` ...).
+SUBMIT_STAGE = "submitting the job"
 
 
 @dataclass
 class ActiveJob:
     scene_name: str
-    job_id: str
     job_dir: Path
-    client: object  # bridge.client.EngineClient (bridge is imported lazily: registering stays cheap)
+    job_id: str = ""  # set once the engine has the job
+    client: object = None  # bridge.client.EngineClient (bridge is imported lazily: registering stays cheap)
+    stages: list = field(default_factory=list)  # the preparation's (stage word, function) still to run, main thread
+    done_stages: int = 0
+    cancel_requested: bool = False
+    preparation: object = None  # jobs.JobPreparation: what the stages build (the job spec on disk)
+
+    @property
+    def submitted(self) -> bool:
+        return bool(self.job_id)
 
 
 _active: dict[str, ActiveJob] = {}  # by scene name
@@ -82,8 +96,12 @@ def settings_with_preferences(settings, context):
 
 
 def start_job(context) -> ActiveJob:
-    """Prepare the scene's job and submit it; the timer takes over from here."""
-    from .jobs import prepare_job
+    """Check the scene's job (everything that needs no render) and queue its preparation; the timer takes over.
+
+    Raises ``KeyframeWorldsError`` for what is wrong before anything is rendered or started.
+    """
+    from .jobs import JobPreparation, engine_python
+    from .preferences import preferences
 
     scene = context.scene
     props = scene.keyframe_worlds
@@ -91,17 +109,21 @@ def start_job(context) -> ActiveJob:
         raise KeyframeWorldsError("a job is already running for this scene; cancel it first")
     stamp = time.strftime("%Y%m%d-%H%M%S")
     job_dir = Path(bpy.path.abspath(props.output_dir)) / f"{props.job_name}-{stamp}"
-    prepared = prepare_job(scene, settings_with_preferences(props.to_settings(scene), context), job_dir,
-                           selected=context.selected_objects)
-    client = engine_client(context)
-    job = ActiveJob(scene.name, client.submit(prepared.spec_path).id, job_dir, client)
+    settings = settings_with_preferences(props.to_settings(scene), context)  # a missing model folder fails here
+    preparation = JobPreparation(scene, settings, job_dir, selected=context.selected_objects)
+    prefs = preferences(context)
+    process = _engine["process"]
+    if not (prefs is not None and prefs.engine_url) and (process is None or not process.running()):
+        engine_python(prefs.engine_python if prefs else None)  # no engine Python: say so before rendering
+    job = ActiveJob(scene.name, job_dir, preparation=preparation,
+                    stages=preparation.stages() + [(STARTING_STAGE, None), (SUBMIT_STAGE, None)])
     _active[scene.name] = job
-    props.state, props.stage, props.progress, props.message = JobState.PENDING.value, QUEUED_STAGE, 0.0, ""
+    props.state, props.stage, props.progress, props.message = JobState.PENDING.value, job.stages[0][0], 0.0, ""
     props.frames_done, props.frames_total, props.seconds_left = 0, 0, -1.0
     props.step, props.steps = 0, 0
     props.last_job_dir = str(job_dir)
     if not bpy.app.timers.is_registered(_poll):
-        bpy.app.timers.register(_poll, first_interval=POLL_INTERVAL_S)
+        bpy.app.timers.register(_poll, first_interval=STAGE_INTERVAL_S)
     return job
 
 
@@ -109,18 +131,57 @@ def cancel_job(scene) -> None:
     job = _active.get(scene.name)
     if job is None:
         raise KeyframeWorldsError("no job is running for this scene")
-    job.client.cancel(job.job_id)
-    scene.keyframe_worlds.stage = "cancelling"
+    if job.submitted:
+        job.client.cancel(job.job_id)
+    job.cancel_requested = True  # before submission: the next tick stops before its stage
+    scene.keyframe_worlds.stage = CANCELLING_STAGE
+
+
+def _prepare_step(scene, job: ActiveJob) -> None:
+    """Run the job's next preparation stage (main thread), or stop it if cancelled; a failure ends the job."""
+    props = scene.keyframe_worlds
+    if job.cancel_requested:
+        _active.pop(scene.name, None)
+        props.state, props.stage = JobState.CANCELLED.value, FINISHED_STAGE[JobState.CANCELLED]
+        props.message = f"cancelled before {job.stages[0][0]}; nothing was sent to the engine"
+        return
+    stage, function = job.stages.pop(0)
+    try:
+        if function is not None:
+            function()
+        elif stage == STARTING_STAGE:
+            job.client = engine_client(bpy.context)
+        else:  # SUBMIT_STAGE
+            prepared = job.preparation.prepared
+            job.job_id = job.client.submit(prepared.spec_path).id
+            if prepared.warnings:
+                props.message = "; ".join(f"warning: {w}" for w in prepared.warnings)
+    except KeyframeWorldsError as exc:
+        _active.pop(scene.name, None)
+        props.state, props.message = JobState.FAILED.value, f"{stage}: {exc}"
+        return
+    job.done_stages += 1
+    if job.submitted:
+        props.stage, props.progress = QUEUED_STAGE, 0.0
+    else:
+        props.stage = job.stages[0][0]
+        props.progress = job.done_stages / (job.done_stages + len(job.stages))
 
 
 def _poll() -> float | None:
-    """Timer callback (main thread): copy every active job's status into its scene, import finished results."""
+    """Timer callback (main thread): run a preparing job's next stage; copy every submitted job's status into its
+    scene and import finished results."""
+    preparing = False
     for scene_name, job in list(_active.items()):
         scene = bpy.data.scenes.get(scene_name)
         if scene is None:
             _active.pop(scene_name, None)
             continue
         props = scene.keyframe_worlds
+        if not job.submitted:
+            _prepare_step(scene, job)
+            preparing = preparing or (scene_name in _active and not job.submitted)
+            continue
         try:
             status = job.client.status(job.job_id)
         except KeyframeWorldsError as exc:
@@ -128,7 +189,7 @@ def _poll() -> float | None:
             _active.pop(scene_name, None)
             continue
         props.state = status.state.value
-        props.stage = status.stage or ""
+        props.stage = CANCELLING_STAGE if job.cancel_requested and not status.finished_state else (status.stage or "")
         props.progress = float(status.progress)
         props.frames_done = int(status.frames_done)
         props.frames_total = int(status.frames_total)
@@ -141,7 +202,9 @@ def _poll() -> float | None:
             else:
                 props.message = status.error or status.state.value
     _redraw()
-    return POLL_INTERVAL_S if _active else None
+    if not _active:
+        return None
+    return STAGE_INTERVAL_S if preparing else POLL_INTERVAL_S
 
 
 def _finish(scene, job: ActiveJob, warnings: list[str] = ()) -> None:

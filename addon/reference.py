@@ -154,21 +154,9 @@ def _load_float_image(path: Path) -> np.ndarray:
     return pixels.reshape(h, w, 4)[::-1]
 
 
-def render_reference(
-    scene: bpy.types.Scene,
-    camera: bpy.types.Object,
-    frame: int,
-    out_dir: str | os.PathLike,
-    *,
-    with_depth: bool = True,
-    samples: int = 16,
-    name: str = "reference",
-) -> ReferenceRender:
-    """Render ``camera`` at ``frame`` into ``out_dir/<name>.png`` and, with depth, ``<name>_depth.npy``.
-
-    A perspective camera renders at the output resolution (z-depth); an equirectangular panoramic one renders the
-    full sphere at ``panorama_size`` (depth: distance along the rays), see the module docstring.
-    """
+def check_reference_camera(camera) -> bool:
+    """Refuse what cannot render a reference (not a camera; orthographic; a panorama other than equirectangular);
+    returns whether it is an equirectangular panorama. Renders nothing: the Generate operator calls it first."""
     if camera is None or camera.type != "CAMERA":
         raise KeyframeWorldsError(f"{getattr(camera, 'name', camera)!r} is not a camera object")
     panorama = camera.data.type == "PANO" and is_equirectangular_camera(camera)
@@ -176,6 +164,28 @@ def render_reference(
         kind = camera.data.type.lower() if camera.data.type != "PANO" else f"panoramic ({camera.data.panorama_type.lower()})"
         raise KeyframeWorldsError(f"camera {camera.name!r} is {kind}; a reference is rendered from a perspective "
                                   f"camera or an equirectangular panoramic one")
+    return panorama
+
+
+def render_reference(
+    scene: bpy.types.Scene,
+    camera: bpy.types.Object,
+    frame: int,
+    out_dir: str | os.PathLike,
+    *,
+    with_depth: bool = True,
+    with_image: bool = True,
+    samples: int = 16,
+    name: str = "reference",
+) -> ReferenceRender:
+    """Render ``camera`` at ``frame`` into ``out_dir/<name>.png`` and, with depth, ``<name>_depth.npy``.
+
+    A perspective camera renders at the output resolution (z-depth); an equirectangular panoramic one renders the
+    full sphere at ``panorama_size`` (depth: distance along the rays), see the module docstring. Without
+    ``with_image`` only the depth is rendered (the UI renders the two as stages of their own); ``image`` then names
+    the file the image render writes.
+    """
+    panorama = check_reference_camera(camera)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     image_path = out / f"{name}.png"
@@ -187,7 +197,8 @@ def render_reference(
         stack.enter_context(_render_setup(scene, camera, frame, samples))
         if panorama:
             stack.enter_context(_panorama_setup(scene, camera, width, height))
-        _render_png(scene, image_path)
+        if with_image:
+            _render_png(scene, image_path)
         if depth_path is not None:
             _render_depth(scene, depth_path)
     return ReferenceRender(image_path, depth_path, int(frame), width, height, EQUIRECTANGULAR if panorama else PERSPECTIVE)

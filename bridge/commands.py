@@ -14,7 +14,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
 
     c = traj_sub.add_parser("convert", help="convert a trajectory file between formats")
     c.add_argument("input", help="trajectory file or folder")
-    c.add_argument("--to", required=True, choices=FORMATS, dest="to_format")
+    c.add_argument("--to", required=True, choices=FORMATS, dest="to_format", help="the format to write")
     c.add_argument("--from", choices=FORMATS, dest="from_format", help="input format (detected when omitted)")
     c.add_argument("--out", required=True, help="output file (folder for colmap, colmap-binary and pano_bank, or for several worldstereo cameras)")
     c.add_argument("--camera", action="append", help="only this camera (repeatable)")

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+#: How every error line a user sees starts: the console command and Blender's ``-c keyframe_worlds`` alike.
+ERROR_PREFIX = "keyframe-worlds: error:"
+
 
 class KeyframeWorldsError(Exception):
     """A problem a user can act on: the message names what is wrong."""

@@ -58,6 +58,8 @@ STAGE_WORDS = {
 #: Stage words of the queue and of a finished job (not the runner's).
 QUEUED_STAGE = "queued"
 STARTING_STAGE = "starting"
+#: The stage word of a running job asked to cancel, until it stops (its state stays ``running`` until then).
+CANCELLING_STAGE = "cancelling"
 FINISHED_STAGE = {JobState.COMPLETED: "done", JobState.FAILED: "failed", JobState.CANCELLED: "cancelled"}
 
 
@@ -246,9 +248,24 @@ class TerminalProgress(Progress):
         self.width = width
         self.start = time.perf_counter()
         self._last_stage: str | None = None
+        self._last_status: str | None = None  # show_status's last line, and whether it has ended it
+        self._status_ended = False
 
     def warn(self, message: str) -> None:
         self.stream.write(f"\nwarning: {message}\n")
+        self.stream.flush()
+
+    def show_status(self, status: "JobStatus") -> None:
+        """The same one updating line for a job the engine runs elsewhere (a client's polls): ``format_status``,
+        redrawn in place (carriage return), ended with a newline once the job has finished. Polls that change
+        nothing are not redrawn."""
+        line = format_status(status, self.width)
+        if line != self._last_status:
+            self._last_status = line
+            self.stream.write("\r" + line[:160].ljust(100))
+        if status.finished_state and not self._status_ended:
+            self._status_ended = True
+            self.stream.write("\n")
         self.stream.flush()
 
     def report(self, event: ProgressEvent) -> None:

@@ -93,6 +93,7 @@ def test_preferences_reach_the_worldstereo_options(addon_scene, tmp_path):
 
     models = tmp_path / "models"
     (models / "worldstereo-memory").mkdir(parents=True)
+    (models / "worldstereo-memory" / "config.json").write_text("{}")
     wan = models / "Wan2.1-I2V-14B-480P-Diffusers"
     wan.mkdir()
     (wan / "model_index.json").write_text("{}")
@@ -103,6 +104,8 @@ def test_preferences_reach_the_worldstereo_options(addon_scene, tmp_path):
         worldstereo_options(str(models), "worldstereo-huge")
     with pytest.raises(KeyframeWorldsError, match="model folder not found"):
         worldstereo_options(str(tmp_path / "nowhere"), "worldstereo-memory")
+    with pytest.raises(KeyframeWorldsError, match="worldstereo-camera is not a WorldStereo variant folder"):
+        worldstereo_options(str(models), "worldstereo-camera")
     props.generator, props.variant = "worldstereo", "worldstereo-camera"
     settings = settings_with_preferences(props.to_settings(bpy.context.scene), bpy.context)
     assert settings.options["variant"] == "worldstereo-camera"

@@ -20,9 +20,10 @@ from conftest import REPO_ROOT
 def demo_out(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
     run = subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "demo.py"), "--out", str(out), "--frames", "32",
-                          "--size", "256x160", "--samples", "4"], capture_output=True, text=True, timeout=600)
+                          "--size", "256x160", "--samples", "4", "--world-size", "320x180"], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "[done]" in run.stdout
+    assert "use_nodes" not in run.stderr  # no deprecated calls in the demo's scene building
     return out
 
 
@@ -87,3 +88,14 @@ def test_demo_blend_opens_with_the_imported_world(demo_out):
     assert (int(clouds), int(points)) == (1, manifest.point_count)
     assert int(meshes) == sum(-(-len(rt.frames) // 8) for rt in manifest.trajectories)
     assert dolly_bg == crane_bg == "True"
+
+
+def test_the_pictures_are_what_the_readme_says(demo_out):
+    """The crane moves (its two contact-sheet rows differ); world.png has the size asked for; the depth panels use a
+    scale set by the scene, not by the far sky board: the generated first frame's depth spans many colours."""
+    manifest = load_manifest(demo_out / "job" / "bundle")
+    crane = manifest.trajectories[1].trajectory
+    assert np.linalg.norm(crane.c2w_opencv[-1, :3, 3] - crane.c2w_opencv[0, :3, 3]) > 5.0
+    assert Image.open(demo_out / "world.png").size == (320, 180)
+    sheet = Image.open(demo_out / "contact_sheet.png")
+    assert sheet.width > 3 * 256 and sheet.height > 5 * 160  # a label column, three panels; inputs plus four rows

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from keyframe_worlds.bridge.client import EngineError
+from keyframe_worlds.bridge.jobs import CANCELLING_STAGE
 from keyframe_worlds.bridge.spec import MANIFEST_FILENAME, load_manifest
 from keyframe_worlds.engine.testing.service import Engine, tree_digest, wait_for, write_preview_job
 
@@ -81,7 +82,8 @@ def test_full_queue_is_429_and_cancel_at_any_stage_keeps_finished_segments(tmp_p
         assert caught.value.status == 429 and "queue is full" in str(caught.value)
 
         assert client.cancel(waiting.id).state == "cancelled"  # pending: at once
-        client.cancel(running.id)  # running: at its next progress check
+        reply = client.cancel(running.id)  # running: at its next progress check; until then the reply says so
+        assert (reply.state, reply.stage) == ("running", CANCELLING_STAGE)
         final = client.wait(running.id, timeout=TIMEOUT, poll_s=0.02)
         assert final.state == "cancelled" and final.error is None and 8 <= final.frames_done < 400
         out = engine.job_root / running.id / "out"

@@ -41,7 +41,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ... import __version__
 from ...bridge.errors import KeyframeWorldsError, Problem, ValidationError
-from ...bridge.jobs import STATUS_FIELD_DOCS, JobState, JobStatus
+from ...bridge.jobs import CANCELLING_STAGE, STATUS_FIELD_DOCS, JobState, JobStatus
 from ...bridge.panorama import PROJECTIONS
 from ...bridge.spec import MANIFEST_FILENAME, validate_job
 from ...bridge.trajectory import safe_text
@@ -577,8 +577,11 @@ def create_app(manager: JobManager, settings: AppSettings) -> FastAPI:
     @api.post("/jobs/{job_id}/cancel", response_model=JobStatusModel, tags=["jobs"], summary="Cancel a job",
               responses={**not_found, 409: {"model": ErrorModel, "description": "the job has already finished"}})
     def cancel_job(job_id: str) -> dict:
-        manager.cancel(job_id_checked(job_id))
-        return status_of(job_id)
+        status = manager.cancel(job_id_checked(job_id))
+        if status.state is JobState.RUNNING:
+            # It stops at its next progress check; until then it is still running, and the reply says it is stopping.
+            status = status.copy(stage=CANCELLING_STAGE)
+        return status.to_json()
 
     @api.delete("/jobs/{job_id}", response_model=DeletedModel, tags=["jobs"], summary="Delete a finished, failed or cancelled job",
                 description="Its folder (inputs, log, result bundle, checkpoint) is removed; the space is free at once.",
