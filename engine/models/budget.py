@@ -189,7 +189,18 @@ def check_gpu_memory(estimate: MemoryEstimate, free_bytes: int, offload: str = "
         message += f" {text[0].upper()}{text[1:]} needs about {_gib(estimate.required(mode, storage))} " \
                    f"and would fit: {settings}."
     else:
-        lean = MEMORY_MODES[-1]
+        lean = min(MEMORY_MODES, key=lambda m: estimate.required(*m))
         message += (f" Even {_mode_text(*lean)} needs about {_gib(estimate.required(*lean))}; free GPU memory "
                     "(close other programs) or use a larger GPU.")
     raise InsufficientGPUMemoryError(message)
+
+
+def pick_batched_guidance(model: "WanTransformer3DModel", free_bytes: int, offload: str,
+                          weights_storage: str = "compute", guided: bool = True, **size) -> bool:
+    """Whether to run the prompt and the negative prompt as one batch of two (twice the activations,
+    one pass over the weights per step) rather than two calls: yes unless the batch of two would not fit
+    ``free_bytes`` with ``offload`` and ``weights_storage`` (``size``: :func:`estimate_memory`'s keywords).
+    Unguided variants have nothing to batch: True, which changes nothing."""
+    if not guided:
+        return True
+    return estimate_memory(model, batch=2, **size).required(offload, weights_storage) <= free_bytes

@@ -179,18 +179,16 @@ class WorldStereoPipeline:
             apply_float8_storage(transformer, dtype)
         guided = transformer.variant.model_type != MEMORY_DMD_VARIANT
         if device.type == "cuda":
-            from ..models.budget import check_gpu_memory, estimate_memory
+            from ..models.budget import check_gpu_memory, estimate_memory, pick_batched_guidance
 
             free = torch.cuda.mem_get_info(device)[0]
             base_dir = transformer.load_report.base_model_dir
-
-            def need(batch: int):
-                return estimate_memory(transformer, base_dir=base_dir, batch=batch)
-
             if batched_guidance is None:
-                batched_guidance = not guided or need(2).required(offload, weights_storage) <= free
-            check_gpu_memory(need(2 if guided and batched_guidance else 1), free, offload,
-                             what=transformer.variant.model_type, weights_storage=weights_storage)
+                batched_guidance = pick_batched_guidance(transformer, free, offload, weights_storage, guided,
+                                                         base_dir=base_dir)
+            check_gpu_memory(estimate_memory(transformer, base_dir=base_dir, batch=2 if guided and batched_guidance
+                                             else 1), free, offload, what=transformer.variant.model_type,
+                             weights_storage=weights_storage)
             if staged:
                 if offload == "none":
                     transformer.to(device)
@@ -240,7 +238,9 @@ class WorldStereoPipeline:
         """Make ``module`` usable on the execution device for the block; when offloading, drop its device
         copy after (its host copy stays what it was: nothing is copied back)."""
         moved = self.offload == "model" or (self.offload == "sequential" and not is_transformer)
-        visits = self.visits(module) if moved and self.device.type != "cpu" else None
+        visits = self._visits.get(id(module)) if moved else None  # set up beforehand (tests: copying CPU visits)
+        if visits is None and moved and self.device.type != "cpu":
+            visits = self.visits(module)
         if visits is not None:
             visits.enter()
         try:
