@@ -33,9 +33,10 @@ def register() -> None:
 def unregister() -> None:
     import bpy
 
-    from . import headless, jobs_ui, panels, properties
+    from . import headless, jobs_ui, model_manager, panels, properties
 
     jobs_ui.stop_all()
+    model_manager.stop_all()
     headless.unregister_blender_command()
     panels.unregister_status_bar()
     properties.unregister_properties()

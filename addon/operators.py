@@ -142,3 +142,86 @@ class KFW_OT_open_folder(bpy.types.Operator):
 
 
 classes = classes + (KFW_OT_import_result, KFW_OT_open_folder)
+
+
+def _engine_python_and_models(context, model_dir: str):
+    """The engine Python and the model folder: the operator's own ``model_dir``, else the preferences'."""
+    from .jobs import engine_python
+    from .preferences import preferences
+
+    prefs = preferences(context)
+    folder = model_dir or (prefs.model_dir if prefs is not None else "")
+    return engine_python(prefs.engine_python if prefs is not None else None), (bpy.path.abspath(folder) if folder else "")
+
+
+class KFW_OT_models_check(bpy.types.Operator):
+    """List the models in the Model Folder and the Hugging Face cache, with sizes, and check each is complete and its
+    keys fit the network (the engine's model list --keys, in the background)"""
+
+    bl_idname = "keyframe_worlds.models_check"
+    bl_label = "Check Models"
+
+    model_dir: StringProperty(name="Model Folder", subtype="DIR_PATH", options={"SKIP_SAVE"},
+                              description="Empty: the preferences' Model Folder")
+    keys: BoolProperty(name="Key Check", default=True, options={"SKIP_SAVE"},
+                       description="Also check every complete variant's keys against the network (headers only)")
+
+    def execute(self, context):
+        from . import model_manager
+
+        try:
+            python, folder = _engine_python_and_models(context, self.model_dir)
+            model_manager.start_list(python, folder or None, keys=self.keys)
+        except KeyframeWorldsError as exc:
+            self.report({"ERROR"}, str(exc))
+            return {"CANCELLED"}
+        return {"FINISHED"}
+
+
+class KFW_OT_models_download(bpy.types.Operator):
+    """Download this model into the Model Folder (the engine's model download, in the background; it resumes if stopped)"""
+
+    bl_idname = "keyframe_worlds.models_download"
+    bl_label = "Download Model"
+
+    model_name: StringProperty(name="Model", description="A model download name (worldstereo-memory-dmd ...) or a "
+                                                  "Hugging Face repository id")
+    model_dir: StringProperty(name="Model Folder", subtype="DIR_PATH", options={"SKIP_SAVE"},
+                              description="Empty: the preferences' Model Folder")
+
+    def execute(self, context):
+        from . import model_manager
+
+        if not self.model_name.strip():
+            self.report({"ERROR"}, "no model named to download")
+            return {"CANCELLED"}
+        try:
+            python, folder = _engine_python_and_models(context, self.model_dir)
+            model_manager.start_download(python, [self.model_name.strip()], folder)
+        except KeyframeWorldsError as exc:
+            self.report({"ERROR"}, str(exc))
+            return {"CANCELLED"}
+        except OSError as exc:
+            self.report({"ERROR"}, f"cannot create the model folder: {exc.strerror or exc}")
+            return {"CANCELLED"}
+        self.report({"INFO"}, f"downloading {self.model_name} into {folder}")
+        return {"FINISHED"}
+
+
+class KFW_OT_models_cancel(bpy.types.Operator):
+    """Stop the running model download (running it again resumes it)"""
+
+    bl_idname = "keyframe_worlds.models_cancel"
+    bl_label = "Stop Download"
+
+    def execute(self, context):
+        from . import model_manager
+
+        if not model_manager.busy():
+            self.report({"ERROR"}, "no model download is running")
+            return {"CANCELLED"}
+        model_manager.cancel()
+        return {"FINISHED"}
+
+
+classes = classes + (KFW_OT_models_check, KFW_OT_models_download, KFW_OT_models_cancel)

@@ -1,4 +1,4 @@
-"""Add-on preferences: where the engine is, where the models are, which device, memory options."""
+"""Add-on preferences: where the engine is, where the models are (and which are there), which device, memory options."""
 
 from __future__ import annotations
 
@@ -56,6 +56,68 @@ class KFW_Preferences(bpy.types.AddonPreferences):
         col.prop(self, "attention")
         col.prop(self, "point_budget")
         col.prop(self, "depth_model")
+        draw_models(layout.box())
+
+
+#: What each model list state word looks like in the preferences.
+MODEL_STATE_ICONS = {"complete": "CHECKMARK", "incomplete": "ERROR", "not present": "IMPORT"}
+
+
+def model_state_word(model: dict) -> str:
+    """``complete``, ``incomplete`` or ``not present``: the words ``model list`` prints."""
+    return "complete" if model.get("complete") else ("incomplete" if model.get("copies") else "not present")
+
+
+def draw_models(layout) -> None:
+    """The engine's ``model list``: every model with where its copies are, their size and whether each is complete;
+    Check (the list again, with the key check) and Download (the engine's ``model download`` in the background)."""
+    from . import model_manager
+
+    state = model_manager.state
+    header = layout.row()
+    header.label(text="Models", icon="FILE_VOLUME")
+    busy = model_manager.busy()
+    sub = header.row()
+    sub.enabled = not busy
+    sub.operator("keyframe_worlds.models_check", text="Check", icon="FILE_REFRESH")
+    if busy and state.task == "download":
+        row = layout.row()
+        progress = state.progress
+        text = f"{progress.name}: {progress.text}" if progress.text else state.message
+        if hasattr(row, "progress"):  # Blender 4.0+
+            row.progress(factor=progress.fraction, type="BAR", text=text)
+        else:
+            row.label(text=f"{text} ({progress.fraction:.0%})")
+        row.operator("keyframe_worlds.models_cancel", text="", icon="CANCEL")
+    elif busy:
+        layout.label(text=state.message, icon="SORTTIME")
+    elif state.message:
+        layout.label(text=state.message, icon="ERROR" if state.error else "INFO")
+    if state.listed_at is None:
+        if not busy:
+            layout.label(text="Check to list the models in the Model Folder and the Hugging Face cache")
+        return
+    for model in state.models:
+        word = model_state_word(model)
+        row = layout.row()
+        row.label(text=model["name"], icon=MODEL_STATE_ICONS[word])
+        row.label(text=word)
+        if word != "complete" and model.get("kind") in ("variant", "backbone"):
+            sub = row.row()
+            sub.enabled = not busy
+            op = sub.operator("keyframe_worlds.models_download", text="Download", icon="IMPORT")
+            op.model_name = model["name"]
+        for copy in model.get("copies", []):
+            line = layout.row()
+            line.separator(factor=2.0)
+            verdict = "complete" if copy.get("complete") else "incomplete: " + "; ".join(copy.get("problems", [])[:2])
+            keys = copy.get("keys")
+            if keys is not None:
+                verdict += ", keys ok" if keys == "ok" else ", keys: " + keys.splitlines()[0]
+            line.label(text=f"{copy['source']}, {copy.get('size', '')}: {verdict}")
+            line.label(text=copy["path"])
+    for warning in state.warnings:
+        layout.label(text=warning, icon="ERROR")
 
 
 def preferences(context=None):

@@ -11,7 +11,10 @@ in rounds so the machine's load falls on all of them alike:
 - writing them: the point map, the two flows and the scene flow as EXR, the mask as PNG (as the bundle does);
 
 and, beside them, the preview generator's own frame: a 16-frame segment rendered from the memory and filled
-(``PreviewGenerator.generate``), divided by 16. Figures are medians over frames and rounds. Everything runs on the
+(``PreviewGenerator.generate``), divided by 16; and a tiny depth network's frame: a random-weight Depth Anything
+folder (``engine.testing.tiny_models.write_tiny_depth_model``) loaded as a downloaded one is, run through its image
+processor and aligned to the memory render (``AlignedLearnedDepth.estimate``) in batches of 4 frames: the cost of
+``geometry.depth_model`` without the network's own weight (a real network adds its forward pass on top). Figures are medians over frames and rounds. Everything runs on the
 calling thread (the bundle runs the 4D work on its writer thread, beside the generator).
 """
 
@@ -36,6 +39,9 @@ from keyframe_worlds.engine.generators.preview import PreviewGenerator  # noqa: 
 from keyframe_worlds.engine.io.exr import write_exr  # noqa: E402
 from keyframe_worlds.engine.run import bundle as bundle_module  # noqa: E402
 from keyframe_worlds.engine.testing.synthetic import demo_scene, intrinsics_for_fov, look_at_c2w_opencv, raycast  # noqa: E402
+from keyframe_worlds.engine.testing.tiny_models import write_tiny_depth_model  # noqa: E402
+from keyframe_worlds.engine.world.depth_alignment import AlignedLearnedDepth  # noqa: E402
+from keyframe_worlds.engine.world.learned_depth import load_depth_estimator  # noqa: E402
 from keyframe_worlds.engine.world import flow  # noqa: E402
 from keyframe_worlds.engine.world.memory import PointMemory  # noqa: E402
 
@@ -77,12 +83,21 @@ def main() -> None:
     preview = PreviewGenerator()
 
     samples: dict[str, list[float]] = {key: [] for key in (
-        "observed", "point_map", "rigid", "fb_check", "scene", "mask", "write", "preview")}
+        "observed", "point_map", "rigid", "fb_check", "scene", "mask", "write", "preview", "tiny_depth")}
+    depth_batch = 4
+    batch_c2w, batch_k = seg_c2w[:depth_batch], seg_k[:depth_batch]
+    batch_rgb = torch.from_numpy(np.stack([frames[i % len(frames)][0] for i in range(depth_batch)]))
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
+        tiny_depth = AlignedLearnedDepth(load_depth_estimator(write_tiny_depth_model(tmp / "depth-anything-tiny"), device="cpu"))
+        batch_render = memory.render(batch_c2w, batch_k, W, H)
         for _round in range(args.repeat):
             _r, preview_ms = timed(lambda: preview.generate(SegmentRequest(seg_c2w, seg_k, W, H, memory.render(seg_c2w, seg_k, W, H), memory)))
             samples["preview"].append(preview_ms / 16)
+            tiny_depth.reset()
+            _d, depth_ms = timed(lambda: tiny_depth.estimate(batch_rgb, batch_render, point_confidence=memory.confidence,
+                                                              intrinsics=batch_k))
+            samples["tiny_depth"].append(depth_ms / depth_batch)
             for i in range(len(frames) - 1):
                 (rgb, depth), (rgb_next, depth_next) = frames[i], frames[i + 1]
                 (fwd, bwd), ms = timed(lambda: estimator.forward_backward(rgb, rgb_next))
@@ -110,7 +125,7 @@ def main() -> None:
 
                 _none, ms = timed(write)
                 samples["write"].append(ms)
-        sizes = {p.name: p.stat().st_size for p in tmp.iterdir()}
+        sizes = {p.name: p.stat().st_size for p in tmp.iterdir() if p.is_file()}
 
     med = {key: statistics.median(v) for key, v in samples.items()}
     compute = sum(med[k] for k in ("observed", "point_map", "rigid", "fb_check", "scene", "mask"))
@@ -124,10 +139,12 @@ def main() -> None:
     print(f"  all 4D outputs: {compute:.1f} ms computing + {med['write']:.1f} ms writing = {total:.1f} ms a frame")
     print(f"preview generator's own frame (memory render + fill): {med['preview']:.1f} ms; 4D outputs / preview frame = "
           f"{total / med['preview']:.2f}")
+    print(f"tiny depth network (random-weight Depth Anything, processor + forward + alignment to the memory): "
+          f"{med['tiny_depth']:.1f} ms a frame")
     print_result(observed_flow_ms=round(med["observed"], 2), rigid_flow_ms=round(med["rigid"], 2), scene_flow_ms=round(med["scene"], 2),
                  point_map_ms=round(med["point_map"], 2), fb_check_ms=round(med["fb_check"], 2), mask_ms=round(med["mask"], 2),
                  write_ms=round(med["write"], 2), total_4d_ms=round(total, 2), preview_frame_ms=round(med["preview"], 2),
-                 ratio_4d_vs_preview=round(total / med["preview"], 3), mb_per_frame=round(sum(sizes.values()) / 1e6, 2),
+                 ratio_4d_vs_preview=round(total / med["preview"], 3), tiny_depth_ms=round(med["tiny_depth"], 2), mb_per_frame=round(sum(sizes.values()) / 1e6, 2),
                  width=W, height=H)
 
 

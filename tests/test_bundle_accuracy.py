@@ -20,6 +20,8 @@ from keyframe_worlds.engine.io.images import write_png
 from keyframe_worlds.engine.world.memory import PointMemory
 from keyframe_worlds.engine.run.runner import run_job
 from keyframe_worlds.engine.testing.synthetic import Box, Scene, intrinsics_for_fov, look_at_c2w_opencv, raycast
+from keyframe_worlds.engine.world.depth_alignment import AlignedLearnedDepth
+from keyframe_worlds.engine.world.learned_depth import RELATIVE_DISPARITY, DepthPrediction
 
 W, H = 128, 96
 
@@ -112,13 +114,14 @@ def test_fused_point_cloud_matches_the_true_geometry(tmp_path):
     np.testing.assert_array_equal(cloud.colors_u8(), memory.colors.numpy())
 
 
-def test_preview_job_point_cloud_and_cameras(tmp_path):
+def accuracy_job(tmp_path):
+    """A preview job on the scene: the reference with its true depth, and a camera that moves a little from it
+    (most of what it sees is covered). Returns the job file and the path's cameras."""
     s = scene()
     k, cams = views()
     rgb, depth = raycast(s, cams[0], k, W, H)
     write_png(tmp_path / "ref.png", rgb.numpy())
     np.save(tmp_path / "ref_depth.npy", depth.numpy())
-    # A camera that moves a little from the reference: most of what it sees is covered.
     path = [look_at_c2w_opencv((0.1 * i, -3.6 + 0.05 * i, 1.7), (0.0, 1.5, 0.6)) for i in range(8)]
     frames = [{"frame": i, "c2w_opencv": c.tolist(), "fx": float(k[0]), "fy": float(k[1]), "cx": float(k[2]), "cy": float(k[3])}
               for i, c in enumerate(path)]
@@ -126,7 +129,14 @@ def test_preview_job_point_cloud_and_cameras(tmp_path):
            "reference": {"image": "ref.png", "depth": "ref_depth.npy"},
            "trajectories": [{"name": "Camera", "fps": 24.0, "width": W, "height": H, "frames": frames}]}
     (tmp_path / "job.json").write_text(json.dumps(job))
-    spec = load_job(tmp_path / "job.json")
+    return tmp_path / "job.json", path
+
+
+def test_preview_job_point_cloud_and_cameras(tmp_path):
+    s = scene()
+    k, _ = views()
+    job, path = accuracy_job(tmp_path)
+    spec = load_job(job)
     run_job(spec, tmp_path / "out")
     manifest = load_manifest(tmp_path / "out")
     assert manifest.trajectories[0].trajectory == spec.trajectories[0]  # cameras out == cameras in
@@ -135,3 +145,49 @@ def test_preview_job_point_cloud_and_cameras(tmp_path):
     precision, recall, f = f_score(cloud.positions(), s, k, path, tau)
     print(f"preview job: precision {precision:.3f} recall {recall:.3f} F {f:.3f}")
     assert f >= 0.95, (precision, recall, f)
+
+
+class SeesTheScene:
+    """A stand-in depth network that sees each generated frame's true geometry, as a relative network does: the
+    disparity under a scale and shift it does not know (others per call), with 1% noise and 10% of the pixels wrong.
+    The first call is the reference's (the runner fills what its given depth lacks); the later ones come in frame
+    order (the preview generator's segments), so the n-th frame it is asked about is the path's n-th camera."""
+
+    def __init__(self, s: Scene, k: torch.Tensor, reference: torch.Tensor, path: list[torch.Tensor]):
+        self.reference = raycast(s, reference, k, W, H)[1]
+        self.truth = [raycast(s, c2w, k, W, H)[1] for c2w in path]
+        self.asked = 0
+        self.reference_asked = False
+        self.generator = torch.Generator().manual_seed(3)
+
+    def predict(self, rgb, rendered=None, *, intrinsics=None):
+        if not self.reference_asked:
+            self.reference_asked = True
+            z = self.reference[None]
+        else:
+            z = torch.stack(self.truth[self.asked : self.asked + rgb.shape[0]])
+            self.asked += rgb.shape[0]
+        scale, shift = 0.5 + float(torch.rand((), generator=self.generator)), 0.3 * float(torch.rand((), generator=self.generator))
+        disparity = torch.where(z > 0, 1.0 / z.clamp_min(0.05), 0.0)
+        disparity = disparity * (1 + 0.01 * torch.randn(z.shape, generator=self.generator))
+        wrong = torch.rand(z.shape, generator=self.generator) < 0.1
+        disparity = torch.where(wrong, torch.rand(z.shape, generator=self.generator) * disparity.max(), disparity)
+        return DepthPrediction(values=(scale * disparity + shift).float(), kind=RELATIVE_DISPARITY)
+
+
+def test_a_learned_network_keeps_the_fused_cloud_at_least_as_accurate(tmp_path):
+    """Issue 13's check: with a depth network (aligned to the memory, then fused), the fused cloud's F-score against
+    the scene is at least the memory-only path's, measured on the same job in the same run."""
+    s = scene()
+    k, cams = views()
+    job, path = accuracy_job(tmp_path)
+    tau = 0.01 * s.size_m
+    scores = {}
+    network = SeesTheScene(s, k, cams[0], path)
+    for name, estimator in (("memory only", None), ("network", AlignedLearnedDepth(network))):
+        out = tmp_path / name.replace(" ", "_")
+        manifest = run_job(load_job(job), out, depth_estimator=estimator)
+        scores[name] = f_score(ply.read_ply(out / manifest.point_cloud).positions(), s, k, path, tau)
+        print(f"{name}: precision {scores[name][0]:.4f} recall {scores[name][1]:.4f} F {scores[name][2]:.4f}")
+    assert network.reference_asked and network.asked == len(path), "the network saw the reference and every frame once"
+    assert scores["network"][2] >= scores["memory only"][2], scores

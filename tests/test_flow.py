@@ -210,10 +210,8 @@ def test_raft_needs_local_weights_and_says_so(tmp_path, monkeypatch):
 
 
 def test_raft_from_a_local_state_dict(tmp_path):
-    try:
-        import torchvision.models.optical_flow as tv
-    except Exception as exc:  # not installed, or (PyPI's 0.28 beside the CPU build of torch 2.13) does not load
-        pytest.skip(f"torchvision unavailable: {type(exc).__name__}: {exc}")
+    import torchvision.models.optical_flow as tv  # the engine's extra installs the torchvision of its torch
+
     torch.manual_seed(0)
     weights = tmp_path / "raft_small.pth"
     torch.save(tv.raft_small(weights=None).state_dict(), weights)
@@ -223,3 +221,35 @@ def test_raft_from_a_local_state_dict(tmp_path):
     rgb1 = raycast(demo_scene(), c1, k, 100, 60)[0].numpy()
     forward, backward = estimator.forward_backward(rgb0, rgb1)
     assert forward.shape == backward.shape == (60, 100, 2) and np.isfinite(forward).all()
+
+
+def test_a_job_with_raft_flow_writes_it_in_the_bundle(tmp_path, monkeypatch):
+    """geometry.flow = "raft" with a local torchvision state dict: the bundle's observed flow is RAFT's (not DIS's),
+    in EXR with u/v channels, read back by the OpenEXR bindings."""
+    import json
+
+    import OpenEXR
+    import torchvision.models.optical_flow as tv
+
+    from keyframe_worlds.bridge.spec import load_job, load_manifest
+    from keyframe_worlds.engine.run.runner import run_job
+    from keyframe_worlds.engine.testing.service import write_preview_job
+
+    torch.manual_seed(0)
+    weights = tmp_path / "raft_small.pth"
+    torch.save(tv.raft_small(weights=None).state_dict(), weights)
+    monkeypatch.setenv(flow.RAFT_WEIGHTS_ENV, str(weights))
+    observed = {}
+    for method in ("raft", "dis"):
+        spec_path = write_preview_job(tmp_path / method, frames=3, segment_length=3, width=64, height=48)
+        doc = json.loads(spec_path.read_text())
+        doc["geometry"] = {"flow": method}
+        spec_path.write_text(json.dumps(doc))
+        run_job(load_job(spec_path), tmp_path / method / "out")
+        frame = load_manifest(tmp_path / method / "out").trajectories[0].frames[0]
+        with OpenEXR.File(str(tmp_path / method / "out" / frame.flow_observed)) as exr:
+            channels = exr.channels()
+            assert {"u", "v"} <= set(channels), channels
+            observed[method] = np.stack([channels["u"].pixels, channels["v"].pixels], -1)
+    assert observed["raft"].shape == (48, 64, 2) and np.isfinite(observed["raft"]).all()
+    assert not np.allclose(observed["raft"], observed["dis"]), "the raft job used DIS"

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -10,6 +12,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from keyframe_worlds.bridge.errors import KeyframeWorldsError  # noqa: E402
+from keyframe_worlds.bridge.jobs import Progress  # noqa: E402
 from keyframe_worlds.engine.world.depth import DepthEstimator  # noqa: E402
 from keyframe_worlds.engine.io.checkpoint_files import CheckpointError, refuse_pickles  # noqa: E402
 from keyframe_worlds.engine.world.render import RenderOutput  # noqa: E402
@@ -240,17 +243,6 @@ def test_a_kind_can_be_given_and_a_wrong_one_is_refused(folders):
         load_depth_estimator(folder, kind="inverse")
 
 
-def _torchvision_works() -> bool:
-    import importlib
-
-    try:
-        importlib.import_module("torchvision")
-    except Exception:  # absent, or built for another torch
-        return False
-    return True
-
-
-@pytest.mark.skipif(not _torchvision_works(), reason="transformers' Depth Pro image processor needs torchvision")
 def test_depth_pro_reports_a_field_of_view_and_uses_the_cameras_focal(tmp_path):
     model = _depth_pro(seed=8)
     processor = transformers.DepthProImageProcessor(size={"height": 64, "width": 64})
@@ -272,15 +264,57 @@ def test_depth_pro_reports_a_field_of_view_and_uses_the_cameras_focal(tmp_path):
     torch.testing.assert_close(ratio, fx / own.focal_length_px, rtol=2e-3, atol=0)
 
 
-@pytest.mark.skipif(_torchvision_works(), reason="checks the message given where torchvision is missing")
 def test_depth_pro_without_torchvision_is_one_clear_line(tmp_path):
+    """Where torchvision is missing (an engine environment set up by hand), loading Depth Pro says so in one line.
+    The engine's own environment has torchvision, so a fresh interpreter hides it before transformers looks."""
     folder = tmp_path / "depth_pro"
     _depth_pro(seed=8).save_pretrained(folder, safe_serialization=True)
     (folder / "preprocessor_config.json").write_text(json.dumps(
         {"image_processor_type": "DepthProImageProcessor", "size": {"height": 64, "width": 64}}))
-    with pytest.raises(CheckpointError, match="needs torchvision") as err:
-        load_depth_estimator(folder)
-    assert "\n" not in str(err.value)
+    script = (
+        "import sys\n"
+        "sys.modules['torchvision'] = None  # import torchvision now fails; find_spec says it is absent\n"
+        "from keyframe_worlds.engine.io.checkpoint_files import CheckpointError\n"
+        "from keyframe_worlds.engine.world.learned_depth import load_depth_estimator\n"
+        "try:\n"
+        f"    load_depth_estimator({str(folder)!r})\n"
+        "except CheckpointError as exc:\n"
+        "    print(exc)\n"
+        "    sys.exit(3)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 3, (done.stdout, done.stderr)
+    message = done.stdout.strip()
+    assert "needs torchvision" in message and "\n" not in message, message
+
+
+def test_a_depthless_reference_lifted_by_depth_pro_reports_its_focal_beside_the_cameras(tmp_path):
+    from keyframe_worlds.bridge.spec import load_job
+    from keyframe_worlds.engine.run.runner import run_job
+    from keyframe_worlds.engine.testing.service import write_preview_job
+
+    folder = _save(tmp_path / "depth_pro", _depth_pro(seed=8), transformers.DepthProImageProcessor(size={"height": 64, "width": 64}))
+    spec_path = write_preview_job(tmp_path / "job", frames=4, segment_length=4, width=64, height=48, with_depth=False)
+    doc = json.loads(spec_path.read_text())
+    doc["geometry"] = {"depth_model": str(folder)}
+    spec_path.write_text(json.dumps(doc))
+
+    class Lines(Progress):
+        def __init__(self):
+            super().__init__()
+            self.lines, self.warnings = [], []
+
+        def log(self, message):
+            self.lines.append(message)
+
+        def warn(self, message):
+            self.warnings.append(message)
+
+    progress = Lines()
+    manifest = run_job(load_job(spec_path), tmp_path / "job" / "out", progress=progress)
+    assert progress.warnings == [] and manifest.warnings == ()  # not a flat board
+    focal = [line for line in progress.lines if line.startswith("reference focal: the depth network estimates")]
+    assert len(focal) == 1 and "the camera has" in focal[0], progress.lines
 
 
 # -- refusals ----------------------------------------------------------------------------------

@@ -11,7 +11,8 @@
 - ``offload``: the offload modes and the block streamer of ``sequential``.
 - ``budget``: the GPU memory each offload mode needs, and the check that refuses one that will not fit.
 - ``memory_trace``: peak activation bytes of a forward, measured on the meta device (no GPU).
-- ``commands``: ``keyframe-worlds model check``.
+- ``hub``: where each model comes from on the Hugging Face Hub, downloads, and what is on this machine.
+- ``commands``: ``keyframe-worlds model download / list / check / check-pipeline``.
 
 This package imports without torch (the command line lists its commands
 cheaply); the names below load their module on first use.

@@ -1,4 +1,8 @@
-"""``keyframe-worlds model ...``: checks on WorldStereo checkpoints.
+"""``keyframe-worlds model ...``: getting WorldStereo checkpoints and checking them.
+
+``model download`` fetches the released variants, the Wan2.1 backbone folder
+or a depth model through huggingface_hub, ``model list`` shows which are on
+this machine and whether each is complete (``engine/models/hub.py``).
 
 ``model check`` loads a variant folder, runs one transformer forward on given
 inputs and writes the result, which is how a download is verified and how
@@ -12,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import textwrap
 from pathlib import Path
 
 from ...bridge.errors import KeyframeWorldsError
@@ -21,9 +26,11 @@ AUX_PREFIX = "aux."
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
-    model = subparsers.add_parser("model", help="check WorldStereo checkpoints",
-                                  description="Checks on WorldStereo checkpoints (transformer variants).")
+    model = subparsers.add_parser("model", help="download, list and check WorldStereo checkpoints",
+                                  description="Download, list and check WorldStereo checkpoints, the Wan2.1 "
+                                              "backbone and depth models.")
     model_sub = model.add_subparsers(dest="model_command", required=True, metavar="SUBCOMMAND")
+    _add_hub_commands(model_sub)
     check = model_sub.add_parser(
         "check", help="load a variant folder and run one transformer forward on given inputs",
         description="Load a WorldStereo variant folder (config.json + model.safetensors, with the Wan2.1 I2V "
@@ -77,6 +84,167 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
                           help="with --compare: largest allowed difference of the decoded video and frames in "
                                "8-bit grey levels (default 1)")
     pipeline.set_defaults(handler=run_check_pipeline)
+
+
+class _WholeNamesHelpFormatter(argparse.HelpFormatter):
+    """argparse's wrapping, except that names are never broken at their hyphens (``worldstereo-memory-dmd`` and
+    repository ids stay whole, so they can be copied from the help)."""
+
+    def _split_lines(self, text, width):
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False, break_long_words=False)
+
+    def _fill_text(self, text, width, indent):
+        return textwrap.fill(" ".join(text.split()), width, initial_indent=indent, subsequent_indent=indent,
+                             break_on_hyphens=False, break_long_words=False)
+
+
+def _add_hub_commands(model_sub: argparse._SubParsersAction) -> None:
+    from .hub import DOWNLOAD_PATTERNS, HUB_MODELS
+
+    table = "; ".join(f"{m.name} ({m.repo_id}" + (f", folder {m.subfolder}" if m.subfolder else "") + ")"
+                      for m in HUB_MODELS)
+    download = model_sub.add_parser(
+        "download", help="fetch WorldStereo variants, the Wan2.1 backbone or a depth model from the Hugging Face Hub",
+        formatter_class=_WholeNamesHelpFormatter,
+        description=(
+            f"Fetch models through huggingface_hub, from where the released inference scripts take them: {table}; "
+            "or any Hugging Face repository id (org/name), e.g. a depth model such as "
+            "depth-anything/Depth-Anything-V2-Small-hf. Only files matching "
+            f"{' '.join(DOWNLOAD_PATTERNS)} are fetched (safetensors weights, configs and indexes, tokenizers). "
+            "An interrupted download resumes when run again. Without --dir the files go to the Hugging Face "
+            "cache ($HF_HUB_CACHE, else $HF_HOME/hub, else ~/.cache/huggingface/hub); gated or private "
+            "repositories need $HF_TOKEN (or `hf auth login`). With HF_HUB_OFFLINE=1, or when the Hub cannot be "
+            "reached, the copy in the cache is used (and linked into --dir). Exit status 2 with one line when a "
+            "model cannot be had or is incomplete afterwards."),
+        epilog="example: keyframe-worlds model download worldstereo-memory-dmd wan2.1-i2v-14b-480p --dir ~/models",
+    )
+    download.add_argument("names", nargs="+", metavar="NAME",
+                          help=f"{', '.join(m.name for m in HUB_MODELS)}, or a repository id (org/name)")
+    download.add_argument("--dir", type=Path, default=None, dest="model_dir",
+                          help="a plain model folder to put them in (one sub-folder per variant, the backbone and "
+                               "a depth model under their repository's name: the add-on's Model Folder layout) "
+                               "instead of the Hugging Face cache")
+    download.add_argument("--revision", default=None,
+                          help="branch, tag or commit of every repository named (default: main)")
+    download.add_argument("--json", action="store_true",
+                          help="print one JSON object per line on stdout (start, progress twice a second, done, "
+                               "error) instead of progress bars: what the add-on reads")
+    download.set_defaults(handler=run_download)
+
+    listing = model_sub.add_parser(
+        "list", help="show which models are on this machine (model folder and Hugging Face cache), with sizes",
+        formatter_class=_WholeNamesHelpFormatter,
+        description="List every model `model download` knows and every other model found in the model folder or "
+                    "the Hugging Face cache, with where each copy is, its size and whether it is complete: every "
+                    "file its indexes name is present (model_index.json's components, *.safetensors.index.json's "
+                    "shards, a variant's config.json and model.safetensors) and every safetensors file is whole. "
+                    "The cache is $HF_HUB_CACHE, else $HF_HOME/hub, else ~/.cache/huggingface/hub.",
+    )
+    listing.add_argument("--dir", type=Path, default=None, dest="model_dir",
+                         help="the model folder (default: $KEYFRAME_WORLDS_WORLDSTEREO_DIR when set)")
+    listing.add_argument("--keys", action="store_true",
+                         help="also run model check's key check on every complete variant copy: every key of the "
+                              "network present with its shape, backbone included (headers only: no tensor is read)")
+    listing.add_argument("--json", action="store_true", help="print the list as one JSON object")
+    listing.set_defaults(handler=run_list)
+
+
+def _default_model_dir(given: Path | None) -> Path | None:
+    import os
+
+    from ..generators.options import CHECKPOINT_ROOT_ENV
+
+    if given is not None:
+        return given.expanduser()
+    root = os.environ.get(CHECKPOINT_ROOT_ENV)
+    return Path(root).expanduser() if root else None
+
+
+def _json_line(event: str, **fields) -> None:
+    import json
+
+    print(json.dumps({"event": event, **fields}), flush=True)
+
+
+def run_download(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from ...bridge.paths import check_output
+    from .hub import download, folder_bytes, format_bytes, hub_cache_dir, resolve_names
+
+    try:
+        models = resolve_names(args.names)
+        if args.model_dir is not None:
+            check_output(args.model_dir, "--dir", folder=True, create_parents=True)
+        if args.json:
+            from huggingface_hub.utils import disable_progress_bars
+
+            disable_progress_bars()
+        for model in models:
+            if args.json:
+                _json_line("start", name=model.name, repo_id=model.repo_id, subfolder=model.subfolder)
+            else:
+                print(f"{model.name}: {model.repo_id}" + (f" ({model.subfolder}/)" if model.subfolder else "")
+                      + f" into {args.model_dir if args.model_dir is not None else hub_cache_dir()}", flush=True)
+            callback = (lambda p: _json_line("progress", **asdict(p), text=p.describe())) if args.json else None
+            folder = download(model, args.model_dir, revision=args.revision, progress=callback)
+            size = folder_bytes(folder)
+            if args.json:
+                _json_line("done", name=model.name, path=str(folder), size_bytes=size)
+            else:
+                print(f"{model.name}: complete, {format_bytes(size)} in {folder}", flush=True)
+    except KeyframeWorldsError as exc:
+        if args.json:
+            _json_line("error", message=str(exc))
+        raise
+    if not args.json and args.model_dir is None and any(m.subfolder for m in models):
+        print("the variants' folder in the cache holds one folder per variant: set $KEYFRAME_WORLDS_WORLDSTEREO_DIR "
+              "to it (or pass --dir to get a plain model folder)")
+    return 0
+
+
+def run_list(args: argparse.Namespace) -> int:
+    import json
+
+    from .hub import KIND_VARIANT, entries_to_json, format_bytes, hub_cache_dir, list_local
+
+    if args.model_dir is not None and not args.model_dir.expanduser().is_dir():
+        raise KeyframeWorldsError(f"--dir {args.model_dir}: no such folder")
+    model_dir = _default_model_dir(args.model_dir)
+    cache = hub_cache_dir()
+    entries, warnings = list_local(model_dir, cache)
+    if args.keys:
+        from ..io.checkpoint_files import CheckpointError
+        from .weights import ModelPaths, check_variant_weights
+
+        paths = ModelPaths.from_env()
+        for entry in entries:
+            for copy in entry.copies:
+                if entry.kind == KIND_VARIANT and copy.complete:
+                    try:
+                        check_variant_weights(copy.path, paths=paths)
+                        copy.keys = "ok"
+                    except CheckpointError as exc:
+                        copy.keys = str(exc)
+    if args.json:
+        print(json.dumps(entries_to_json(entries, model_dir, cache, warnings), indent=1))
+        return 0
+    print(f"model folder: {model_dir if model_dir is not None else '(none: --dir, or $KEYFRAME_WORLDS_WORLDSTEREO_DIR)'}")
+    print(f"hugging face cache: {cache}")
+    width = max(len(e.name) for e in entries)
+    for entry in entries:
+        state = "complete" if entry.complete else ("incomplete" if entry.copies else "not present")
+        print(f"{entry.name:<{width}}  {state:<11}  {entry.repo_id or '-'}")
+        for copy in entry.copies:
+            where = copy.path + (f" (revision {copy.revision[:12]})" if copy.revision else "")
+            verdict = "complete" if copy.complete else "INCOMPLETE: " + "; ".join(copy.problems[:3]) + (
+                f" ... ({len(copy.problems) - 3} more)" if len(copy.problems) > 3 else "")
+            if copy.keys is not None:
+                verdict += ", keys ok" if copy.keys == "ok" else ", KEYS: " + copy.keys.replace("\n", " ")
+            print(f"    {copy.source:<12}  {format_bytes(copy.size_bytes):>10}  {verdict}  {where}")
+    for warning in warnings:
+        print(f"warning: {warning}")
+    return 0
 
 
 def _load_tensors(path: Path, what: str) -> dict:

@@ -11,8 +11,12 @@ test fixtures) needs no backbone folder.
 Where the backbone folder comes from, in order: the ``base_model_dir``
 argument; ``ModelPaths.wan_i2v_dir`` (the engine setting); ``base_model`` itself
 when it names an existing directory (absolute, or relative to the variant
-folder); the Hugging Face cache (``models--org--name/snapshots/<rev>/``) when
-``base_model`` is a repository id. Nothing is downloaded here.
+folder); a folder beside the variant folder named as the repository
+(``MODELS/worldstereo-memory`` next to ``MODELS/Wan2.1-I2V-14B-480P-Diffusers``,
+as ``model download --dir MODELS`` lays them out); the Hugging Face hub cache,
+looked up through ``huggingface_hub`` with ``local_files_only``, when
+``base_model`` is a repository id. Nothing is downloaded here
+(``keyframe-worlds model download`` does that, ``engine/models/hub.py``).
 """
 
 from __future__ import annotations
@@ -81,9 +85,18 @@ class ModelPaths:
 
 
 def default_hf_cache_dir(environ: Mapping[str, str] | None = None) -> Path:
-    """The hub cache the Hugging Face tools use: ``$HF_HUB_CACHE``, else ``$HF_HOME/hub``, else
-    ``~/.cache/huggingface/hub`` (``$XDG_CACHE_HOME`` respected)."""
-    env = os.environ if environ is None else environ
+    """The hub cache the Hugging Face tools use.
+
+    For this process (``environ`` None) it is ``huggingface_hub.constants.HF_HUB_CACHE``, so whatever
+    huggingface_hub resolves (``$HF_HUB_CACHE``, else ``$HF_HOME/hub``, else ``~/.cache/huggingface/hub``,
+    ``$XDG_CACHE_HOME`` respected) is used here too. For another environment (an engine setting handed over as
+    a mapping) the same rule is applied to that mapping, since huggingface_hub reads only its own process's.
+    """
+    if environ is None:
+        from huggingface_hub import constants
+
+        return Path(constants.HF_HUB_CACHE)
+    env = environ
     if env.get("HF_HUB_CACHE"):
         return Path(env["HF_HUB_CACHE"]).expanduser()
     if env.get("HF_HOME"):
@@ -92,32 +105,43 @@ def default_hf_cache_dir(environ: Mapping[str, str] | None = None) -> Path:
     return cache / "huggingface" / "hub"
 
 
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+def _is_repo_id(name: str) -> bool:
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return "/" in name
 
 
-def resolve_hf_cache(repo_id: str, cache_dir: Path) -> Path | None:
-    """The snapshot folder of model ``repo_id`` in a hub cache, or None.
+def resolve_hf_cache(repo_id: str, cache_dir: Path, required: str = f"{BACKBONE_SUBFOLDER}/config.json") -> Path | None:
+    """The snapshot folder of model ``repo_id`` in the hub ``cache_dir`` that holds ``required``, or None.
 
-    Layout: ``<cache>/models--<org>--<name>/snapshots/<revision>/``, with
-    ``refs/main`` naming the revision. Without a usable ``refs/main`` the most
-    recently modified snapshot that has ``transformer/config.json`` is taken.
+    Through huggingface_hub, without a request: the revision ``refs/main`` names
+    (``snapshot_download(local_files_only=True)``); when that has no ``required`` file (or there is no ref),
+    the most recently modified revision ``scan_cache_dir`` finds that has it.
     """
-    if not _REPO_ID.match(repo_id):
+    from huggingface_hub import scan_cache_dir, snapshot_download
+    from huggingface_hub.errors import CacheNotFound, LocalEntryNotFoundError
+
+    if not _is_repo_id(repo_id):
         return None
-    repo = Path(cache_dir) / ("models--" + repo_id.replace("/", "--"))
-    snapshots = repo / "snapshots"
-    if not snapshots.is_dir():
+    try:
+        snapshot = Path(snapshot_download(repo_id, cache_dir=cache_dir, local_files_only=True))
+        if (snapshot / required).is_file():
+            return snapshot
+    except (LocalEntryNotFoundError, OSError):
+        pass
+    try:
+        info = scan_cache_dir(cache_dir)
+    except CacheNotFound:
         return None
-    ref = repo / "refs" / "main"
-    if ref.is_file():
-        revision = ref.read_text(encoding="utf-8").strip()
-        candidate = snapshots / revision
-        if revision and (candidate / BACKBONE_SUBFOLDER / "config.json").is_file():
-            return candidate
-    usable = [p for p in snapshots.iterdir() if (p / BACKBONE_SUBFOLDER / "config.json").is_file()]
-    if not usable:
+    revisions = [r for repo in info.repos if repo.repo_id == repo_id and repo.repo_type == "model"
+                 for r in repo.revisions if (Path(r.snapshot_path) / required).is_file()]
+    if not revisions:
         return None
-    return max(usable, key=lambda p: p.stat().st_mtime)
+    return Path(max(revisions, key=lambda r: r.last_modified).snapshot_path)
 
 
 @dataclass(frozen=True)
@@ -183,6 +207,11 @@ def resolve_base_model(variant: VariantFolder, base_model_dir: str | os.PathLike
     as_path = Path(name).expanduser()
     candidates.append((f"base_model {name!r} as a folder",
                        as_path if as_path.is_absolute() else variant.path / as_path))
+    if _is_repo_id(name):
+        from .hub import plain_folder_name
+
+        sibling = variant.path.parent / plain_folder_name(name)
+        candidates.append((f"the folder beside {variant.path.name} named as {name}", sibling))
     for label, candidate in candidates:
         if candidate is not None and (candidate / BACKBONE_SUBFOLDER / "config.json").is_file():
             return candidate
@@ -192,15 +221,15 @@ def resolve_base_model(variant: VariantFolder, base_model_dir: str | os.PathLike
             raise CheckpointError(f"{candidate} is not a Wan2.1 diffusers folder (no {BACKBONE_SUBFOLDER}/config.json)")
     cache = (paths.hf_cache_dir if paths is not None and paths.hf_cache_dir is not None
              else default_hf_cache_dir())
-    if _REPO_ID.match(name):
+    if _is_repo_id(name):
         snapshot = resolve_hf_cache(name, cache)
         if snapshot is not None:
             return snapshot
         tried.append(f"Hugging Face cache {cache}: no snapshot of {name} with {BACKBONE_SUBFOLDER}/config.json")
     raise CheckpointError(
         f"cannot find the backbone {name!r} for {variant.path}. Tried:\n  - " + "\n  - ".join(tried)
-        + f"\nDownload it (e.g. `huggingface-cli download {name}` when online) or set the engine's Wan2.1 "
-        f"image-to-video folder (or ${WAN_DIR_ENV}) to a local copy."
+        + f"\nDownload it (`keyframe-worlds model download {name}`, with --dir beside the variant folders) or "
+        f"set the engine's Wan2.1 image-to-video folder (or ${WAN_DIR_ENV}) to a local copy."
     )
 
 
@@ -329,30 +358,28 @@ class LoadReport:
     device: str = "cpu"
 
 
-def load_worldstereo(variant_dir: str | os.PathLike, base_model_dir: str | os.PathLike | None = None, *,
-                     device: "str | torch.device" = "cpu", dtype: "torch.dtype | None" = None,
-                     paths: ModelPaths | None = None, expect_variant: str | None = None,
-                     offload: str = "none", free_memory_bytes: int | None = None) -> "WanTransformer3DModel":
-    """Load a WorldStereo variant ready for inference (eval mode, no gradients).
+@dataclass
+class WeightPlan:
+    """Which file every key of a variant's network comes from; the network itself on the meta device."""
 
-    ``dtype`` defaults to bfloat16 on CUDA and float32 elsewhere. On CUDA the
-    free memory (``free_memory_bytes``, or what the device reports) is checked
-    against :func:`estimate_memory` for ``offload`` before anything is moved
-    there (on any device when ``free_memory_bytes`` is given); with ``offload="sequential"`` the weights stay in CPU memory and each
-    block visits the GPU only for its forward.
-    """
+    variant: VariantFolder
+    model: "WanTransformer3DModel"
+    available: dict[str, TensorRef]
+    base_dir: Path | None
+    keys_from_backbone: int
+    keys_from_variant: int
+    ignored_backbone_keys: list[str]
+
+
+def plan_weights(variant_dir: str | os.PathLike, base_model_dir: str | os.PathLike | None = None,
+                 paths: ModelPaths | None = None, expect_variant: str | None = None) -> WeightPlan:
+    """Read a variant folder (and its backbone when the variant lacks keys) and check the key set: safetensors
+    headers only, the network on the meta device, so it costs no memory and no tensor reads. Raises
+    :class:`CheckpointError` (or a subclass) naming what does not fit."""
     import torch
 
-    # The budget and the offload modes build on this module's key index, so they are imported here.
-    from .budget import check_gpu_memory, estimate_memory
-    from .offload import OFFLOAD_MODES, enable_sequential_offload
     from .worldstereo import build_worldstereo
 
-    if offload not in OFFLOAD_MODES:
-        raise KeyframeWorldsError(f"unknown offload mode {offload!r}; expected one of {', '.join(OFFLOAD_MODES)}")
-    device = torch.device(device)
-    if dtype is None:
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     variant = read_variant_folder(variant_dir, expect_variant)
     variant_index = index_safetensors([variant.weights])
     check_variant_keys(variant.config, variant_index, variant.weights)
@@ -393,6 +420,46 @@ def load_worldstereo(variant_dir: str | os.PathLike, base_model_dir: str | os.Pa
     check_key_set(expected, available, f"the weights of {variant.path}"
                   + (f" with the backbone {base_dir}" if base_dir is not None else ""))
 
+    return WeightPlan(variant, model, available, base_dir, from_backbone, len(variant_index), ignored)
+
+
+def check_variant_weights(variant_dir: str | os.PathLike, base_model_dir: str | os.PathLike | None = None,
+                          paths: ModelPaths | None = None, expect_variant: str | None = None) -> str:
+    """The key check of ``model check`` without loading: one line on what the weights hold; raises
+    :class:`CheckpointError` when they do not fit the network."""
+    plan = plan_weights(variant_dir, base_model_dir, paths, expect_variant)
+    line = f"{plan.variant.config.model_type}: {plan.keys_from_variant} keys from {plan.variant.path}"
+    if plan.keys_from_backbone:
+        line += f", {plan.keys_from_backbone} from the backbone {plan.base_dir}"
+    return line + ", every key of the network present with its shape"
+
+
+def load_worldstereo(variant_dir: str | os.PathLike, base_model_dir: str | os.PathLike | None = None, *,
+                     device: "str | torch.device" = "cpu", dtype: "torch.dtype | None" = None,
+                     paths: ModelPaths | None = None, expect_variant: str | None = None,
+                     offload: str = "none", free_memory_bytes: int | None = None) -> "WanTransformer3DModel":
+    """Load a WorldStereo variant ready for inference (eval mode, no gradients).
+
+    ``dtype`` defaults to bfloat16 on CUDA and float32 elsewhere. On CUDA the
+    free memory (``free_memory_bytes``, or what the device reports) is checked
+    against :func:`estimate_memory` for ``offload`` before anything is moved
+    there (on any device when ``free_memory_bytes`` is given); with ``offload="sequential"`` the weights stay in CPU memory and each
+    block visits the GPU only for its forward.
+    """
+    import torch
+
+    # The budget and the offload modes build on this module's key index, so they are imported here.
+    from .budget import check_gpu_memory, estimate_memory
+    from .offload import OFFLOAD_MODES, enable_sequential_offload
+
+    if offload not in OFFLOAD_MODES:
+        raise KeyframeWorldsError(f"unknown offload mode {offload!r}; expected one of {', '.join(OFFLOAD_MODES)}")
+    device = torch.device(device)
+    if dtype is None:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    plan = plan_weights(variant_dir, base_model_dir, paths, expect_variant)
+    variant, model, available, base_dir = plan.variant, plan.model, plan.available, plan.base_dir
+
     # 4. Memory check, then materialise in the final dtypes and copy tensor by tensor.
     cast_for_inference(model, dtype)
     if device.type == "cuda" or free_memory_bytes is not None:
@@ -408,7 +475,8 @@ def load_worldstereo(variant_dir: str | os.PathLike, base_model_dir: str | os.Pa
         enable_sequential_offload(model, device)
     model.load_report = LoadReport(
         variant=variant.config.model_type, variant_dir=variant.path, base_model_dir=base_dir,
-        keys_from_backbone=from_backbone, keys_from_variant=len(variant_index), ignored_backbone_keys=ignored,
+        keys_from_backbone=plan.keys_from_backbone, keys_from_variant=plan.keys_from_variant,
+        ignored_backbone_keys=plan.ignored_backbone_keys,
         dtype=str(dtype).replace("torch.", ""), device=str(device),
     )
     return model

@@ -38,10 +38,10 @@ Blender camera's focal is exact), the model's predicted field of view when
 it is physical (between 1 and 179 degrees), else the assumption focal =
 image width (a 53 degree horizontal field of view). Transformers'
 ``post_process_depth_estimation`` does the conversion in every case.
-Transformers' Depth Pro image processors need torchvision, which the engine
-does not install (PyPI's torchvision 0.28 for torch 2.13 did not load its
-operators beside the CPU build of torch); without it, loading a Depth Pro
-folder is a one-line error that says so.
+Transformers' Depth Pro image processors need torchvision, which the engine's
+extra installs beside its torch (2.14.1 with torchvision 0.29.1); in an
+environment set up without it, loading a Depth Pro folder is a one-line error
+that says so.
 
 Prompt Depth Anything is prompted by a low-resolution metric depth (a LiDAR's
 in the original work). The prompt here is the memory's rendered depth along
@@ -252,7 +252,7 @@ def load_depth_estimator(folder: str | os.PathLike, *, device: str | torch.devic
     torch_dtype = resolve_dtype(dtype, device)
     try:
         # The slow processors preprocess alike on every machine and, but for Depth Pro's, need no
-        # torchvision (which the engine does not install).
+        # torchvision (an environment set up by hand may lack it).
         processor = AutoImageProcessor.from_pretrained(str(path), local_files_only=True, use_fast=False)
     except Exception as exc:
         if isinstance(exc, ImportError) and "torchvision" in str(exc).lower():
