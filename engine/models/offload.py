@@ -174,13 +174,6 @@ class DeviceVisits:
         self.visits = 0
         self.on_device = False
 
-    def refresh(self) -> None:
-        """Take the tensors' current data as the host copies (after their storage changed, e.g. to float8)."""
-        if self.on_device:
-            raise RuntimeError("refresh() while the module is on the device")
-        self._tensors = list(self.module.parameters()) + list(self.module.buffers())
-        self._host = [t.data for t in self._tensors]
-
     def enter(self) -> None:
         if self.on_device:
             return
