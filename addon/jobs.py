@@ -198,17 +198,20 @@ def _copy_into(source: str, out: Path, stem: str, what: str) -> str:
 WORLDSTEREO_VARIANTS = ("worldstereo-memory-dmd", "worldstereo-memory", "worldstereo-camera")
 
 
-def worldstereo_options(model_dir: str | None, variant: str, offload: str = "none") -> dict:
+def worldstereo_options(model_dir: str | None, variant: str, offload: str = "none", attention: str | None = None) -> dict:
     """The ``worldstereo`` generator's options from a model folder laid out as the README says.
 
     ``model_dir`` holds one folder per variant (``worldstereo-memory-dmd`` ...) and,
     optionally, the Wan2.1 image-to-video diffusers folder (any sub-folder whose
     name contains ``Wan2.1`` and that has a ``model_index.json``). Without a model
     folder the engine falls back to its environment (``$KEYFRAME_WORLDS_WORLDSTEREO_DIR``).
+    ``attention``: the attention backend preference (the engine checks that it can run).
     """
     if variant not in WORLDSTEREO_VARIANTS:
         raise KeyframeWorldsError(f"WorldStereo variant must be one of {', '.join(WORLDSTEREO_VARIANTS)}, got {variant!r}")
     options: dict = {"variant": variant, "offload": offload}
+    if attention is not None:  # the preference; absent: the engine's default (native)
+        options["attention"] = attention
     if model_dir:
         root = Path(bpy.path.abspath(model_dir))
         if not root.is_dir():

@@ -86,7 +86,8 @@ def settings_with_preferences(settings, context):
     props = context.scene.keyframe_worlds
     options = dict(settings.options)
     if settings.generator == "worldstereo":
-        options.update(worldstereo_options(prefs.model_dir if prefs else None, props.variant, prefs.offload if prefs else "none"))
+        options.update(worldstereo_options(prefs.model_dir if prefs else None, props.variant,
+                                           prefs.offload if prefs else "none", prefs.attention if prefs else None))
     if prefs is None:
         return replace(settings, options=options)
     geometry = dict(settings.geometry)

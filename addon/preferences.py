@@ -28,6 +28,13 @@ class KFW_Preferences(bpy.types.AddonPreferences):
         ("model", "Model", "Models moved to the GPU one at a time"),
         ("sequential", "Block by Block", "Transformer blocks streamed to the GPU: fits a 24 GB card"),
     ])
+    # the engine's ATTENTION_BACKENDS (engine/models/names.py; the add-on does not import the engine)
+    attention: EnumProperty(name="Attention", default="native", items=[
+        ("native", "Native", "PyTorch's scaled-dot-product attention: works everywhere"),
+        ("cudnn", "cuDNN", "SDPA's cuDNN kernel (CUDA GPU, bfloat16)"),
+        ("flash", "Flash", "flash-attn package (CUDA GPU; install flash-attn in the engine's environment)"),
+        ("sage", "Sage", "SageAttention package (CUDA GPU; install sageattention in the engine's environment)"),
+    ])
     point_budget: IntProperty(name="Point Budget", default=2_000_000, min=10_000, description="Most points the world memory keeps")
     depth_model: StringProperty(
         name="Depth Model", subtype="DIR_PATH",
@@ -46,6 +53,7 @@ class KFW_Preferences(bpy.types.AddonPreferences):
         row = col.row()
         row.prop(self, "device")
         row.prop(self, "offload")
+        col.prop(self, "attention")
         col.prop(self, "point_budget")
         col.prop(self, "depth_model")
         draw_models(layout.box())

@@ -64,7 +64,7 @@ def test_attention_backend_is_swappable():
         with torch.no_grad():
             out = model(**inputs)
     finally:
-        attention.set_attention_backend("sdpa")
+        attention.set_attention_backend("native")
     # 3 blocks x (joint self + text + image) + 2 control blocks
     assert len(calls) == 3 * 3 + 2
     ref = load_file(FIXTURES / "memory" / "outputs.safetensors")["output"]

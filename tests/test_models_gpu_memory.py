@@ -71,7 +71,7 @@ def test_traced_full_size_forward_is_within_the_estimate_and_sequential_fits_24_
                       + GPU_OVERHEAD_BYTES)
         assert max(sequential, max(estimate.aux_bytes.values()) + GPU_OVERHEAD_BYTES) < 20 * GiB
         assert estimate.required("sequential") < 24 * GiB
-    assert attention.get_attention_backend() == "sdpa"  # the trace's stand-in is gone again
+    assert attention.get_attention_backend() == "native"  # the trace's stand-in is gone again
 
 
 def test_activations_grow_with_resolution_and_references(full_memory_model):

@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Mapping
 
 from ...bridge.errors import Problem, ValidationError
-from ..models.names import CLIP_PIXELS, MEMORY_DMD_VARIANT, VARIANTS
-from ..models.offload import OFFLOAD_MODES
+from ..models.names import ATTENTION_BACKENDS, CLIP_PIXELS, DEFAULT_ATTENTION_BACKEND, MEMORY_DMD_VARIANT, VARIANTS
+from ..models.offload import OFFLOAD_MODES, WEIGHTS_STORAGES
 
 DEFAULT_VARIANT = MEMORY_DMD_VARIANT
 #: Folder holding one sub-folder per variant (named as the variant), used when ``checkpoint`` is not given.
@@ -42,6 +42,9 @@ class WorldStereoOptions:
     keyframes: int = 21
     keyframe_stride: int = 4
     clip_pixels: str | None = None
+    attention: str = DEFAULT_ATTENTION_BACKEND
+    weights_storage: str = "compute"
+    batched_guidance: bool | None = None
 
 
 def _is_int(value) -> bool:
@@ -111,6 +114,18 @@ def parse_worldstereo_options(options: dict, environ=None, check_paths: bool = T
     if clip_pixels is not None and clip_pixels not in CLIP_PIXELS:
         problems.append(Problem("options.clip_pixels", f"must be one of {', '.join(CLIP_PIXELS)} (uint8: as the released "
                         f"inference scripts feed CLIP), got {clip_pixels!r}"))
+    attention = options.get("attention", DEFAULT_ATTENTION_BACKEND)
+    if attention not in ATTENTION_BACKENDS:
+        problems.append(Problem("options.attention", f"must be one of {', '.join(ATTENTION_BACKENDS)} (native: PyTorch's "
+                        f"SDPA; the others need a CUDA GPU, and flash/sage their package), got {attention!r}"))
+    storage = options.get("weights_storage", "compute")
+    if storage not in WEIGHTS_STORAGES:
+        problems.append(Problem("options.weights_storage", f"must be one of {', '.join(WEIGHTS_STORAGES)} (float8: the "
+                        f"transformer's block weights stored as float8, computed in the dtype), got {storage!r}"))
+    batched = options.get("batched_guidance")
+    if batched is not None and not isinstance(batched, bool):
+        problems.append(Problem("options.batched_guidance", f"must be true, false or absent (absent: batched when it "
+                        f"fits), got {batched!r}"))
     if check_paths and not problems:
         folder = Path(checkpoint).expanduser()
         if not (folder / "config.json").is_file():
@@ -123,7 +138,8 @@ def parse_worldstereo_options(options: dict, environ=None, check_paths: bool = T
                               wan_dir=Path(wan_dir).expanduser() if wan_dir else None, steps=steps,
                               guidance_scale=None if guidance is None else float(guidance), negative_prompt=negative,
                               offload=offload, device=device, dtype=dtype, size=size, keyframes=keyframes,
-                              keyframe_stride=stride, clip_pixels=clip_pixels)
+                              keyframe_stride=stride, clip_pixels=clip_pixels, attention=attention,
+                              weights_storage=storage, batched_guidance=batched)
 
 
 def _unknown(options: Mapping, allowed: set[str], generator: str) -> list[Problem]:

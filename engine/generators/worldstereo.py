@@ -131,7 +131,9 @@ class WorldStereoGenerator(Generator):
         dtype = None if opts.dtype == "auto" else getattr(torch, opts.dtype)
         pipeline = WorldStereoPipeline.from_pretrained(opts.checkpoint, opts.wan_dir, device=device, dtype=dtype,
                                                        offload=opts.offload, expect_variant=opts.variant,
-                                                       companions_dir=opts.wan_dir, clip_pixels=opts.clip_pixels)
+                                                       companions_dir=opts.wan_dir, clip_pixels=opts.clip_pixels,
+                                                       attention=opts.attention, weights_storage=opts.weights_storage,
+                                                       batched_guidance=opts.batched_guidance)
         return cls(pipeline, keyframes=opts.keyframes, keyframe_stride=opts.keyframe_stride, size=opts.size,
                    steps=opts.steps, guidance_scale=opts.guidance_scale, negative_prompt=opts.negative_prompt)
 

@@ -6,9 +6,9 @@
 - ``worldstereo``: the variants (camera; memory and memory-dmd) and their config.
 - ``camera``: camera normalisation, Pluecker maps, pose vectors.
 - ``dmd_scheduler``: the distilled variant's few-step schedule.
-- ``attention``: the attention backends.
+- ``attention``: the attention backends (diffusers' dispatcher).
 - ``weights``: variant folder + backbone weights (safetensors only), key checks, dtype casting.
-- ``offload``: the offload modes and the block streamer of ``sequential``.
+- ``offload``: the offload modes (the block streamer of ``sequential``, the visits of ``model``) and float8 weight storage.
 - ``budget``: the GPU memory each offload mode needs, and the check that refuses one that will not fit.
 - ``memory_trace``: peak activation bytes of a forward, measured on the meta device (no GPU).
 - ``hub``: where each model comes from on the Hugging Face Hub, downloads, and what is on this machine.

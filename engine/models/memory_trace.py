@@ -12,6 +12,11 @@ SDPA picks a fused kernel (flash or memory-efficient) that never holds the
 ``L x L`` score matrix, so during the trace attention is a stand-in with the
 fused kernels' footprint: the output, plus its float32 log-sum-exp row.
 
+With float8 storage (:func:`~.offload.apply_float8_storage`) the layerwise
+casting runs in the trace as on a GPU: each layer's compute-dtype copy of its
+weight counts while it lives; the float8 tensors the casting puts back into
+the parameters are weights, not activations, and are not counted.
+
 Not counted: the caching allocator's rounding and fragmentation and the cuBLAS
 workspace (``budget.GPU_OVERHEAD_BYTES`` stands for them).
 """
@@ -34,12 +39,14 @@ _TRACE_BACKEND = "fused-footprint"
 class LiveBytes(TorchDispatchMode):
     """Tracks the bytes of live storages created under it; ``peak`` is the largest total seen.
 
-    ``ignore``: storages not to count (a model's parameters and buffers).
+    ``ignore``: storages not to count (a model's parameters and buffers); ``weight_dtypes``: storages
+    created with these dtypes are weights going back into storage (float8 after a layer's forward).
     """
 
-    def __init__(self, ignore: set[int] | None = None):
+    def __init__(self, ignore: set[int] | None = None, weight_dtypes: tuple[torch.dtype, ...] = ()):
         super().__init__()
         self.ignore = set(ignore or ())
+        self.weight_dtypes = tuple(weight_dtypes)
         self.live: dict[int, tuple[StorageWeakRef, int]] = {}
         self.current = 0
         self.peak = 0
@@ -53,6 +60,8 @@ class LiveBytes(TorchDispatchMode):
             self.current -= self.live.pop(key)[1]
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor):
+                if t.dtype in self.weight_dtypes:
+                    continue
                 storage = t.untyped_storage()
                 ref = StorageWeakRef(storage)
                 if ref.cdata not in self.ignore and ref.cdata not in self.live:  # views and in-place: no new bytes
@@ -91,38 +100,45 @@ class ForwardTrace:
 
 
 def forward_inputs(model: torch.nn.Module, frames: int, height: int, width: int, num_refs: int,
-                   device: str | torch.device = "meta", dtype: torch.dtype = torch.bfloat16) -> dict:
+                   device: str | torch.device = "meta", dtype: torch.dtype = torch.bfloat16, batch: int = 1) -> dict:
     """Keyword inputs of one denoising forward of ``model`` at ``frames`` latent frames of ``height x width``
-    pixels (``num_refs`` retrieved frames for the memory variants), as the pipeline passes them."""
+    pixels (``num_refs`` retrieved frames for the memory variants), ``batch`` samples (2: batched
+    guidance), as the pipeline passes them."""
     config = model.config
-    h, w = height // 8, width // 8
+    h, w, b = height // 8, width // 8, batch
     inputs = dict(
-        hidden_states=torch.empty(1, config.in_channels, frames, h, w, dtype=dtype, device=device),
-        timestep=torch.empty(1, device=device),
-        encoder_hidden_states=torch.empty(1, 512, config.text_dim, dtype=dtype, device=device),
-        encoder_hidden_states_image=torch.empty(1, 257, config.image_dim, dtype=dtype, device=device),
-        render_latent=torch.empty(1, config.out_channels, frames, h, w, dtype=dtype, device=device),
-        render_mask=torch.empty(1, 1, frames, height, width, dtype=dtype, device=device),
-        camera_embedding=torch.empty(1, 6, frames, height, width, dtype=dtype, device=device),
+        hidden_states=torch.empty(b, config.in_channels, frames, h, w, dtype=dtype, device=device),
+        timestep=torch.empty(b, device=device),
+        encoder_hidden_states=torch.empty(b, 512, config.text_dim, dtype=dtype, device=device),
+        encoder_hidden_states_image=torch.empty(b, 257, config.image_dim, dtype=dtype, device=device),
+        render_latent=torch.empty(b, config.out_channels, frames, h, w, dtype=dtype, device=device),
+        render_mask=torch.empty(b, 1, frames, height, width, dtype=dtype, device=device),
+        camera_embedding=torch.empty(b, 6, frames, height, width, dtype=dtype, device=device),
     )
     if hasattr(model, "camera_embedding"):  # the memory variants
         # ref_index is read as numbers (positions of the references), so it is a real tensor
-        inputs.update(reference_latent=torch.empty(1, config.in_channels, num_refs, h, w, dtype=dtype, device=device),
+        inputs.update(reference_latent=torch.empty(b, config.in_channels, num_refs, h, w, dtype=dtype, device=device),
                       ref_index=torch.linspace(0, frames - 2, num_refs).round().long(),
-                      camera_qt=torch.empty(1, frames, 7, device=device),
-                      camera_qt_ref=torch.empty(1, num_refs, 7, device=device))
+                      camera_qt=torch.empty(b, frames, 7, device=device),
+                      camera_qt_ref=torch.empty(b, num_refs, 7, device=device))
     return inputs
 
 
 def trace_forward(model: torch.nn.Module, frames: int = 21, height: int = 480, width: int = 768,
-                  num_refs: int = 8) -> ForwardTrace:
+                  num_refs: int = 8, batch: int = 1) -> ForwardTrace:
     """Peak live activation bytes of one forward of ``model`` (built on the meta device, in its
-    inference dtype) at the given size; the inputs are created inside the trace, so they count."""
+    inference dtype, float8 storage applied or not) at the given size for ``batch`` samples; the
+    inputs are created inside the trace, so they count."""
     dtype = model.patch_embedding.weight.dtype  # what the network computes in
     device = model.patch_embedding.weight.device
-    ignore = {StorageWeakRef(t.untyped_storage()).cdata for t in (*model.parameters(), *model.buffers())}
-    with torch.no_grad(), _fused_attention(), LiveBytes(ignore) as live:
-        inputs = forward_inputs(model, frames, height, width, num_refs, device=device, dtype=dtype)
+    # the weights' tensors as they are now, held for the trace: float8 casting replaces parameters' data,
+    # and a freed storage's address (its key here) could be reused by an activation, which would go uncounted
+    weights = [t.data for t in (*model.parameters(), *model.buffers())]
+    ignore = {StorageWeakRef(t.untyped_storage()).cdata for t in weights}
+    float8 = (torch.float8_e4m3fn,) if getattr(model, "weights_storage", "compute") == "float8" else ()
+    with torch.no_grad(), _fused_attention(), LiveBytes(ignore, weight_dtypes=float8) as live:
+        inputs = forward_inputs(model, frames, height, width, num_refs, device=device, dtype=dtype, batch=batch)
         out = model(**inputs)
         del inputs, out
+    del weights
     return ForwardTrace(live.peak, live.ops)

@@ -1,9 +1,17 @@
 """Offload modes: where the transformer's weights live while it runs.
 
 ``none`` keeps everything on the GPU; ``model`` keeps one model (transformer,
-text encoder, image encoder, VAE) on the GPU at a time; ``sequential`` streams
+text encoder, image encoder, VAE) on the GPU at a time (:class:`DeviceVisits`:
+one host copy, device copies dropped after each visit); ``sequential`` streams
 the transformer's blocks one by one from page-locked host memory
 (:class:`BlockStreamer`). The memory each mode needs is ``budget``'s business.
+
+Weight storage (``weights_storage``) is the other memory lever: ``compute``
+keeps every weight in the compute dtype; ``float8`` stores the Linear weights
+of the transformer's blocks as ``float8_e4m3fn`` and casts each layer to the
+compute dtype just for its forward (diffusers' layerwise casting,
+:func:`apply_float8_storage`): half the bytes of the blocks' Linear layers, which
+are 92% of the transformer's bytes.
 """
 
 from __future__ import annotations
@@ -14,6 +22,16 @@ if TYPE_CHECKING:  # torch stays out of import time for the CLI
     import torch
 
     from .wan_transformer import WanTransformer3DModel
+
+#: Offload modes, from fastest to leanest: everything resident; one model (transformer, text
+#: encoder, image encoder, VAE) on the GPU at a time; the transformer's blocks streamed one by one.
+OFFLOAD_MODES = ("none", "model", "sequential")
+#: How the transformer's block weights are stored: in the compute dtype, or as float8 (e4m3) cast up
+#: layer by layer for compute. Fastest first.
+WEIGHTS_STORAGES = ("compute", "float8")
+#: Module-name patterns left in the compute dtype under float8 storage: diffusers' default skip list for
+#: layerwise casting (norms, patch and position embeddings, the input/output projections).
+FLOAT8_SKIP_PATTERNS = ("pos_embed", "patch_embed", "norm", "^proj_in$", "^proj_out$")
 
 
 class BlockStreamer:
@@ -120,8 +138,86 @@ def enable_sequential_offload(model: "WanTransformer3DModel", device: "torch.dev
     return streamer
 
 
-# -- GPU memory ---------------------------------------------------------------------------------
+class DeviceVisits:
+    """``offload="model"``: a module visits the device for a stage and leaves without a copy back.
 
-#: Offload modes, from fastest to leanest: everything resident; one model (transformer, text
-#: encoder, image encoder, VAE) on the GPU at a time; the transformer's blocks streamed one by one.
-OFFLOAD_MODES = ("none", "model", "sequential")
+    Its parameters and buffers keep one host copy, made once here (page-locked
+    on CUDA, so the visits' copies run asynchronously). :meth:`enter` points
+    every tensor at a device copy of its host copy; :meth:`leave` points it
+    back at the host copy, dropping the device copy: the weights were only
+    read, so the host copy is still theirs, and the 35 GB transformer is not
+    copied back to the host after every segment (``module.to("cpu")`` did).
+    ``host_copies`` counts the host copies made (once, at construction),
+    ``visits`` the visits.
+    """
+
+    def __init__(self, module: "torch.nn.Module", device: "torch.device", copy: bool = False):
+        import torch
+
+        self.module = module
+        self.device = torch.device(device)
+        self._copy = copy or self.device.type != "cpu"  # on the CPU a visit is free unless asked to copy (tests)
+        self._tensors = list(module.parameters()) + list(module.buffers())
+        pin = self.device.type == "cuda"
+        self.host_copies = 0
+        for t in self._tensors:
+            if t.data.device.type != "cpu":
+                t.data = t.data.to("cpu")
+                self.host_copies += 1
+            if pin and not t.data.is_pinned():
+                try:
+                    t.data = t.data.pin_memory()
+                    self.host_copies += 1
+                except RuntimeError:  # the system refused more page-locked memory: visit from pageable memory
+                    pin = False
+        self._host = [t.data for t in self._tensors]
+        self.visits = 0
+        self.on_device = False
+
+    def enter(self) -> None:
+        if self.on_device:
+            return
+        for t, host in zip(self._tensors, self._host):
+            t.data = host.to(self.device, non_blocking=True, copy=self._copy)
+        self.visits += 1
+        self.on_device = True
+
+    def leave(self) -> None:
+        for t, host in zip(self._tensors, self._host):
+            t.data = host
+        self.on_device = False
+
+
+def float8_storage_modules(model: "WanTransformer3DModel") -> list[tuple[str, "torch.nn.Module"]]:
+    """The leaf layers of ``model``'s blocks that float8 storage keeps in float8, with their names
+    (``blocks.3.attn1.to_q`` ...): the Linear and convolution layers diffusers' layerwise casting
+    supports, minus :data:`FLOAT8_SKIP_PATTERNS`. One list for the casting and the memory estimate."""
+    import re
+
+    import torch
+
+    supported = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
+    chosen = []
+    for name, module in model.blocks.named_modules(prefix="blocks"):
+        if isinstance(module, supported) and not any(re.search(p, name) for p in FLOAT8_SKIP_PATTERNS):
+            chosen.append((name, module))
+    return chosen
+
+
+def apply_float8_storage(model: "WanTransformer3DModel", compute_dtype: "torch.dtype | None" = None) -> int:
+    """Store the block layers of :func:`float8_storage_modules` as ``float8_e4m3fn``, cast to
+    ``compute_dtype`` (default: the model's, that of its patch embedding) for each layer's forward
+    with diffusers' layerwise-casting hook. Works on the meta device. Returns the layers cast.
+
+    The cast is a plain rounding to e4m3 (3 mantissa bits, no per-tensor scale, as diffusers does):
+    relative error up to 2^-4 per weight, and values below 2^-9 flush to zero.
+    """
+    import torch
+    from diffusers.hooks.layerwise_casting import apply_layerwise_casting_hook
+
+    compute_dtype = compute_dtype or model.patch_embedding.weight.dtype
+    layers = float8_storage_modules(model)
+    for _, module in layers:
+        apply_layerwise_casting_hook(module, torch.float8_e4m3fn, compute_dtype, non_blocking=False)
+    model.weights_storage = "float8"
+    return len(layers)

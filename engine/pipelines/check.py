@@ -283,10 +283,13 @@ def frames_float(decoded_video: "torch.Tensor") -> "torch.Tensor":
 
 
 def run_case(case: PipelineCase, wan_dir: str | Path, device: "str | torch.device" = "cpu",
-             dtype: "torch.dtype | None" = None) -> dict[str, "torch.Tensor"]:
+             dtype: "torch.dtype | None" = None, batched_guidance: bool | None = None,
+             attention: str = "native") -> dict[str, "torch.Tensor"]:
     """Load the case's variant and the companions of ``wan_dir`` (a Wan2.1 I2V diffusers folder), run the
     case and its ``diag`` calls, and return every output by name (on the CPU; floating point as float32,
-    integers and uint8 frames as they are). ``dtype`` defaults to float32, the goldens' precision."""
+    integers and uint8 frames as they are). ``dtype`` defaults to float32, the goldens' precision;
+    ``batched_guidance`` and ``attention`` as the pipeline takes them (the reference pipelines call the
+    transformer twice per guided step; the batched call must match them within the same tolerance)."""
     import torch
 
     from .worldstereo import WorldStereoPipeline
@@ -297,7 +300,8 @@ def run_case(case: PipelineCase, wan_dir: str | Path, device: "str | torch.devic
     if not wan_dir.is_dir():
         raise CaseError(f"Wan2.1 image-to-video folder not found: {wan_dir}")
     pipe = WorldStereoPipeline.from_pretrained(case.path, wan_dir, device=device, dtype=dtype or torch.float32,
-                                               expect_variant=case.model_type, companions_dir=wan_dir)
+                                               expect_variant=case.model_type, companions_dir=wan_dir,
+                                               batched_guidance=batched_guidance, attention=attention)
 
     def call(latent_cond_mode: str, guidance_scale: float) -> dict[str, torch.Tensor]:
         traced: dict[str, torch.Tensor] = {}

@@ -6,7 +6,10 @@ One class serves the three released variants; what differs is the sampler:
   the flow-matching velocity (the backbone folder's ``scheduler/`` config,
   40 steps by default) with classifier-free guidance on the text: each step
   runs the transformer on the prompt and on the negative prompt and moves
-  along ``v_neg + g (v_pos - v_neg)`` (g = 5 by default).
+  along ``v_neg + g (v_pos - v_neg)`` (g = 5 by default). With
+  ``batched_guidance`` the two run as one transformer call on a batch of two
+  (prompt first); the reference pipelines make two calls, and the batched one
+  equals them within float32 noise (both pass the reference fixtures at 1e-5).
 - ``worldstereo-memory-dmd``: the distilled few-step Euler schedule
   (:class:`~..models.dmd_scheduler.DMDScheduler`, 4 steps), no guidance.
 
@@ -29,11 +32,17 @@ reference pipelines' golden outputs (:data:`TRACE_KEYS`), which is how
 ``keyframe-worlds model check-pipeline`` compares a whole call with them.
 
 Offload (``offload``): ``none`` keeps everything on the device; ``model``
-keeps every model in CPU memory and moves one at a time to the device in the
-order text encoder -> image encoder -> VAE -> transformer -> VAE;
+keeps every model in CPU memory and lets one at a time visit the device in the
+order text encoder -> image encoder -> VAE -> transformer -> VAE (a visit
+copies the weights in and drops the device copy after, see
+:class:`~..models.offload.DeviceVisits`);
 ``sequential`` does the same for the companions and streams the transformer's
 blocks one by one (the rest of the transformer stays resident), which is what
-fits the 14B backbone on a 24 GB card.
+fits the 14B backbone on a 24 GB card. ``weights_storage="float8"`` (set up by
+``from_pretrained``) stores the blocks' Linear weights as float8 and casts
+each layer to the compute dtype for its forward; ``attention`` picks the
+attention kernel (:data:`~..models.names.ATTENTION_BACKENDS`) for the
+transformer's calls.
 """
 
 from __future__ import annotations
@@ -49,7 +58,10 @@ from ...bridge.errors import KeyframeWorldsError
 from ...bridge.jobs import JobCancelled
 from ..models.dmd_scheduler import DMDScheduler, DMDSchedulerConfig
 from ..models.names import CAMERA_VARIANT, MEMORY_DMD_VARIANT, MEMORY_VARIANT, VARIANTS
-from ..models.offload import OFFLOAD_MODES, enable_sequential_offload
+from ..models.attention import attention_backend, check_attention_backend
+from ..models.names import DEFAULT_ATTENTION_BACKEND
+from ..models.offload import (OFFLOAD_MODES, WEIGHTS_STORAGES, DeviceVisits, apply_float8_storage,
+                              enable_sequential_offload)
 from .components import (CLIP_PIXELS, LATENT_COND_MODES, WanCompanions, clip_pixel_values, condition_latent,
                          encode_pixels, encode_tokens, make_unipc, tokenize_prompts, vae_decode_keyframes,
                          vae_encode_keyframes)
@@ -104,7 +116,8 @@ class WorldStereoPipeline:
 
     def __init__(self, transformer: torch.nn.Module, companions: WanCompanions, device: str | torch.device | None = None,
                  offload: str = "none", negative_prompt: str = "", latent_cond_mode: str = "full_vae",
-                 dmd_config: DMDSchedulerConfig | None = None, clip_pixels: str = "uint8"):
+                 dmd_config: DMDSchedulerConfig | None = None, clip_pixels: str = "uint8",
+                 attention: str = DEFAULT_ATTENTION_BACKEND, batched_guidance: bool = True):
         if offload not in OFFLOAD_MODES:
             raise KeyframeWorldsError(f"unknown offload mode {offload!r}; expected one of {', '.join(OFFLOAD_MODES)}")
         if latent_cond_mode not in LATENT_COND_MODES:
@@ -123,6 +136,10 @@ class WorldStereoPipeline:
         self.latent_cond_mode = latent_cond_mode
         self.clip_pixels = clip_pixels
         self.dmd_config = dmd_config or variant.dmd or DMDSchedulerConfig()
+        check_attention_backend(attention, self.device, transformer.patch_embedding.weight.dtype)
+        self.attention = attention
+        self.batched_guidance = bool(batched_guidance)
+        self._visits: dict[int, DeviceVisits] = {}
         self._place_initially()
 
     # -- construction --------------------------------------------------------------------------
@@ -130,27 +147,54 @@ class WorldStereoPipeline:
     def from_pretrained(cls, variant_dir: str | Path, base_model_dir: str | Path | None = None, *,
                         device: str | torch.device | None = None, dtype: torch.dtype | None = None,
                         offload: str = "none", expect_variant: str | None = None, paths=None,
-                        companions_dir: str | Path | None = None, clip_pixels: str | None = None
-                        ) -> "WorldStereoPipeline":
+                        companions_dir: str | Path | None = None, clip_pixels: str | None = None,
+                        attention: str = DEFAULT_ATTENTION_BACKEND, weights_storage: str = "compute",
+                        batched_guidance: bool | None = None) -> "WorldStereoPipeline":
         """Load a variant folder and the Wan2.1 I2V companions (from ``companions_dir``, else the resolved
         backbone folder). ``dtype`` defaults to bfloat16 on CUDA, float32 elsewhere; ``clip_pixels``
-        to the variant config's ``clip_pixels``, else ``"uint8"`` (the released inference's)."""
+        to the variant config's ``clip_pixels``, else ``"uint8"`` (the released inference's).
+
+        ``weights_storage="float8"``: the blocks' Linear weights stored as float8 (compute in ``dtype``).
+        ``batched_guidance``: None picks it: batched, unless on CUDA the doubled activations would not fit
+        where two calls would. On CUDA the free memory is checked for the whole set-up (offload, storage,
+        guidance batch) before anything is moved there, and a refusal names a set-up that fits."""
         from ..models.weights import load_worldstereo, read_variant_folder, resolve_base_model
         from .components import load_companions
 
         device = torch.device(device) if device is not None else _default_device()
         if dtype is None:
             dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        if weights_storage not in WEIGHTS_STORAGES:
+            raise KeyframeWorldsError(f"unknown weights_storage {weights_storage!r}; expected one of "
+                                      f"{', '.join(WEIGHTS_STORAGES)}")
+        check_attention_backend(attention, device, dtype)  # before minutes of loading
         home = device if offload == "none" else torch.device("cpu")
-        transformer = load_worldstereo(variant_dir, base_model_dir, device=device if offload != "model" else "cpu",
-                                       dtype=dtype, paths=paths, expect_variant=expect_variant, offload=offload,
-                                       free_memory_bytes=None)
-        if offload == "model" and device.type == "cuda":
-            # loaded into CPU memory, so load_worldstereo did not check the GPU: do it for this mode here
-            from ..models.budget import check_gpu_memory, estimate_memory
+        # Loaded into CPU memory (no GPU check there) whenever the device copy is not simply the loaded one:
+        # model offload, block streaming over float8 blocks, float8 storage (cast on the host, then moved).
+        staged = device.type == "cuda" and (offload != "none" or weights_storage == "float8")
+        free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None  # before any weight is there
+        transformer = load_worldstereo(variant_dir, base_model_dir, device="cpu" if staged else device,
+                                       dtype=dtype, paths=paths, expect_variant=expect_variant,
+                                       offload="none" if staged else offload, free_memory_bytes=None)
+        if weights_storage == "float8":
+            apply_float8_storage(transformer, dtype)
+        guided = transformer.variant.model_type != MEMORY_DMD_VARIANT
+        if device.type == "cuda":
+            from ..models.budget import check_gpu_memory, estimate_memory, pick_batched_guidance
 
-            check_gpu_memory(estimate_memory(transformer, base_dir=transformer.load_report.base_model_dir),
-                             torch.cuda.mem_get_info(device)[0], offload, what=transformer.variant.model_type)
+            base_dir = transformer.load_report.base_model_dir
+            if batched_guidance is None:
+                batched_guidance = pick_batched_guidance(transformer, free, offload, weights_storage, guided,
+                                                         base_dir=base_dir)
+            check_gpu_memory(estimate_memory(transformer, base_dir=base_dir, batch=2 if guided and batched_guidance
+                                             else 1), free, offload, what=transformer.variant.model_type,
+                             weights_storage=weights_storage)
+            if staged:
+                if offload == "none":
+                    transformer.to(device)
+                elif offload == "sequential":
+                    enable_sequential_offload(transformer, device)
+        batched_guidance = True if batched_guidance is None else batched_guidance
         if companions_dir is None:
             report = transformer.load_report
             companions_dir = report.base_model_dir or resolve_base_model(read_variant_folder(variant_dir), None, paths)
@@ -159,7 +203,8 @@ class WorldStereoPipeline:
         pipe = cls(transformer, companions, device=device, offload=offload,
                    negative_prompt=str(extra.get("negative_prompt", "")),
                    latent_cond_mode=str(extra.get("latent_cond_mode", "full_vae")),
-                   clip_pixels=clip_pixels or str(extra.get("clip_pixels", "uint8")))
+                   clip_pixels=clip_pixels or str(extra.get("clip_pixels", "uint8")),
+                   attention=attention, batched_guidance=batched_guidance)
         return pipe
 
     def _place_initially(self) -> None:
@@ -181,20 +226,31 @@ class WorldStereoPipeline:
         self.transformer.to("cpu")
         enable_sequential_offload(self.transformer, self.device)
 
+    def visits(self, module: torch.nn.Module) -> DeviceVisits:
+        """The :class:`~..models.offload.DeviceVisits` of an offloaded ``module`` (made on its first visit)."""
+        key = id(module)
+        if key not in self._visits:
+            self._visits[key] = DeviceVisits(module, self.device)
+        return self._visits[key]
+
     @contextlib.contextmanager
     def _on_device(self, module: torch.nn.Module, is_transformer: bool = False):
-        """Make ``module`` usable on the execution device for the block; move it back after when offloading."""
+        """Make ``module`` usable on the execution device for the block; when offloading, drop its device
+        copy after (its host copy stays what it was: nothing is copied back)."""
         moved = self.offload == "model" or (self.offload == "sequential" and not is_transformer)
-        if moved and self.device.type != "cpu":
-            module.to(self.device)
+        visits = self._visits.get(id(module)) if moved else None  # set up beforehand (tests: copying CPU visits)
+        if visits is None and moved and self.device.type != "cpu":
+            visits = self.visits(module)
+        if visits is not None:
+            visits.enter()
         try:
             yield module
         finally:
             streamer = getattr(module, "block_streamer", None) if is_transformer else None
             if streamer is not None:
                 streamer.release()  # the block prefetched for a next step: its memory goes to the VAE
-            if moved and self.device.type != "cpu":
-                module.to("cpu")
+            if visits is not None:
+                visits.leave()
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
 
@@ -264,7 +320,7 @@ class WorldStereoPipeline:
         guided = guidance_scale > 1.0
         negative_prompt = self.negative_prompt if negative_prompt is None else negative_prompt
         device, comp = self.device, self.companions
-        dtype = next(self.transformer.parameters()).dtype
+        dtype = self.transformer.patch_embedding.weight.dtype  # the compute dtype (block weights may be float8)
         emit = trace if trace is not None else (lambda name, value: None)
 
         # 2. Text [1 or 2, 512, text_dim]; each prompt encoded on its own, as the reference pipelines do
@@ -325,15 +381,22 @@ class WorldStereoPipeline:
             sampler.set_timesteps(steps, device=device)
             timesteps = sampler.timesteps
         total = len(timesteps)
-        with self._on_device(self.transformer, is_transformer=True) as net:
+        batched = guided and self.batched_guidance
+        if batched:  # every input twice along the batch: prompt first, negative prompt second
+            pair_inputs = {k: v if k == "ref_index" else torch.cat([v, v]) for k, v in net_inputs.items()}
+        with self._on_device(self.transformer, is_transformer=True) as net, attention_backend(self.attention):
             for i, t in enumerate(timesteps):
                 emit(f"step{i}.latents_in", latents)
                 emit(f"step{i}.timestep", t.expand(1))
                 x = torch.cat([latents.to(dtype), condition], dim=1)
-                velocity = net(x, t.expand(1), context[:1], **net_inputs).float()
+                if batched:
+                    velocity, uncond = net(torch.cat([x, x]), t.expand(2), context, **pair_inputs).float().chunk(2)
+                else:
+                    velocity = net(x, t.expand(1), context[:1], **net_inputs).float()
                 emit(f"step{i}.noise_pred_cond", velocity)
                 if guided:
-                    uncond = net(x, t.expand(1), context[1:], **net_inputs).float()
+                    if not batched:
+                        uncond = net(x, t.expand(1), context[1:], **net_inputs).float()
                     emit(f"step{i}.noise_pred_uncond", uncond)
                     velocity = uncond + guidance_scale * (velocity - uncond)
                 emit(f"step{i}.noise_pred", velocity)
