@@ -176,7 +176,7 @@ def run_one(conn, warm: WarmModel, job_id: str, spec_path: str, out_dir: str, ca
         if is_cuda_oom(exc):
             warm.release(depth_too=True)
             return "failed", (f"out of GPU memory on {warm.device} ({exc}); the warm model was freed. Try a leaner "
-                              "'offload' option (model, sequential) or a smaller size"), trace
+                              "'offload' option (model, sequential), 'weights_storage': 'float8', or a smaller size"), trace
         return "failed", failure_message(exc, Path(out_dir)), trace
 
 
