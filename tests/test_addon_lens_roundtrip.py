@@ -271,3 +271,26 @@ def test_headless_import_trajectory_with_points(blank_blend, tmp_path):
     bad = subprocess.run(cli + [str(tmp_path / "nowhere")], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert bad.stderr.strip().splitlines()[-1].startswith("keyframe_worlds: error: trajectory file not found")
+
+
+def test_the_operators_import_and_export_lens_names_and_points(blank_blend, tmp_path):
+    """The file-browser operators themselves (registered add-on): import with Points ticked, export as COLMAP."""
+    bpy = blank_blend
+    import keyframe_worlds
+
+    traj = plate("FULL_OPENCV", LENSES["FULL_OPENCV"])
+    _, points = sparse_model(tmp_path / "pinhole")
+    formats.write_trajectory_set(formats.TrajectorySet((traj,), points), tmp_path / "sparse", "colmap-binary")
+    keyframe_worlds.register()
+    try:
+        assert bpy.ops.keyframe_worlds.import_trajectory(filepath=str(tmp_path / "sparse" / "cameras.bin"), points=True) == {"FINISHED"}
+        assert len(bpy.data.objects["sparse points3D"].data.points) == len(points)
+        scene = bpy.context.scene
+        scene.frame_start, scene.frame_end = FRAMES[0], FRAMES[-1]
+        assert bpy.ops.keyframe_worlds.export_trajectory(filepath=str(tmp_path / "out.json"), format="colmap", cameras="ALL",
+                                                         frame_step=2) == {"FINISHED"}
+    finally:
+        keyframe_worlds.unregister()
+    (back,) = formats.read_trajectories(tmp_path / "out", "colmap")
+    assert back.distortion == (Distortion("FULL_OPENCV", LENSES["FULL_OPENCV"]),) * len(FRAMES)
+    assert back.images == traj.images
