@@ -5,6 +5,8 @@ Both parse the same arguments and call the same functions the operators call
 ``importers.import_bundle``). Commands:
 
 - ``trajectory``: write the chosen cameras' trajectories in any bridge format.
+- ``import-trajectory``: create keyframed cameras from a trajectory file (with their
+  lens and image paths; ``--points``: a COLMAP model's points3D as a point cloud) and save.
 - ``generate``: prepare the job from the scene, start the engine service (its own
   Python, a separate process) as the add-on does, run the job with progress on
   stdout, fetch the bundle; non-zero exit on failure.
@@ -55,12 +57,21 @@ def _add_camera_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def add_scene_commands(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``trajectory``, ``generate`` and ``import`` to ``subparsers``."""
+    """Add ``trajectory``, ``import-trajectory``, ``generate`` and ``import`` to ``subparsers``."""
     t = subparsers.add_parser("trajectory", help="write camera trajectories from the scene")
     _add_camera_arguments(t)
     t.add_argument("--format", required=True, choices=FORMATS, help="the trajectory format to write")
     t.add_argument("--out", required=True, help="the file (or, for colmap and colmap-binary, folder) to write")
     t.set_defaults(scene_handler=cmd_trajectory)
+
+    it = subparsers.add_parser("import-trajectory", help="create keyframed cameras from a trajectory file and save")
+    it.add_argument("trajectory", help="trajectory file or folder (a COLMAP model folder, transforms.json, ...)")
+    it.add_argument("--from", dest="fmt", choices=FORMATS, help="its format (default: detected)")
+    it.add_argument("--points", action="store_true", help="a COLMAP model's points3D as a point cloud object, in the cameras' world")
+    it.add_argument("--clip-lens", action="store_true",
+                    help="set the lens distortion on the scene's active movie clip's tracking camera")
+    it.add_argument("--save", help="save as this .blend (default: save the opened file)")
+    it.set_defaults(scene_handler=cmd_import_trajectory)
 
     g = subparsers.add_parser("generate", help="run a job from the scene in the engine")
     _add_camera_arguments(g)
@@ -224,6 +235,31 @@ def cmd_trajectory(args) -> int:
     return 0
 
 
+def cmd_import_trajectory(args) -> int:
+    import bpy
+
+    from .scene_cameras import import_trajectory_file
+
+    target = _save_target(args)
+    result = import_trajectory_file(bpy.context.scene, args.trajectory, args.fmt, points=args.points, clip_lens=args.clip_lens)
+    _print_warnings(result.warnings)
+    bpy.ops.wm.save_as_mainfile(filepath=str(Path(target).resolve()))
+    points = f", {len(result.point_cloud.data.points)} points as {result.point_cloud.name!r}" if result.point_cloud is not None else ""
+    print(f"imported {len(result.cameras)} camera(s): {', '.join(o.name for o in result.cameras)}{points}; saved {target}")
+    return 0
+
+
+def _save_target(args) -> str:
+    """Where to save: ``--save``, else the opened file; checked before the scene changes."""
+    import bpy
+
+    target = args.save or bpy.data.filepath
+    if not target:
+        raise KeyframeWorldsError("the file has never been saved: give --save PATH.blend")
+    check_output(target, "--save" if args.save else "the opened file", folder=False)
+    return target
+
+
 def cmd_generate(args) -> int:
     import bpy
 
@@ -269,10 +305,7 @@ def cmd_import(args) -> int:
 
     from .importers import ImportOptions, import_bundle
 
-    target = args.save or bpy.data.filepath
-    if not target:
-        raise KeyframeWorldsError("the file has never been saved: give --save PATH.blend")
-    check_output(target, "--save" if args.save else "the opened file", folder=False)  # before changing the scene
+    target = _save_target(args)  # before changing the scene
     options = ImportOptions(video=not args.no_video, point_cloud=not args.no_points, meshes=not args.no_meshes,
                             point_maps=args.point_maps, dynamic_masks=args.dynamic_masks, consistency=args.consistency)
     result = import_bundle(bpy.context.scene, args.bundle, options)

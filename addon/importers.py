@@ -168,38 +168,15 @@ def set_clip_lens(camera: bpy.types.Object, source: Trajectory) -> list[str]:
     """Give the camera's movie clip the lens of the plate the job was made for (the manifest's ``source_lens``).
 
     The clip holds the generated video, made for the pinhole the plate was undistorted to; its tracking camera
-    gets the plate's focal length (pixels), pixel aspect, principal point and distortion
-    (``cameras.distortion_to_blender_tracking``), so Blender's Movie Distortion node (Distort) and the clip
-    editor take the video to the plate's lens. A clip has one lens: the first distorted frame's. Returns
-    warnings: a lens Blender cannot hold (it is named; the clip keeps no distortion), a lens that changes.
+    gets the plate's lens (``lens.set_tracking_lens``), so Blender's Movie Distortion node (Distort) and the clip
+    editor take the video to the plate's lens. Returns warnings: a lens Blender cannot hold (it is named; the
+    clip keeps no distortion), a lens that changes.
     """
-    from ..bridge.cameras import distortion_to_blender_tracking
+    from .lens import set_tracking_lens
 
     clips = [bg.clip for bg in camera.data.background_images
              if bg.source == "MOVIE_CLIP" and bg.clip is not None and bg.clip.name.startswith(COLLECTION_PREFIX)]
-    lensed = [i for i, d in enumerate(source.distortion) if d is not None]
-    if not clips or not lensed:
-        return []
-    i = lensed[0]
-    warnings = []
-    if len({(source.distortion[j], float(source.fx[j]), float(source.fy[j])) for j in lensed}) > 1:
-        warnings.append(f"{source.name}: the plate's lens changes over the shot; the movie clip has the lens of frame "
-                        f"{int(source.frames[i])}")
-    try:
-        model, values = distortion_to_blender_tracking(source.distortion[i])
-    except KeyframeWorldsError as exc:
-        return warnings + [f"{source.name}: the movie clip keeps no lens distortion: {exc}"]
-    for clip in clips:
-        tracking = clip.tracking.camera
-        tracking.units = "PIXELS"
-        tracking.focal_length_pixels = float(source.fx[i])
-        tracking.pixel_aspect = float(source.fy[i] / source.fx[i])  # Blender's x:y pixel aspect, as its camera has
-        # Blender's tracking frame is y up from the bottom-left corner; ours is y down from the top-left.
-        tracking.principal_point_pixels = (float(source.cx[i]), float(source.height - source.cy[i]))
-        tracking.distortion_model = model
-        for key, value in values.items():
-            setattr(tracking, key, float(value))
-    return warnings
+    return set_tracking_lens(clips, source)
 
 
 def remove_bundle_backgrounds(camera: bpy.types.Object) -> None:
@@ -354,6 +331,25 @@ def import_point_cloud(path: Path, name: str, collection, radius: float = 0.02) 
     radii.data.foreach_set("value", np.full(len(cloud.points), radius, np.float32))
     cloud.materials.append(_attribute_material(f"{name} colour", "color"))
     return obj
+
+
+def import_points(positions_world: np.ndarray, colors: np.ndarray | None, name: str, collection,
+                  radius: float = 0.02) -> bpy.types.Object:
+    """Points as a coloured point-cloud object, through the same PLY import as a bundle's point cloud.
+
+    positions_world: ``(N, 3)`` metres in the world the cameras are in (kept as they are: Blender's world);
+    colors: ``(N, 3)`` uint8 sRGB, or None (grey). A temporary binary PLY (``bridge.seed.write_seed_ply``) goes
+    through ``import_point_cloud``, so a COLMAP model's points look and behave as a bundle's (``color``,
+    ``radius``, the same material) and can seed a job's memory.
+    """
+    import tempfile
+
+    from ..bridge.seed import write_seed_ply
+
+    with tempfile.TemporaryDirectory(prefix="kfw-points-") as tmp:
+        path = Path(tmp) / "points.ply"
+        write_seed_ply(path, positions_world, colors, comment=f"Keyframe Worlds points {name}")
+        return import_point_cloud(path, name, collection, radius)
 
 
 def _attribute_material(name: str, attribute: str) -> bpy.types.Material:

@@ -11,11 +11,12 @@ from bpy_extras.io_utils import ExportHelper, ImportHelper
 from ..bridge.errors import KeyframeWorldsError
 
 FORMAT_ITEMS = [
-    ("keyframe-worlds", "Keyframe Worlds (.json)", "Lossless: every camera, frame number, fps and intrinsics"),
+    ("keyframe-worlds", "Keyframe Worlds (.json)", "Lossless: every camera, frame number, fps, intrinsics, lens and image path"),
     ("worldstereo", "WorldStereo camera.json", "Upstream WorldStereo: world-to-camera OpenCV extrinsics and pixel intrinsics"),
     ("nerfstudio", "nerfstudio transforms.json", "Camera-to-world in the OpenGL camera frame, per-frame intrinsics"),
     ("colmap", "COLMAP text (folder)", "cameras.txt, images.txt and points3D.txt in the chosen folder"),
     ("colmap-binary", "COLMAP binary (folder)", "cameras.bin, images.bin and points3D.bin in the chosen folder"),
+    ("pano_bank", "WorldStereo pano_bank", "Upstream's panorama bank: cameras.json keyed 0000..., pinhole cameras"),
 ]
 
 CAMERA_SOURCE_ITEMS = [
@@ -27,7 +28,8 @@ CAMERA_SOURCE_ITEMS = [
 
 
 class KFW_OT_export_trajectory(bpy.types.Operator, ExportHelper):
-    """Write the evaluated animation of cameras as a trajectory file"""
+    """Write the evaluated animation of cameras as a trajectory file (with the lens distortion and image paths an
+    import kept on each camera)"""
 
     bl_idname = "keyframe_worlds.export_trajectory"
     bl_label = "Export Camera Trajectory"
@@ -45,7 +47,7 @@ class KFW_OT_export_trajectory(bpy.types.Operator, ExportHelper):
         warnings: list[str] = []
         try:
             path = self.filepath
-            if self.format == "colmap" and path.endswith(".json"):
+            if self.format in ("colmap", "colmap-binary") and path.endswith(".json"):
                 path = path[: -len(".json")]
             trajectories, written = export_trajectories(context.scene, self.cameras, path, self.format, step=self.frame_step,
                                                         selected=context.selected_objects, warnings=warnings)
@@ -60,7 +62,7 @@ class KFW_OT_export_trajectory(bpy.types.Operator, ExportHelper):
 
 
 class KFW_OT_import_trajectory(bpy.types.Operator, ImportHelper):
-    """Create keyframed cameras from a trajectory file"""
+    """Create keyframed cameras from a trajectory file; each keeps its lens distortion and image paths"""
 
     bl_idname = "keyframe_worlds.import_trajectory"
     bl_label = "Import Camera Trajectory"
@@ -68,18 +70,25 @@ class KFW_OT_import_trajectory(bpy.types.Operator, ImportHelper):
 
     filter_glob: StringProperty(default="*.json;*.txt;*.bin", options={"HIDDEN"})
     format: EnumProperty(name="Format", items=[("AUTO", "Detect", "Detect the format from the file")] + FORMAT_ITEMS, default="AUTO")
+    points: BoolProperty(name="Points", default=False,
+                         description="A COLMAP model's points3D as a point cloud object, in the cameras' world")
+    clip_lens: BoolProperty(name="Lens on Active Clip", default=False,
+                            description="Set the lens distortion on the scene's active movie clip's tracking camera "
+                                        "(where Blender's tracking models can hold it)")
 
     def execute(self, context):
-        from ..bridge.formats import read_trajectories
-        from .scene_cameras import create_camera_from_trajectory
+        from .scene_cameras import import_trajectory_file
 
         try:
-            trajectories = read_trajectories(self.filepath, None if self.format == "AUTO" else self.format)
-            objects = [create_camera_from_trajectory(context.scene, t) for t in trajectories]
+            result = import_trajectory_file(context.scene, self.filepath, None if self.format == "AUTO" else self.format,
+                                            points=self.points, clip_lens=self.clip_lens)
         except KeyframeWorldsError as exc:
             self.report({"ERROR"}, str(exc))
             return {"CANCELLED"}
-        self.report({"INFO"}, f"Created {len(objects)} camera(s): {', '.join(o.name for o in objects)}")
+        for warning in result.warnings:
+            self.report({"WARNING"}, warning)
+        points = f", {len(result.point_cloud.data.points)} points" if result.point_cloud is not None else ""
+        self.report({"INFO"}, f"Created {len(result.cameras)} camera(s): {', '.join(o.name for o in result.cameras)}{points}")
         return {"FINISHED"}
 
 

@@ -7,6 +7,8 @@ commands and scripts alike. All convention changes go through
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Iterable, Sequence
 
 import bpy
@@ -16,6 +18,7 @@ from ..bridge import cameras as conv
 from ..bridge.errors import KeyframeWorldsError
 from ..bridge.trajectory import Trajectory
 from .choices import CAMERA_SOURCES
+from .lens import images_at, lenses_at, set_tracking_lens, store_lens_and_images
 
 
 def scene_fps(scene: bpy.types.Scene) -> float:
@@ -61,7 +64,8 @@ def extract_trajectory(scene: bpy.types.Scene, camera: bpy.types.Object, frames:
     shift and fit. The scene's current frame is restored afterwards. Scale is
     removed from the matrix (the protocol carries rigid transforms); a
     non-uniform scale, which also shears what the camera sees, is reported in
-    ``warnings``.
+    ``warnings``. The lens distortion and image paths an import kept on the
+    camera data (``lens.py``) come back with each frame.
     """
     if camera is None or camera.type != "CAMERA":
         raise KeyframeWorldsError(f"{getattr(camera, 'name', camera)!r} is not a camera object")
@@ -100,6 +104,8 @@ def extract_trajectory(scene: bpy.types.Scene, camera: bpy.types.Object, frames:
         width=width,
         height=height,
         fps=scene_fps(scene),
+        distortion=lenses_at(camera.data, frames, camera.name),
+        images=images_at(camera.data, frames, camera.name),
     )
 
 
@@ -127,13 +133,10 @@ def create_camera_from_trajectory(scene: bpy.types.Scene, trajectory: Trajectory
     The scene's output resolution is set to the trajectory's size; the focal
     length and lens shift are keyed per frame with a horizontal sensor fit, and
     ``fx != fy`` becomes the scene's pixel aspect (which cannot be animated, so
-    the ratio ``fx / fy`` must be the same on every frame).
+    the ratio ``fx / fy`` must be the same on every frame). A Blender camera is
+    a pinhole: the lens distortion and each frame's image path are kept on the
+    camera data (``lens.store_lens_and_images``) and exported again from there.
     """
-    if trajectory.has_distortion:
-        # A Blender camera is a pinhole: keying only fx, fy, cx, cy would silently drop the lens.
-        first = next(d for d in trajectory.distortion if d is not None and not d.is_pinhole)
-        raise KeyframeWorldsError(f"trajectory {trajectory.name!r}: camera model {first.model} has lens distortion, which a Blender "
-                                  "camera cannot hold (undistort the images and the trajectory first)")
     ycor = trajectory.fx / trajectory.fy
     if np.ptp(ycor) > 1e-9 * ycor.max():
         raise KeyframeWorldsError(f"trajectory {trajectory.name!r}: fx/fy changes over time; Blender's pixel aspect cannot be animated")
@@ -149,6 +152,7 @@ def create_camera_from_trajectory(scene: bpy.types.Scene, trajectory: Trajectory
     # ycor = pixel_aspect_y / pixel_aspect_x; Blender keeps both at 1 or more.
     render.pixel_aspect_x, render.pixel_aspect_y = (1.0, ycor) if ycor >= 1.0 else (1.0 / ycor, 1.0)
     data.sensor_fit = "HORIZONTAL"
+    store_lens_and_images(data, trajectory)
     sensor = data.sensor_width
     w, h = trajectory.width, trajectory.height
     c2w_blender = conv.c2w_opencv_to_blender(trajectory.c2w_opencv)
@@ -230,3 +234,55 @@ def export_trajectories(scene: bpy.types.Scene, source: str, path: str, fmt: str
 
     trajectories = extract_trajectories(scene, source, start=start, end=end, step=step, selected=selected, warnings=warnings)
     return trajectories, write_trajectories(trajectories, path, fmt)
+
+
+@dataclass
+class TrajectoryImport:
+    """What ``import_trajectory_file`` made: the cameras, the point cloud (or None), warnings to show."""
+
+    cameras: list = field(default_factory=list)
+    point_cloud: object | None = None
+    warnings: list[str] = field(default_factory=list)
+
+
+POINTS_OBJECT_SUFFIX = " points3D"
+
+
+def import_trajectory_file(scene: bpy.types.Scene, path: str, fmt: str | None = None, *, points: bool = False,
+                           clip_lens: bool = False, point_radius: float = 0.02) -> TrajectoryImport:
+    """Read a trajectory file or folder (format ``fmt``, detected when None) into keyframed cameras.
+
+    Each camera keeps its lens and image paths (``create_camera_from_trajectory``). ``points``: a COLMAP
+    model's ``points3D`` also come in as a point-cloud object in the scene's collection, in the cameras' world
+    (COLMAP's world is Blender's, unchanged, as the cameras' is). ``clip_lens``: the scene's active movie clip
+    gets the first distorted camera's lens on its tracking camera (``lens.set_tracking_lens``). Used by the
+    import operator and the headless ``import-trajectory`` command.
+    """
+    from ..bridge.formats import POINT_FORMATS, detect_format, read_trajectory_set
+
+    fmt = fmt or detect_format(path)
+    tset = read_trajectory_set(path, fmt)
+    result = TrajectoryImport()
+    result.cameras = [create_camera_from_trajectory(scene, t) for t in tset.trajectories]
+    if points:
+        if fmt not in POINT_FORMATS:
+            result.warnings.append(f"{fmt} files hold no points (only {', '.join(POINT_FORMATS)} do): no point cloud imported")
+        elif tset.points is None or not len(tset.points.xyz):
+            result.warnings.append(f"{path} has no points3D: no point cloud imported")
+        else:
+            from .importers import import_points
+
+            source = Path(path)
+            name = (source.parent.name if source.is_file() else source.name) or "COLMAP"
+            result.point_cloud = import_points(tset.points.xyz, tset.points.rgb, name + POINTS_OBJECT_SUFFIX, scene.collection,
+                                               point_radius)
+    if clip_lens:
+        lensed = [t for t in tset.trajectories if t.has_distortion]
+        if scene.active_clip is None:
+            result.warnings.append("the scene has no active movie clip: no clip lens set")
+        elif lensed:
+            result.warnings += set_tracking_lens([scene.active_clip], lensed[0])
+            if len(lensed) > 1:
+                result.warnings.append(f"the movie clip {scene.active_clip.name!r} has camera {lensed[0].name!r}'s lens "
+                                       f"({len(lensed)} cameras have distortion)")
+    return result

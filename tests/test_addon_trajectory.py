@@ -118,17 +118,21 @@ def test_trajectory_file_creates_camera_that_extracts_back(blank_blend, tmp_path
     assert (back.width, back.height) == (320, 200)
 
 
-def test_distorted_trajectory_is_not_made_a_pinhole_camera(blank_blend):
+def test_distorted_trajectory_becomes_a_pinhole_camera_that_keeps_its_lens(blank_blend):
+    """The pinhole part is the Blender camera; the distortion stays on its data (tests/test_addon_lens_roundtrip.py
+    has every model through every format)."""
     bpy = blank_blend
-    from keyframe_worlds.addon.scene_cameras import create_camera_from_trajectory
+    from keyframe_worlds.addon.lens import LENS_MODEL_KEY, LENS_PARAMS_KEY
+    from keyframe_worlds.addon.scene_cameras import create_camera_from_trajectory, extract_trajectory
     from keyframe_worlds.bridge.cameras import Distortion
-    from keyframe_worlds.bridge.errors import KeyframeWorldsError
 
     traj = make_trajectory("Lens", n=2, seed=3)
-    traj = type(traj)(**{**traj.__dict__, "distortion": Distortion("OPENCV", (-0.2, 0.05, 0.0, 0.0))})
-    with pytest.raises(KeyframeWorldsError, match="camera model OPENCV has lens distortion, which a Blender camera cannot hold"):
-        create_camera_from_trajectory(bpy.context.scene, traj)
-    assert "Lens" not in bpy.data.objects
+    traj = type(traj)(**{**traj.__dict__, "fy": traj.fx, "distortion": Distortion("OPENCV", (-0.2, 0.05, 0.001, 0.0))})
+    cam = create_camera_from_trajectory(bpy.context.scene, traj)
+    assert cam.data.type == "PERSP"
+    assert cam.data[LENS_MODEL_KEY] == "OPENCV" and list(cam.data[LENS_PARAMS_KEY]) == [-0.2, 0.05, 0.001, 0.0]
+    back = extract_trajectory(bpy.context.scene, cam, traj.frames.tolist())
+    assert back.distortion == traj.distortion
 
 
 def test_orthographic_camera_is_refused(blank_blend):
