@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from keyframe_worlds.bridge import formats
+from keyframe_worlds.bridge.errors import ERROR_PREFIX
 from keyframe_worlds.bridge.cameras import Distortion
 from keyframe_worlds.bridge.trajectory import Trajectory
 
@@ -270,7 +271,7 @@ def test_headless_import_trajectory_with_points(blank_blend, tmp_path):
     assert dict(data[IMAGES_KEY]) == {str(f): name for f, name in zip(traj.frames, traj.images)}
     bad = subprocess.run(cli + [str(tmp_path / "nowhere")], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
-    assert bad.stderr.strip().splitlines()[-1].startswith("keyframe_worlds: error: trajectory file not found")
+    assert bad.stderr.strip().splitlines()[-1].startswith(f"{ERROR_PREFIX} trajectory file not found")
 
 
 def test_the_operators_import_and_export_lens_names_and_points(blank_blend, tmp_path):
