@@ -84,7 +84,6 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from ...bridge.errors import KeyframeWorldsError, ValidationError
-    from ...bridge.jobs import Progress, TerminalProgress
     from ...bridge.spec import load_job
     from ..generators.options import check_options
 
@@ -107,12 +106,30 @@ def cmd_run(args: argparse.Namespace) -> int:
     problems = check_options(spec.generator, spec.options)
     if problems:
         raise ValidationError(f"job spec {args.job}", problems)
+    from ..models.sequence_parallel import launched_world_size, run_command
+
+    if launched_world_size() > 1 and spec.generator != "worldstereo":
+        raise KeyframeWorldsError(f"torchrun splits the worldstereo generator's transformer across processes; the "
+                                  f"{spec.generator} generator has none: run this job with one process")
+
+    def load_transformer(group):
+        from ..generators import get_generator
+
+        return get_generator(spec.generator, spec.options, group.device).pipeline.transformer
+
+    # Under torchrun rank 0 runs the job and writes every file; the others serve its transformer forwards.
+    return run_command(args.device, lambda group: _run(args, spec, group), load_transformer)
+
+
+def _run(args: argparse.Namespace, spec, group) -> int:
     import torch
 
+    from ...bridge.errors import KeyframeWorldsError
+    from ...bridge.jobs import Progress, TerminalProgress
     from . import checkpoint
     from .runner import run_job
 
-    device = args.device
+    device = str(group.device) if group is not None else args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
