@@ -28,8 +28,9 @@ Inside a forward (layout ``[B, L, H, Dh]``, ``P`` ranks, ``c = ceil(L / P)`` tok
 
 Heads must divide by ``P``. Without a launch (or with one process) every helper here is the identity
 and :func:`attend_streams` is one plain :func:`~.attention.attend`, so a single process computes exactly
-what it always did. :func:`shard_weights` optionally shards the big layers with FSDP2 (``fully_shard``),
-for a backbone that does not fit one device.
+what it always did. With ``KEYFRAME_WORLDS_SHARD_WEIGHTS=1`` the blocks are also sharded with FSDP2
+(:func:`shard_weights`) at the first forward, so each rank keeps ``1/P`` of the block weights between
+blocks; the weights are still loaded whole on each rank first (a load peak of the whole model).
 """
 
 from __future__ import annotations
@@ -139,12 +140,14 @@ def launch(requested_device: str = "auto", environ: Mapping[str, str] | None = N
         torch.cuda.set_device(device)
     if _active is not None or dist.is_initialized():
         raise SequenceParallelError("this process already belongs to a sequence-parallel launch")
+    global _shard_weights
+    shard = wants_sharded_weights(environ)
     dist.init_process_group(backend, rank=rank, world_size=world, device_id=device if device.type == "cuda" else None)
-    _active = ParallelGroup(rank, world, local_rank, device, backend)
+    _active, _shard_weights = ParallelGroup(rank, world, local_rank, device, backend), shard
     try:
         yield _active
     finally:
-        _active = None
+        _active, _shard_weights = None, False
         dist.destroy_process_group()
 
 
@@ -299,6 +302,7 @@ def ulysses_attention(parts: Sequence[QKV], shards: Sequence[TokenShard]) -> lis
 _STOP = "stop"
 _FORWARD = "forward"
 _serving = False
+_shard_weights = False  # set by launch from SHARD_WEIGHTS_ENV
 
 
 class _CallCache:
@@ -309,6 +313,7 @@ class _CallCache:
         self.sent: dict[str, tuple[torch.Tensor, int]] = {}
         self.received: dict[str, torch.Tensor] = {}
         self.forwards = 0  # forwards the driver shared since the launch began
+        self.sharded_blocks = 0  # blocks shard_weights sharded in this process
 
 
 _cache = _CallCache()
@@ -367,6 +372,8 @@ def shared_forward(forward: Callable) -> Callable:
         group = active()
         if group is not None and group.is_driver and not _serving:
             _send_call(group, args, kwargs)
+        if group is not None and _shard_weights and getattr(module, "sharded_blocks", None) is None:
+            _cache.sharded_blocks += shard_weights(module, group)  # every rank, at its first forward of this model
         return forward(module, *args, **kwargs)
 
     return wrapper
@@ -410,21 +417,36 @@ def driving(group: ParallelGroup | None) -> Iterator[None]:
 
 # -- weights --------------------------------------------------------------------------------------
 
+#: ``KEYFRAME_WORLDS_SHARD_WEIGHTS``: ``1`` shards the transformer's blocks with FSDP2 in a launch
+#: (:func:`shard_weights`), ``0`` (the default) keeps a whole copy on every rank.
+SHARD_WEIGHTS_ENV = "KEYFRAME_WORLDS_SHARD_WEIGHTS"
+
+
+def wants_sharded_weights(environ: Mapping[str, str] | None = None) -> bool:
+    environ = os.environ if environ is None else environ
+    value = environ.get(SHARD_WEIGHTS_ENV, "0").strip().lower()
+    if value not in ("0", "1", "false", "true", "no", "yes", ""):
+        raise SequenceParallelError(f"{SHARD_WEIGHTS_ENV} must be 1 or 0, got {environ[SHARD_WEIGHTS_ENV]!r}")
+    return value in ("1", "true", "yes")
+
+
 def shard_weights(model: torch.nn.Module, group: ParallelGroup) -> int:
-    """Shard the big layers of every block (attention and MLP projections) over the ranks with FSDP2's
-    ``fully_shard``: each rank keeps ``1/P`` of them and gathers one layer's weights just before it runs.
-    Norms, modulation tables and embedders stay whole on every rank (small, and kept in float32 while the
-    rest may be bfloat16: FSDP2 wants one dtype per sharded unit). Returns how many layers were sharded.
-    """
+    """Shard every transformer block (backbone and control branch) over the ranks with FSDP2's
+    ``fully_shard``: each rank keeps ``1/P`` of each block's weights and gathers a block's whole weights
+    just before it runs (freeing them after). Embedders, the head and the norms outside blocks stay whole.
+    Every rank must call this on the same model before its first forward. Returns how many blocks."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
+    if getattr(model, "block_streamer", None) is not None:
+        raise SequenceParallelError(f"{SHARD_WEIGHTS_ENV}=1 and sequential offload both manage the blocks' weights: "
+                                    "use one of them")
     mesh = init_device_mesh(group.device.type, (group.world_size,))
-    units = [m for name, m in model.named_modules()
-             if name.rsplit(".", 1)[-1] in ("attn1", "attn2", "ffn", "self_attn") and "blocks." in name]
-    for unit in units:
-        fully_shard(unit, mesh=mesh, reshard_after_forward=True)
-    return len(units)
+    blocks = list(model.blocks) + list(getattr(getattr(model, "controlnet", None), "controlnet_blocks", []))
+    for block in blocks:
+        fully_shard(block, mesh=mesh, reshard_after_forward=True)
+    model.sharded_blocks = len(blocks)
+    return len(blocks)
 
 
 def run_command(requested_device: str, drive: Callable[[ParallelGroup | None], int],
@@ -436,11 +458,12 @@ def run_command(requested_device: str, drive: Callable[[ParallelGroup | None], i
         if group is None:
             return drive(None)
         if group.is_driver:
-            _cache.forwards = 0
+            _cache.forwards = _cache.sharded_blocks = 0
             with driving(group):
                 status = drive(group)
+            sharded = f"; {_cache.sharded_blocks} blocks' weights sharded (FSDP2)" if _cache.sharded_blocks else ""
             print(f"keyframe-worlds: sequence-parallel over {group.world_size} processes ({group.backend}): "
-                  f"{_cache.forwards} transformer forward(s) split across them", file=sys.stderr)
+                  f"{_cache.forwards} transformer forward(s) split across them{sharded}", file=sys.stderr)
             return status
         serve(load_model(group), group)
         return 0
