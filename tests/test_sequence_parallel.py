@@ -204,3 +204,46 @@ def test_a_tiny_worldstereo_run_on_two_processes_equals_one(tmp_path):
     after = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")
                    if p.relative_to(tmp_path).parts[0] not in ("one", "two"))
     assert set(after) == set(before)
+
+
+# -- bench/worldstereo_sp.py: the paper estimate the README quotes, and the no-GPU path ----------------
+
+def _bench():
+    sys.path.insert(0, str(REPO_ROOT))
+    import bench.worldstereo_sp as bench
+
+    return bench
+
+
+def test_the_readme_scaling_table_is_the_estimate_function_output():
+    bench = _bench()
+    rows = bench.estimate_scaling()
+    readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    for line in bench.estimate_table(rows):
+        assert line in readme, f"README lacks (or has another) estimate row: {line}"
+    # the traffic each rank sends: four bfloat16 all-to-alls of its tokens per attention layer, (P-1)/P leaving
+    per_frame = (480 // 16) * (768 // 16)
+    tokens, joint = 21 * per_frame, 29 * per_frame
+    for p in (2, 4, 8):
+        expected = (40 * 4 * (joint / p) * 5120 * 2 + 20 * 4 * (tokens / p) * 1024 * 2) * (p - 1) / p
+        sent = bench.traffic_per_forward(p, 21, 480, 768, 8)
+        assert expected < sent < expected * 1.05  # plus the final gather and the latents: a few %
+    assert bench.traffic_per_forward(1, 21, 480, 768, 8) == 0
+    single = rows[0].forward_s
+    by_link = {(r.ranks, r.link): r for r in rows[1:]}
+    for p in (2, 4, 8):
+        nvlink, pcie4 = by_link[(p, next(iter(bench.LINKS)))], by_link[(p, list(bench.LINKS)[-1])]
+        assert pcie4.speedup(single) < nvlink.speedup(single) < p  # communication only ever costs
+        assert nvlink.compute_s == pytest.approx(single / p)
+    measured = bench.estimate_scaling(forward_s=10.0)
+    assert measured[0].forward_s == 10.0 and measured[1].compute_s == 5.0
+
+
+@pytest.mark.skipif(torch.cuda.device_count() >= 2, reason="checks the path without the GPUs to measure on")
+def test_the_bench_without_gpus_says_so_and_prints_nan(capsys, monkeypatch):
+    bench = _bench()
+    monkeypatch.setattr(sys, "argv", ["worldstereo_sp.py", "--nproc", "2"])
+    assert bench.main() == 0
+    out = capsys.readouterr().out
+    assert "2 CUDA GPUs are needed for --nproc 2" in out
+    assert "RESULT segment_s_1=nan segment_s_2=nan speedup=nan device=none" in out
