@@ -113,9 +113,16 @@ def cmd_run(args: argparse.Namespace) -> int:
                                   f"{spec.generator} generator has none: run this job with one process")
 
     def load_transformer(group):
-        from ..generators import get_generator
+        # the transformer alone, as WorldStereoPipeline.from_pretrained loads it (no text/image encoder, no VAE)
+        import torch
 
-        return get_generator(spec.generator, spec.options, group.device).pipeline.transformer
+        from ..generators.options import parse_worldstereo_options
+        from ..models.weights import load_worldstereo
+
+        opts = parse_worldstereo_options(spec.options)
+        return load_worldstereo(opts.checkpoint, opts.wan_dir, device=group.device,
+                                dtype=None if opts.dtype == "auto" else getattr(torch, opts.dtype),
+                                expect_variant=opts.variant, offload=opts.offload)
 
     # Under torchrun rank 0 runs the job and writes every file; the others serve its transformer forwards.
     return run_command(args.device, lambda group: _run(args, spec, group), load_transformer)
