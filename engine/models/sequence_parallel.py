@@ -146,6 +146,9 @@ def launch(requested_device: str = "auto", environ: Mapping[str, str] | None = N
     _active, _shard_weights = ParallelGroup(rank, world, local_rank, device, backend), shard
     try:
         yield _active
+        # every rank done with the group before any closes its connections (gloo aborts a process whose
+        # peer hangs up while a message is in flight)
+        dist.barrier()
     finally:
         _active, _shard_weights = None, False
         dist.destroy_process_group()
