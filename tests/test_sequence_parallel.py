@@ -38,12 +38,14 @@ def relative_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
     return float((ours.float() - reference.float()).abs().max() / reference.float().abs().max())
 
 
-def torchrun(*argv: str, cwd=None, **env_extra: str) -> subprocess.CompletedProcess:
+def torchrun(*argv: str, cwd=None, ok: bool = True, **env_extra: str) -> subprocess.CompletedProcess:
     """``python -m torch.distributed.run --nproc_per_node 2 -m keyframe_worlds.cli ...`` on a free port."""
     env = dict(os.environ, OMP_NUM_THREADS="1", **env_extra)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", str(free_port()), "-m", "keyframe_worlds.cli", *argv]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=cwd or REPO_ROOT.parent)
+    if not ok:
+        return result
     assert result.returncode == 0, result.stdout + result.stderr
     assert "sequence-parallel over 2 processes (gloo)" in result.stderr, result.stderr
     return result
@@ -145,6 +147,18 @@ def test_model_check_on_two_processes_equals_one(tmp_path):
     assert relative_error(two, one) <= TOLERANCE
     assert relative_error(two, load_file(folder / "outputs.safetensors")["output"]) <= 1e-4  # and the golden
     assert result.stdout.count("written to") == 1  # rank 0 alone reports (and writes)
+
+
+def test_bad_input_on_rank_0_is_one_line_and_no_rank_waits(tmp_path):
+    """Rank 0 fails before the first forward: its one error line, the other rank told to stop (no
+    traceback of a broken connection), a non-zero exit."""
+    folder = WORLDSTEREO_FIXTURES / "memory"
+    result = torchrun("model", "check", "--checkpoint", str(folder), "--inputs", str(tmp_path / "none.safetensors"),
+                      "--out", str(tmp_path / "out.safetensors"), "--device", "cpu", ok=False)
+    assert result.returncode != 0
+    ours = [line for line in result.stderr.splitlines() if line.startswith("keyframe-worlds")]
+    assert ours == [f"keyframe-worlds: error: inputs file not found: {tmp_path / 'none.safetensors'}"], result.stderr
+    assert "[rank1]" not in result.stderr and not (tmp_path / "out.safetensors").exists()
 
 
 def test_check_pipeline_on_two_processes_equals_one(tmp_path):

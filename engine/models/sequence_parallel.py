@@ -144,12 +144,17 @@ def launch(requested_device: str = "auto", environ: Mapping[str, str] | None = N
     shard = wants_sharded_weights(environ)
     dist.init_process_group(backend, rank=rank, world_size=world, device_id=device if device.type == "cuda" else None)
     _active, _shard_weights = ParallelGroup(rank, world, local_rank, device, backend), shard
+    clean = False
     try:
         yield _active
-        # every rank done with the group before any closes its connections (gloo aborts a process whose
-        # peer hangs up while a message is in flight)
-        dist.barrier()
+        clean = True
     finally:
+        # Every rank done with the group before any closes its connections (a rank whose peer hangs up
+        # mid-message fails). The driver also waits after an error of its own between forwards (the
+        # followers were told to stop); after one inside a forward it leaves at once, and torchrun ends
+        # the followers, who are waiting in that forward's exchanges.
+        if clean or (rank == 0 and not _driver_in_forward):
+            dist.barrier()
         _active, _shard_weights = None, False
         dist.destroy_process_group()
 
@@ -306,6 +311,7 @@ _STOP = "stop"
 _FORWARD = "forward"
 _serving = False
 _shard_weights = False  # set by launch from SHARD_WEIGHTS_ENV
+_driver_in_forward = False  # the driver is inside a shared forward (the followers are in its exchanges)
 
 
 class _CallCache:
@@ -372,12 +378,20 @@ def shared_forward(forward: Callable) -> Callable:
 
     @functools.wraps(forward)
     def wrapper(module, *args, **kwargs):
+        global _driver_in_forward
         group = active()
-        if group is not None and group.is_driver and not _serving:
+        if group is None:
+            return forward(module, *args, **kwargs)
+        driving_call = group.is_driver and not _serving
+        if driving_call:
+            _driver_in_forward = True  # stays set if the forward fails: see launch
             _send_call(group, args, kwargs)
-        if group is not None and _shard_weights and getattr(module, "sharded_blocks", None) is None:
+        if _shard_weights and getattr(module, "sharded_blocks", None) is None:
             _cache.sharded_blocks += shard_weights(module, group)  # every rank, at its first forward of this model
-        return forward(module, *args, **kwargs)
+        out = forward(module, *args, **kwargs)
+        if driving_call:
+            _driver_in_forward = False
+        return out
 
     return wrapper
 
@@ -393,7 +407,11 @@ def serve(model: torch.nn.Module, group: ParallelGroup) -> int:
     try:
         while True:
             message: list[Any] = [None]
-            dist.broadcast_object_list(message, src=0, device=group.device)
+            try:
+                dist.broadcast_object_list(message, src=0, device=group.device)
+            except RuntimeError as exc:  # rank 0 went away; its own error is the one to read
+                raise SequenceParallelError(f"rank {group.rank}: rank 0 stopped without ending the launch "
+                                            f"(see its error): {str(exc).splitlines()[0][:200]}") from None
             kind, *rest = message[0]
             if kind == _STOP:
                 return count
@@ -408,14 +426,15 @@ def serve(model: torch.nn.Module, group: ParallelGroup) -> int:
 
 @contextlib.contextmanager
 def driving(group: ParallelGroup | None) -> Iterator[None]:
-    """The driver's side of :func:`serve`: the followers stop when the block ends (also on an error,
-    so they never wait for a forward that will not come). A no-op without a launch."""
+    """The driver's side of :func:`serve`: the followers stop when the block ends (also on an error
+    between forwards, so they never wait for a forward that will not come). A no-op without a launch."""
     try:
         yield
     finally:
         if group is not None and group.is_driver:
             _cache.sent.clear()
-            dist.broadcast_object_list([(_STOP,)], src=0, device=group.device)
+            if not _driver_in_forward:  # else the followers are inside that forward: see launch
+                dist.broadcast_object_list([(_STOP,)], src=0, device=group.device)
 
 
 # -- weights --------------------------------------------------------------------------------------
