@@ -9,7 +9,9 @@ inputs and writes the result, which is how a download is verified and how
 equivalence with the reference implementation is checked on new inputs.
 ``model check-pipeline`` does the same for a whole pipeline call (text and
 image encoders, VAE, every denoising step, decoding) on a case folder
-(``engine/pipelines/check.py``). torch is imported inside the handlers only.
+(``engine/pipelines/check.py``). Under ``torchrun --nproc_per_node N`` both split the transformer
+across the N processes, rank 0 writing the results (``sequence_parallel``). torch is imported inside
+the handlers only.
 """
 
 from __future__ import annotations

@@ -3,7 +3,9 @@
 ``validate`` lives with the engine because it also runs each generator's own
 option check (``engine/generators/options.py``); neither it nor that check
 imports torch, so it stays fast and works without the engine's dependencies.
-Torch is imported inside ``run``'s handler.
+Torch is imported inside ``run``'s handler. Under ``torchrun --nproc_per_node N`` ``run`` splits the
+worldstereo transformer across the N processes; rank 0 runs the job and writes every file
+(``engine/models/sequence_parallel.py``).
 """
 
 from __future__ import annotations
