@@ -149,15 +149,27 @@ def test_model_check_on_two_processes_equals_one(tmp_path):
     assert result.stdout.count("written to") == 1  # rank 0 alone reports (and writes)
 
 
-def test_bad_input_on_rank_0_is_one_line_and_no_rank_waits(tmp_path):
-    """Rank 0 fails before the first forward: its one error line, the other rank told to stop (no
-    traceback of a broken connection), a non-zero exit."""
+@pytest.mark.parametrize("bad", ["missing", "shape"])
+def test_bad_input_is_one_line_and_no_rank_waits(tmp_path, bad):
+    """Rank 0 fails before the first forward (no inputs file: the other rank is told to stop), or inside
+    it (a wrong shape, found by both ranks): one error line, no traceback of a broken connection, a
+    non-zero exit, no output."""
     folder = WORLDSTEREO_FIXTURES / "memory"
-    result = torchrun("model", "check", "--checkpoint", str(folder), "--inputs", str(tmp_path / "none.safetensors"),
+    inputs = tmp_path / "inputs.safetensors"
+    if bad == "missing":
+        expected = f"keyframe-worlds: error: inputs file not found: {inputs}"
+    else:
+        from safetensors.torch import save_file
+
+        tensors = load_file(folder / "inputs.safetensors")
+        tensors["camera_qt"] = tensors["camera_qt"][:, :3].contiguous()
+        save_file(tensors, inputs)
+        expected = "keyframe-worlds: error: camera_qt must be [1, 4, 7], got [1, 3, 7]"
+    result = torchrun("model", "check", "--checkpoint", str(folder), "--inputs", str(inputs),
                       "--out", str(tmp_path / "out.safetensors"), "--device", "cpu", ok=False)
     assert result.returncode != 0
     ours = [line for line in result.stderr.splitlines() if line.startswith("keyframe-worlds")]
-    assert ours == [f"keyframe-worlds: error: inputs file not found: {tmp_path / 'none.safetensors'}"], result.stderr
+    assert ours == [expected], result.stderr
     assert "[rank1]" not in result.stderr and not (tmp_path / "out.safetensors").exists()
 
 

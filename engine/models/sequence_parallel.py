@@ -487,5 +487,12 @@ def run_command(requested_device: str, drive: Callable[[ParallelGroup | None], i
             print(f"keyframe-worlds: sequence-parallel over {group.world_size} processes ({group.backend}): "
                   f"{_cache.forwards} transformer forward(s) split across them{sharded}", file=sys.stderr)
             return status
-        serve(load_model(group), group)
+        model = load_model(group)
+        try:
+            serve(model, group)
+        except KeyframeWorldsError as exc:
+            if isinstance(exc, SequenceParallelError):
+                raise
+            # a forward's own check failed: rank 0 ran the same forward and reports the same line
+            raise SystemExit(2) from None
         return 0
