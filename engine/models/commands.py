@@ -9,7 +9,9 @@ inputs and writes the result, which is how a download is verified and how
 equivalence with the reference implementation is checked on new inputs.
 ``model check-pipeline`` does the same for a whole pipeline call (text and
 image encoders, VAE, every denoising step, decoding) on a case folder
-(``engine/pipelines/check.py``). torch is imported inside the handlers only.
+(``engine/pipelines/check.py``). Under ``torchrun --nproc_per_node N`` both split the transformer
+across the N processes, rank 0 writing the results (``sequence_parallel``). torch is imported inside
+the handlers only.
 """
 
 from __future__ import annotations
@@ -268,20 +270,34 @@ def _device(name: str) -> str:
 
 
 def run_check(args: argparse.Namespace) -> int:
+    """Under ``torchrun`` rank 0 runs the check and writes ``--out``; the other ranks serve the forward
+    (``sequence_parallel``)."""
+    from .sequence_parallel import run_command
+
+    return run_command(args.device, lambda group: _run_check(args, group), lambda group: _load_checked(args, group))
+
+
+def _load_checked(args: argparse.Namespace, group=None):
+    import torch
+
+    from .weights import ModelPaths, load_worldstereo
+
+    device = str(group.device) if group is not None else _device(args.device)
+    dtype = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    return load_worldstereo(args.checkpoint, args.base_model, device=device, dtype=dtype,
+                            paths=ModelPaths.from_env(), expect_variant=args.variant, offload=args.offload)
+
+
+def _run_check(args: argparse.Namespace, group) -> int:
     from ...bridge.paths import check_output
 
     check_output(args.out, "--out", folder=False, create_parents=True)  # before minutes of loading
     import torch
 
     from ..run.checkpoint import save_tensors
-    from .weights import ModelPaths, load_worldstereo
-
-    device = _device(args.device)
-    dtype = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
 
     inputs = _load_tensors(args.inputs, "inputs file")
-    model = load_worldstereo(args.checkpoint, args.base_model, device=device, dtype=dtype,
-                             paths=ModelPaths.from_env(), expect_variant=args.variant, offload=args.offload)
+    model = _load_checked(args, group)
     forward_inputs = {k: v for k, v in inputs.items() if not k.startswith(AUX_PREFIX)}
     unknown = sorted(set(forward_inputs) - set(model.forward_inputs))
     if unknown:
@@ -289,7 +305,7 @@ def run_check(args: argparse.Namespace) -> int:
             f"{args.inputs} holds tensors the {model.variant.model_type} forward does not take: {', '.join(unknown)}. "
             f"Its inputs are: {', '.join(model.forward_inputs)}"
         )
-    compute_device = torch.device(device)
+    compute_device = torch.device(model.load_report.device)
     forward_inputs = {k: v.to(compute_device) for k, v in forward_inputs.items()}
     with torch.no_grad():
         output = model(**forward_inputs)
@@ -321,6 +337,24 @@ def run_check(args: argparse.Namespace) -> int:
 
 
 def run_check_pipeline(args: argparse.Namespace) -> int:
+    """Under ``torchrun`` rank 0 runs the case and writes ``--out``; the other ranks load the case's
+    transformer as the pipeline does and serve its forwards (``sequence_parallel``)."""
+    from .sequence_parallel import run_command
+
+    def load_transformer(group):
+        import torch
+
+        from ..pipelines.check import read_case
+        from .weights import load_worldstereo
+
+        case = read_case(args.case)
+        return load_worldstereo(case.path, args.wan_dir, device=group.device, dtype=getattr(torch, args.dtype),
+                                expect_variant=case.model_type)
+
+    return run_command(args.device, lambda group: _run_check_pipeline(args, group), load_transformer)
+
+
+def _run_check_pipeline(args: argparse.Namespace, group) -> int:
     from ...bridge.paths import check_output
 
     check_output(args.out, "--out", folder=False)  # before the run, not after it
@@ -336,7 +370,7 @@ def run_check_pipeline(args: argparse.Namespace) -> int:
     case = read_case(args.case)
     # read before the run, so a wrong path fails in a second rather than after it
     reference = read_safetensors(args.compare, "reference outputs file") if args.compare is not None else None
-    device = _device(args.device)
+    device = str(group.device) if group is not None else _device(args.device)
     outputs = run_case(case, args.wan_dir, device=device, dtype=getattr(torch, args.dtype))
     if args.out.is_dir():
         raise KeyframeWorldsError(f"--out {args.out} is a folder; give a .safetensors file name")

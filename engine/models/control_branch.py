@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ...bridge.errors import KeyframeWorldsError
-from .attention import attend
+from . import sequence_parallel
 from .wan_transformer import ModelConfigError, WanAttention, WanRotaryEmbedding
 
 #: Latent channels of the backbone input the control branch sees: 16 noisy + 4 first-frame mask.
@@ -170,7 +170,7 @@ class ControlBlock(nn.Module):
     def forward(self, x: torch.Tensor, temb: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         norm, gate = self.norm1(x, temb)
         q, k, v = self.self_attn.project_self(norm, rotary)
-        x = x + gate * self.self_attn.output(attend(q, k, v), q)
+        x = x + gate * self.self_attn.output(sequence_parallel.attend_streams([(q, k, v)])[0], q)
         norm, gate = self.norm2(x, temb)
         return x + gate * self.ffn(norm)
 
@@ -221,7 +221,8 @@ class ControlBranch(nn.Module):
     def forward(self, hidden_states: torch.Tensor, render_latent: torch.Tensor, render_mask: torch.Tensor,
                 camera_embedding: torch.Tensor | None, temb: torch.Tensor,
                 grid: tuple[int, int, int]) -> list[torch.Tensor]:
-        """Residuals, one ``[B, L, D_backbone]`` per block.
+        """Residuals, one ``[B, L, D_backbone]`` per block (this rank's ``L/P`` tokens inside a
+        ``sequence_parallel.token_streams`` of a split target stream).
 
         ``hidden_states [B, 36, F, h, w]`` (backbone input), ``render_latent [B, 16, F, h, w]``,
         ``render_mask [B, 1, F, 8h, 8w]``, ``camera_embedding [B, 6, F, 8h, 8w]``, ``temb [B, D_backbone]``.
@@ -234,7 +235,8 @@ class ControlBranch(nn.Module):
         add_inputs = render_mask if camera_embedding is None else torch.cat([render_mask, camera_embedding], dim=1)
         tokens = tokens + self.controlnet_mask_embedding(add_inputs.to(tokens.dtype))
         # 3. Blocks at the branch width [B, L, dim]; residuals [B, L, D_backbone]
-        rotary = self.rope(*grid, device=tokens.device)
+        # this rank's tokens and their positions when the sequence is split across ranks (sequence_parallel)
+        tokens, rotary = sequence_parallel.local_tokens(tokens, self.rope(*grid, device=tokens.device))
         x = self.proj_in(tokens)
         residuals = []
         for block, proj in zip(self.controlnet_blocks, self.proj_out):

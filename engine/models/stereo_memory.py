@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from ...bridge.errors import KeyframeWorldsError
-from .attention import attend
+from . import sequence_parallel
 from .wan_transformer import ModelConfigError, WanAttention, WanRotaryEmbedding, WanTransformerBlock
 
 #: Size of the (unused by the forward) ``ref_index_embedding`` table of ``ref_embedding`` models:
@@ -110,9 +110,10 @@ def stereo_self_attention(attn: WanAttention, x: torch.Tensor, ref: torch.Tensor
     """
     q, k, v = attn.project_self(x, rotary)                      # [B, L, H, Dh]
     q_ref, k_ref, v_ref = attn.project_self(ref, rotary_ref)    # [B, L_ref, H, Dh]
-    out = attend(torch.cat([q_ref, q], dim=1), torch.cat([k_ref, k], dim=1), torch.cat([v_ref, v], dim=1))
-    n_ref = ref.shape[1]
-    return attn.output(out[:, n_ref:], q), attn.output(out[:, :n_ref], q)
+    # one attention over [ref | target]; each stream split across ranks on its own (sequence_parallel)
+    out_ref, out = sequence_parallel.attend_streams(
+        [(q_ref, k_ref, v_ref), (q, k, v)], (sequence_parallel.REFERENCE_STREAM, sequence_parallel.TARGET_STREAM))
+    return attn.output(out, q), attn.output(out_ref, q)
 
 
 class StereoMemoryBlock(WanTransformerBlock):

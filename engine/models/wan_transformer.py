@@ -22,6 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ...bridge.errors import KeyframeWorldsError
+from . import sequence_parallel
 from .attention import FP32LayerNorm, apply_rotary, attend
 
 #: The I2V cross-attention tells image tokens from text tokens by position: the
@@ -230,7 +231,8 @@ class WanAttention(nn.Module):
                 rotary: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         if context is None:
             q, k, v = self.project_self(x, rotary)
-            return self.output(attend(q, k, v), q)
+            # over the whole sequence also when the tokens are split across ranks (sequence_parallel)
+            return self.output(sequence_parallel.attend_streams([(q, k, v)])[0], q)
 
         image_context = None
         if self.add_k_proj is not None:
@@ -459,21 +461,24 @@ class WanTransformer3DModel(nn.Module):
                     f"got {list(encoder_hidden_states_image.shape)}"
                 )
 
+    @sequence_parallel.shared_forward
     def forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
                 encoder_hidden_states_image: torch.Tensor | None = None) -> torch.Tensor:
         """The plain Wan forward: ``hidden_states [B, C_in, F, h, w]`` -> ``[B, C_out, F, h, w]``."""
         self.check_context(encoder_hidden_states, encoder_hidden_states_image)
-        # 1. Token grid and rotary tables: cos, sin [1, L, 1, Dh]
+        # 1. Token grid and rotary tables: cos, sin [1, L, 1, Dh]; this rank's tokens (all of them when alone)
         grid = self.token_grid(hidden_states)
-        rotary = self.rope(*grid, device=hidden_states.device)
-        # 2. Patch embedding: [B, L, D]
-        x = self.patchify(hidden_states)
+        shard = sequence_parallel.token_shard(math.prod(grid))
+        rotary = shard.take_rotary(self.rope(*grid, device=hidden_states.device))
+        # 2. Patch embedding: [B, L, D] (this rank's [B, L/P, D])
+        x = shard.take(self.patchify(hidden_states))
         # 3. Conditions: temb [B, D], timestep_proj [B, 6, D], context [B, 257 + 512, D]
         temb, timestep_proj, context = self.embed_conditions(
             timestep, encoder_hidden_states, encoder_hidden_states_image
         )
         # 4. Blocks: [B, L, D]
-        for block in self.blocks:
-            x = block(x, context, timestep_proj, rotary)
-        # 5. Output head: [B, C_out, F, h, w]
-        return self.output_head(x, temb, grid)
+        with sequence_parallel.token_streams(target=shard):
+            for block in self.blocks:
+                x = block(x, context, timestep_proj, rotary)
+        # 5. Output head on every rank's tokens: [B, C_out, F, h, w]
+        return self.output_head(shard.gather(x), temb, grid)

@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 
 from ...bridge.errors import KeyframeWorldsError
+from . import sequence_parallel
 from .control_branch import CONTROL_LATENT_CHANNELS, ControlBranch, ControlBranchConfig
 from .dmd_scheduler import DMDSchedulerConfig
 from .stereo_memory import (REF_INDEX_EMBEDDING_ROWS, CameraPoseEmbedding, StereoMemoryBlock,
@@ -167,6 +168,7 @@ class WorldStereoCameraModel(WanTransformer3DModel):
         self.controlnet = ControlBranch(config.control, backbone.in_channels, backbone.patch_size,
                                         backbone.inner_dim, backbone.rope_max_seq_len)
 
+    @sequence_parallel.shared_forward
     def forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
                 encoder_hidden_states_image: torch.Tensor | None = None, render_latent: torch.Tensor | None = None,
                 render_mask: torch.Tensor | None = None, camera_embedding: torch.Tensor | None = None,
@@ -193,16 +195,20 @@ class WorldStereoCameraModel(WanTransformer3DModel):
         timestep = _as_batch_timestep(timestep, hidden_states.shape[0], hidden_states.device)
         temb, timestep_proj, context = self.embed_conditions(timestep, encoder_hidden_states,
                                                              encoder_hidden_states_image)
-        # 3. Control branch: num_layers residuals [B, L, D]
-        residuals = self.controlnet(hidden_states, render_latent, render_mask, camera_embedding, temb, grid)
-        # 4. Patch embedding [B, L, D]; blocks, residual i added after block i
-        x = self.patchify(hidden_states)
-        for i, block in enumerate(self.blocks):
-            x = block(x, context, timestep_proj, rotary)
-            if i < len(residuals):
-                x = x + residuals[i].to(x.dtype)
-        # 5. Output head [B, 16, F, h, w]
-        return self.output_head(x, temb, grid)
+        # 3. This rank's tokens (all of them when alone, see sequence_parallel): [B, L/P, D]
+        shard = sequence_parallel.token_shard(rotary[0].shape[1])
+        rotary = shard.take_rotary(rotary)
+        with sequence_parallel.token_streams(target=shard):
+            # 4. Control branch: num_layers residuals [B, L, D]
+            residuals = self.controlnet(hidden_states, render_latent, render_mask, camera_embedding, temb, grid)
+            # 5. Patch embedding [B, L, D]; blocks, residual i added after block i
+            x = shard.take(self.patchify(hidden_states))
+            for i, block in enumerate(self.blocks):
+                x = block(x, context, timestep_proj, rotary)
+                if i < len(residuals):
+                    x = x + residuals[i].to(x.dtype)
+        # 6. Output head on every rank's tokens [B, 16, F, h, w]
+        return self.output_head(shard.gather(x), temb, grid)
 
 
 class WorldStereoMemoryModel(WanTransformer3DModel):
@@ -232,6 +238,7 @@ class WorldStereoMemoryModel(WanTransformer3DModel):
         per_frame = self.camera_embedding(pose.to(tokens.dtype))  # [B, F, D]
         return tokens + per_frame.repeat_interleave(rows * cols, dim=1)
 
+    @sequence_parallel.shared_forward
     def forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
                 encoder_hidden_states_image: torch.Tensor | None = None, render_latent: torch.Tensor | None = None,
                 render_mask: torch.Tensor | None = None, reference_latent: torch.Tensor | None = None,
@@ -261,21 +268,27 @@ class WorldStereoMemoryModel(WanTransformer3DModel):
         timestep = _as_batch_timestep(timestep, hidden_states.shape[0], hidden_states.device)
         temb, timestep_proj, context = self.embed_conditions(timestep, encoder_hidden_states,
                                                              encoder_hidden_states_image)
-        # 3. Control branch on the target grid: residuals [B, L, D]
-        residuals = self.controlnet(hidden_states, render_latent, render_mask, camera_embedding, temb, grid)
-        # 4. Both streams through the patch embedding, plus per-frame pose: [B, L, D], [B, L_ref, D]
-        x = self._add_pose(self.patchify(hidden_states), camera_qt, rows, cols)
-        ref_in = self._add_pose(self.patchify(reference_latent.to(hidden_states.dtype)), camera_qt_ref, rows, cols)
-        # 5. Blocks; the reference stream is carried on (update_ref) or restarted each block
-        ref = ref_in
-        for i, block in enumerate(self.blocks):
-            x, ref_out = block(x, ref if self.variant.memory.update_ref else ref_in, context, timestep_proj,
-                               rotary, rotary_ref)
-            ref = ref_out
-            if i < len(residuals):
-                x = x + residuals[i].to(x.dtype)
-        # 6. Output head on the target tokens only: [B, 16, F, h, w]
-        return self.output_head(x, temb, grid)
+        # 3. This rank's target and reference tokens (all of them when alone, see sequence_parallel)
+        shard = sequence_parallel.token_shard(rotary[0].shape[1])
+        shard_ref = sequence_parallel.token_shard(rotary_ref[0].shape[1])
+        rotary, rotary_ref = shard.take_rotary(rotary), shard_ref.take_rotary(rotary_ref)
+        with sequence_parallel.token_streams(target=shard, reference=shard_ref):
+            # 4. Control branch on the target grid: residuals [B, L, D]
+            residuals = self.controlnet(hidden_states, render_latent, render_mask, camera_embedding, temb, grid)
+            # 5. Both streams through the patch embedding, plus per-frame pose: [B, L, D], [B, L_ref, D]
+            x = shard.take(self._add_pose(self.patchify(hidden_states), camera_qt, rows, cols))
+            ref_in = shard_ref.take(self._add_pose(self.patchify(reference_latent.to(hidden_states.dtype)),
+                                                   camera_qt_ref, rows, cols))
+            # 6. Blocks; the reference stream is carried on (update_ref) or restarted each block
+            ref = ref_in
+            for i, block in enumerate(self.blocks):
+                x, ref_out = block(x, ref if self.variant.memory.update_ref else ref_in, context, timestep_proj,
+                                   rotary, rotary_ref)
+                ref = ref_out
+                if i < len(residuals):
+                    x = x + residuals[i].to(x.dtype)
+        # 7. Output head on every rank's target tokens only: [B, 16, F, h, w]
+        return self.output_head(shard.gather(x), temb, grid)
 
 
 WorldStereoModel = WorldStereoCameraModel | WorldStereoMemoryModel

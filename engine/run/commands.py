@@ -3,7 +3,9 @@
 ``validate`` lives with the engine because it also runs each generator's own
 option check (``engine/generators/options.py``); neither it nor that check
 imports torch, so it stays fast and works without the engine's dependencies.
-Torch is imported inside ``run``'s handler.
+Torch is imported inside ``run``'s handler. Under ``torchrun --nproc_per_node N`` ``run`` splits the
+worldstereo transformer across the N processes; rank 0 runs the job and writes every file
+(``engine/models/sequence_parallel.py``).
 """
 
 from __future__ import annotations
@@ -84,7 +86,6 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from ...bridge.errors import KeyframeWorldsError, ValidationError
-    from ...bridge.jobs import Progress, TerminalProgress
     from ...bridge.spec import load_job
     from ..generators.options import check_options
 
@@ -107,12 +108,37 @@ def cmd_run(args: argparse.Namespace) -> int:
     problems = check_options(spec.generator, spec.options)
     if problems:
         raise ValidationError(f"job spec {args.job}", problems)
+    from ..models.sequence_parallel import launched_world_size, run_command
+
+    if launched_world_size() > 1 and spec.generator != "worldstereo":
+        raise KeyframeWorldsError(f"torchrun splits the worldstereo generator's transformer across processes; the "
+                                  f"{spec.generator} generator has none: run this job with one process")
+
+    def load_transformer(group):
+        # the transformer alone, as WorldStereoPipeline.from_pretrained loads it (no text/image encoder, no VAE)
+        import torch
+
+        from ..generators.options import parse_worldstereo_options
+        from ..models.weights import load_worldstereo
+
+        opts = parse_worldstereo_options(spec.options)
+        return load_worldstereo(opts.checkpoint, opts.wan_dir, device=group.device,
+                                dtype=None if opts.dtype == "auto" else getattr(torch, opts.dtype),
+                                expect_variant=opts.variant, offload=opts.offload)
+
+    # Under torchrun rank 0 runs the job and writes every file; the others serve its transformer forwards.
+    return run_command(args.device, lambda group: _run(args, spec, group), load_transformer)
+
+
+def _run(args: argparse.Namespace, spec, group) -> int:
     import torch
 
+    from ...bridge.errors import KeyframeWorldsError
+    from ...bridge.jobs import Progress, TerminalProgress
     from . import checkpoint
     from .runner import run_job
 
-    device = args.device
+    device = str(group.device) if group is not None else args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
