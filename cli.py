@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import textwrap
 
 from . import __version__
 from .bridge.errors import ERROR_PREFIX, KeyframeWorldsError
@@ -28,7 +29,15 @@ COMMAND_MODULES = (
 
 class DefaultsHelpFormatter(argparse.HelpFormatter):
     """Every option's help ends with its default, where it has one worth saying (not None, False or empty) and the
-    help does not already name it."""
+    help does not already name it. Names are never broken at their hyphens (``worldstereo-memory-dmd`` and
+    repository ids stay whole, so they can be copied from the help)."""
+
+    def _split_lines(self, text, width):
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False, break_long_words=False)
+
+    def _fill_text(self, text, width, indent):
+        return textwrap.fill(" ".join(text.split()), width, initial_indent=indent, subsequent_indent=indent,
+                             break_on_hyphens=False, break_long_words=False)
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import textwrap
 from pathlib import Path
 
 from ...bridge.errors import KeyframeWorldsError
@@ -88,18 +87,6 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     pipeline.set_defaults(handler=run_check_pipeline)
 
 
-class _WholeNamesHelpFormatter(argparse.HelpFormatter):
-    """argparse's wrapping, except that names are never broken at their hyphens (``worldstereo-memory-dmd`` and
-    repository ids stay whole, so they can be copied from the help)."""
-
-    def _split_lines(self, text, width):
-        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False, break_long_words=False)
-
-    def _fill_text(self, text, width, indent):
-        return textwrap.fill(" ".join(text.split()), width, initial_indent=indent, subsequent_indent=indent,
-                             break_on_hyphens=False, break_long_words=False)
-
-
 def _add_hub_commands(model_sub: argparse._SubParsersAction) -> None:
     from .hub import DOWNLOAD_PATTERNS, HUB_MODELS
 
@@ -107,7 +94,6 @@ def _add_hub_commands(model_sub: argparse._SubParsersAction) -> None:
                       for m in HUB_MODELS)
     download = model_sub.add_parser(
         "download", help="fetch WorldStereo variants, the Wan2.1 backbone or a depth model from the Hugging Face Hub",
-        formatter_class=_WholeNamesHelpFormatter,
         description=(
             f"Fetch models through huggingface_hub, from where the released inference scripts take them: {table}; "
             "or any Hugging Face repository id (org/name), e.g. a depth model such as "
@@ -135,7 +121,6 @@ def _add_hub_commands(model_sub: argparse._SubParsersAction) -> None:
 
     listing = model_sub.add_parser(
         "list", help="show which models are on this machine (model folder and Hugging Face cache), with sizes",
-        formatter_class=_WholeNamesHelpFormatter,
         description="List every model `model download` knows and every other model found in the model folder or "
                     "the Hugging Face cache, with where each copy is, its size and whether it is complete: every "
                     "file its indexes name is present (model_index.json's components, *.safetensors.index.json's "
