@@ -679,6 +679,8 @@ class ResultManifest:
 
 
 MANIFEST_FILENAME = "manifest.json"
+#: A job folder's spec (beside its reference files): what ``validate``, ``run`` and the farm tools read in a folder.
+JOB_FILENAME = "job.json"
 
 
 def load_manifest(bundle_dir: str | os.PathLike, check_files: bool = True) -> ResultManifest:
