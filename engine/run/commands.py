@@ -114,7 +114,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from ..generators.options import check_options
     from .machine import MachineModels
 
-    check_output(args.out, "--out", folder=True)
+    check_output(args.out, "--out", folder=True, create_parents=True)  # a farm's output folder may not exist yet
     spec, notes = load_job_here(args.job, MachineModels.configure(args.model_dir, args.depth_model))
     if not args.quiet:
         for note in notes:
