@@ -198,12 +198,18 @@ def to_yaml(value, indent: int = 0) -> str:
     return json.dumps(str(value), ensure_ascii=True)
 
 
+def template_format(path: str | os.PathLike) -> str:
+    """``"json"`` or ``"yaml"``, by the template file's name; raises for any other name."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in TEMPLATE_SUFFIXES:
+        raise KeyframeWorldsError(f"{path}: a template file is named .yaml, .yml or .json")
+    return "json" if suffix == ".json" else "yaml"
+
+
 def write_template(template: dict, path: str | os.PathLike) -> Path:
     """Write the template as YAML (``.yaml``, ``.yml``) or JSON (``.json``), atomically."""
     path = Path(path)
-    if path.suffix.lower() not in TEMPLATE_SUFFIXES:
-        raise KeyframeWorldsError(f"{path}: a template file is named .yaml, .yml or .json")
-    if path.suffix.lower() == ".json":
+    if template_format(path) == "json":
         path.parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(path, template)
     else:
@@ -237,6 +243,7 @@ def cmd_openjd(args: argparse.Namespace) -> int:
     from .paths import check_output
 
     check_output(args.out, "--out", folder=False, create_parents=True)
+    template_format(args.out)
     template = openjd_template(args.job_dirs, Path(args.out).absolute().parent, name=args.name, engine_python=args.engine_python, output_dir=args.output_dir)
     write_template(template, args.out)
     shots = template["steps"][0]["parameterSpace"]["taskParameterDefinitions"][0]["range"]
