@@ -14,6 +14,7 @@ from keyframe_worlds.bridge import ply
 from keyframe_worlds.bridge.jobs import JobState
 from keyframe_worlds.bridge.spec import load_job, validate_job, validate_manifest
 from keyframe_worlds.engine.run.runner import run_job
+from keyframe_worlds.engine.testing import faults
 from keyframe_worlds.engine.testing.service import Engine, tree_digest, wait_for, write_preview_job
 
 TIMEOUT = 180
@@ -82,3 +83,35 @@ def load_job_from(doc, folder):
     path = folder / "job.json"
     path.write_text(json.dumps(doc))
     return load_job(path)
+
+
+def test_a_failed_part_fails_the_job_and_a_retry_runs_only_the_parts_left(tmp_path, monkeypatch):
+    """Cam1 crashes its worker (a real SIGSEGV at its 10th frame; Cam0 has only 6): the job fails naming the part.
+    Retried on an engine without the fault, Cam0's completed part is not run again, Cam1 resumes from its
+    checkpoint, and the fused bundle validates."""
+    spec_path = write_preview_job(tmp_path / "job", frames=16, segment_length=4, cameras=2)
+    doc = json.loads(spec_path.read_text())
+    doc["trajectories"][0]["frames"] = doc["trajectories"][0]["frames"][:6]
+    doc["execution"] = {"split_trajectories": True}
+    spec_path.write_text(json.dumps(doc))
+    monkeypatch.setenv(faults.CRASH_AT_FRAMES_ENV, "10")
+    with Engine(tmp_path / "jobs", extra_args=("--device", "cpu:0", "--device", "cpu:1")) as engine:
+        client = engine.start()
+        job = client.submit(spec_path)
+        failed = client.wait(job.id, timeout=TIMEOUT, poll_s=0.1)
+    assert failed.state is JobState.FAILED and "part 2 (Cam1)" in failed.error and "SIGSEGV" in failed.error, failed.error
+    parts = json.loads((tmp_path / "jobs" / job.id / "parts.json").read_text())
+    assert [p["state"] for p in parts] == ["completed", "failed"]
+    monkeypatch.delenv(faults.CRASH_AT_FRAMES_ENV)
+    with Engine(tmp_path / "jobs", extra_args=("--device", "cpu")) as engine:
+        client = engine.start()
+        client.retry(job.id)
+        final = client.wait(job.id, timeout=TIMEOUT, poll_s=0.1)
+        log = client.log(job.id)
+    assert final.state is JobState.COMPLETED, final.error
+    assert "(1 completed before)" in log and log.count("part 1/2 (Cam0) running") == 1
+    assert "resuming from the checkpoint" in log
+    bundle = tmp_path / "jobs" / job.id / "out"
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert validate_manifest(manifest, bundle) == []
+    assert [len(t["files"]) for t in manifest["trajectories"]] == [6, 16]
