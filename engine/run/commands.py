@@ -62,13 +62,13 @@ def job_problems(doc, base_dir: Path, check_files: bool = True) -> list:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from ...bridge.spec import MANIFEST_FILENAME, read_json, validate_manifest
+    from ...bridge.spec import JOB_FILENAME, MANIFEST_FILENAME, read_json, validate_manifest
 
     path = Path(args.path)
     if path.is_dir():
         # A bundle folder holds manifest.json; a job folder (what the add-on writes) holds job.json.
-        path = path / (MANIFEST_FILENAME if (path / MANIFEST_FILENAME).exists() or not (path / "job.json").exists()
-                       else "job.json")
+        path = path / (MANIFEST_FILENAME if (path / MANIFEST_FILENAME).exists() or not (path / JOB_FILENAME).exists()
+                       else JOB_FILENAME)
     doc = read_json(path, "document")
     is_manifest = path.name == MANIFEST_FILENAME or (isinstance(doc, dict) and "job" in doc and "generator_label" in doc)
     if is_manifest:
@@ -116,9 +116,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     check_output(args.out, "--out", folder=True, create_parents=True)  # a farm's output folder may not exist yet
     spec, notes = load_job_here(args.job, MachineModels.configure(args.model_dir, args.depth_model))
-    if not args.quiet:
-        for note in notes:
-            print(f"keyframe-worlds: this machine's {note}", file=sys.stderr)
+    for note in notes:  # which of this machine's models the job got: worth a line in any log, quiet or not
+        print(f"keyframe-worlds: this machine's {note}", file=sys.stderr)
     problems = check_options(spec.generator, spec.options)
     if problems:
         raise ValidationError(f"job spec {args.job}", problems)
