@@ -40,6 +40,7 @@ def test_a_split_job_runs_its_trajectories_on_two_workers_at_once_and_fuses_them
     assert {p["device"] for p in parts} == {"cpu:0", "cpu:1"} and len({p["pid"] for p in parts}) == 2
     assert max(p["started"] for p in parts) < min(p["finished"] for p in parts), parts
     assert "split into 2 parts" in log and "fused 2 parts" in log
+    assert not any((folder / "parts" / k / "out").exists() for k in ("0", "1"))  # fused: not kept twice
 
     bundle = folder / "out"
     assert validate_manifest(json.loads((bundle / "manifest.json").read_text()), bundle) == []

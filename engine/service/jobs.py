@@ -26,7 +26,8 @@ A job whose spec opts in with ``execution.split_trajectories`` runs as parts, on
 waiting job, so free workers take them at once; each part runs from the reference's memory into
 ``parts/<k>/out``, and the worker that finishes the last one fuses them into ``out/``. ``parts.json`` records
 which worker ran which part, and when. A failed part fails the job (the others are stopped); a part that
-completed is not run again when the job resumes.
+completed is not run again when the job resumes. Once fused, the parts' bundles are removed (their files live on in
+``out/``).
 """
 
 from __future__ import annotations
@@ -679,6 +680,8 @@ class JobManager:
                                          base_dir=job.folder, check_files=False).resolve(job.folder)
                 fuse_parts(spec, [p.folder / OUTPUT_DIRNAME for p in job.parts], job.folder / OUTPUT_DIRNAME)
                 self.log(job.status.id, f"fused {len(job.parts)} parts into {OUTPUT_DIRNAME}/")
+                for part in job.parts:  # their files live on in the bundle (hard links, or copies): not twice on disk
+                    shutil.rmtree(part.folder / OUTPUT_DIRNAME, ignore_errors=True)
                 outcome = "completed"
             except Exception as exc:  # a fusion that fails must fail the job, not the supervising thread
                 import traceback
