@@ -55,7 +55,7 @@ def portability_problems(doc: dict) -> list[Problem]:
     """
     problems = []
     reference = doc.get("reference", {})
-    for key in ("image", "depth"):
+    for key in ("image", "depth", "points", "views"):
         value = reference.get(key)
         if isinstance(value, str) and (Path(value).is_absolute() or PurePosixPath(value).is_absolute()
                                        or ".." in PurePosixPath(value.replace("\\", "/")).parts):

@@ -11,12 +11,14 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import yaml
 
 from conftest import REPO_ROOT, VENV_BIN
 from test_headless import load_demo, run
 
+from keyframe_worlds.bridge.seed import write_seed_ply
 from keyframe_worlds.bridge.spec import load_manifest, validate_manifest
 from keyframe_worlds.engine.testing.service import write_preview_job
 
@@ -150,10 +152,13 @@ def test_farm_openjd_refuses_what_ties_a_job_to_this_machine(tmp_path):
     doc = json.loads(spec.read_text())
     doc["reference"]["image"] = str(tmp_path / "abs" / "ref.png")
     doc["geometry"] = {"depth_model": str(tmp_path)}
+    write_seed_ply(tmp_path / "scan.ply", np.zeros((4, 3), np.float32))
+    doc["reference"]["points"] = "../scan.ply"
     spec.write_text(json.dumps(doc))
     out = run("farm", "openjd", tmp_path / "abs", "--out", tmp_path / "t.yaml")
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert "reference.image" in out.stderr and "outside the job folder" in out.stderr
+    assert "reference.points: '../scan.ply' is outside the job folder" in out.stderr
     assert "geometry.depth_model" in out.stderr and "KEYFRAME_WORLDS_DEPTH_MODEL" in out.stderr
     assert not (tmp_path / "t.yaml").exists()
     (tmp_path / "empty").mkdir()

@@ -10,10 +10,13 @@ import json
 import os
 import subprocess
 
+import numpy as np
 import pytest
 
 from conftest import VENV_BIN
 
+from keyframe_worlds.bridge import ply
+from keyframe_worlds.bridge.seed import write_seed_ply
 from keyframe_worlds.engine.run.machine import DEPTH_MODEL_ENV, MODEL_DIR_ENV, MachineModels, apply_machine
 from keyframe_worlds.engine.testing.service import tree_digest, write_preview_job
 from keyframe_worlds.engine.testing.tiny_models import write_tiny_depth_model
@@ -28,7 +31,14 @@ def run(*args, env=None, timeout=300):
 
 
 def test_a_job_folder_moved_to_another_directory_runs_unchanged(tmp_path):
-    write_preview_job(tmp_path / "here" / "shot", frames=4, segment_length=2, cameras=2)
+    spec = write_preview_job(tmp_path / "here" / "shot", frames=4, segment_length=2, cameras=2)
+    # A scanned point seed travels with the folder too (reference.points, relative like the image and depth).
+    rng = np.random.default_rng(0)
+    seed_xyz = rng.uniform([-1, -1, 3], [1, 1, 5], (500, 3)).astype(np.float32)
+    write_seed_ply(tmp_path / "here" / "shot" / "seed.ply", seed_xyz, rng.integers(0, 255, (500, 3)).astype(np.uint8))
+    doc = json.loads(spec.read_text())
+    doc["reference"]["points"] = "seed.ply"
+    spec.write_text(json.dumps(doc))
     first = run("run", tmp_path / "here" / "shot", "--out", tmp_path / "bundle_here", "--quiet")
     assert first.returncode == 0, first.stderr
     (tmp_path / "there" / "deeper").mkdir(parents=True)
@@ -38,6 +48,8 @@ def test_a_job_folder_moved_to_another_directory_runs_unchanged(tmp_path):
     assert second.returncode == 0, second.stderr
     here, there = tree_digest(tmp_path / "bundle_here"), tree_digest(tmp_path / "bundle_there")
     assert len(here) > 20 and here == there  # every file, the manifest included, byte for byte
+    cloud = ply.read_ply(tmp_path / "bundle_there" / "points.ply").positions()
+    assert np.isin(seed_xyz[:, 0], cloud[:, 0]).sum() > 250  # the seed, read from the moved folder, is in the world
 
 
 @pytest.fixture(scope="module")
