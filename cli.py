@@ -21,6 +21,7 @@ from .bridge.errors import ERROR_PREFIX, KeyframeWorldsError
 COMMAND_MODULES = (
     ".engine.run.commands",
     ".bridge.commands",
+    ".bridge.farm",
     ".engine.models.commands",
     ".engine.service.commands",
     ".addon.headless",

@@ -11,6 +11,8 @@ Both parse the same arguments and call the same functions the operators call
   Python, a separate process) as the add-on does, run the job with progress on
   stdout, fetch the bundle; non-zero exit on failure.
 - ``import``: bring a result bundle into the file and save it.
+- ``farm``: one self-contained job folder per shot (marker-bound camera, or each chosen camera) and the Open Job
+  Description template that runs them (``farm.export_farm``).
 
 This module imports ``bpy`` only inside the command handlers.
 """
@@ -109,6 +111,29 @@ def add_scene_commands(subparsers: argparse._SubParsersAction) -> None:
     i.add_argument("--consistency", action="store_true", help="the point cloud's material shows its consistency attribute")
     i.add_argument("--save", help="save as this .blend (default: save the opened file)")
     i.set_defaults(scene_handler=cmd_import)
+
+    f = subparsers.add_parser("farm", help="write one job folder per shot and an Open Job Description template",
+                              description="One self-contained job folder per shot (each marker-bound camera over its "
+                              "frames, or each chosen camera) and template.yaml, which runs them with keyframe-worlds run "
+                              "(openjd run, AWS Deadline Cloud).")
+    f.add_argument("--camera", action="append", help="one job per named camera (repeatable); default: --cameras")
+    f.add_argument("--cameras", choices=CAMERA_SOURCES, default="MARKERS",
+                   help="MARKERS: one job per camera-bound timeline marker; SELECTED, ALL, SCENE: one job per camera")
+    f.add_argument("--frames", type=_frames, help="frame range A-B (default: the scene's)")
+    f.add_argument("--step", type=int, default=1, help="every Nth frame")
+    f.add_argument("--out", required=True, help="folder for the job folders and template.yaml")
+    f.add_argument("--generator", default="preview", choices=GENERATORS)
+    f.add_argument("--prompt", default="")
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--depth", choices=("scene", "none"), default="scene", help="depth of each rendered reference from the scene")
+    f.add_argument("--samples", type=int, default=16, help="Cycles samples for the reference renders")
+    f.add_argument("--mesh-every", type=int, help="a depth mesh in the bundle every N frames of each camera (default 8)")
+    f.add_argument("--mesh-stride", type=int, help="a mesh vertex every N pixels (default 4)")
+    f.add_argument("--variant", default="worldstereo-memory-dmd", help="worldstereo: the model variant")
+    f.add_argument("--offload", default="none", choices=("none", "model", "sequential"), help="worldstereo: GPU offload mode")
+    f.add_argument("--engine-python", help="the template's default EnginePython (the farm worker's engine Python)")
+    f.add_argument("--output-dir", help="the template's default OutputDir (where the farm writes the bundles)")
+    f.set_defaults(scene_handler=cmd_farm)
 
 
 def build_parser(prog: str) -> argparse.ArgumentParser:
@@ -314,4 +339,31 @@ def cmd_import(args) -> int:
     points = len(result.point_cloud.data.points) if result.point_cloud is not None else 0
     print(f"imported {len(result.cameras)} camera(s), {len(result.meshes)} mesh(es), {points} points into "
           f"collection {result.collection.name!r}; saved {target}")
+    return 0
+
+
+def cmd_farm(args) -> int:
+    import bpy
+
+    from .farm import export_farm
+    from .jobs import JobSettings, worldstereo_options
+
+    check_output(args.out, "--out", folder=True, create_parents=True)
+    scene = bpy.context.scene
+    source, selected = _camera_choice(args, scene)
+    start, end = args.frames if args.frames else (None, None)
+    settings = JobSettings(
+        cameras=source, frame_start=start, frame_end=end, frame_step=args.step, reference="RENDER",
+        depth="SCENE" if args.depth == "scene" else "NONE", prompt=args.prompt, generator=args.generator, seed=args.seed,
+        samples=args.samples, mesh_every=args.mesh_every, mesh_stride=args.mesh_stride,
+        # No model folder: the farm machine's (--model-dir, $KEYFRAME_WORLDS_WORLDSTEREO_DIR) is used.
+        options=worldstereo_options(None, args.variant, args.offload) if args.generator == "worldstereo" else {},
+    )
+    export = export_farm(scene, settings, args.out, selected=selected, engine_python=args.engine_python,
+                         output_dir=args.output_dir)
+    _print_warnings(export.warnings)
+    for folder in export.job_dirs:
+        print(f"job folder: {folder}")
+    print(f"template: {export.template} ({len(export.job_dirs)} task(s)); run it with: openjd run {export.template} "
+          f"--step Validate --run-dependencies -p EnginePython=PYTHON -p OutputDir=DIR")
     return 0

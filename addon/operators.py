@@ -254,3 +254,47 @@ class KFW_OT_models_cancel(bpy.types.Operator):
 
 
 classes = classes + (KFW_OT_models_check, KFW_OT_models_download, KFW_OT_models_cancel)
+
+
+class KFW_OT_export_farm(bpy.types.Operator):
+    """Write one self-contained job folder per shot (marker-bound camera, or each chosen camera) and an Open Job
+    Description template that runs them on a render farm"""
+
+    bl_idname = "keyframe_worlds.export_farm"
+    bl_label = "Export for Farm"
+    bl_options = {"REGISTER"}
+
+    directory: StringProperty(name="Farm Folder", subtype="DIR_PATH")
+
+    def invoke(self, context, event):
+        if not self.directory:
+            self.directory = str(Path(bpy.path.abspath(context.scene.keyframe_worlds.output_dir)) / "farm")
+        context.window_manager.fileselect_add(self)
+        return {"RUNNING_MODAL"}
+
+    def execute(self, context):
+        from dataclasses import replace
+
+        from .farm import export_farm
+        from .jobs import worldstereo_options
+        from .preferences import preferences
+
+        props = context.scene.keyframe_worlds
+        prefs = preferences(context)
+        settings = props.to_settings(context.scene)
+        if settings.generator == "worldstereo":  # the variant only: the farm machine has its own model folder
+            settings = replace(settings, options=worldstereo_options(None, props.variant, prefs.offload if prefs else "none"))
+        if prefs is not None:
+            settings = replace(settings, point_budget=prefs.point_budget)
+        try:
+            export = export_farm(context.scene, settings, self.directory, selected=context.selected_objects)
+        except KeyframeWorldsError as exc:
+            self.report({"ERROR"}, str(exc))
+            return {"CANCELLED"}
+        for warning in export.warnings:
+            self.report({"WARNING"}, warning)
+        self.report({"INFO"}, f"Wrote {len(export.job_dirs)} job folder(s) and {export.template}")
+        return {"FINISHED"}
+
+
+classes = classes + (KFW_OT_export_farm,)

@@ -71,6 +71,9 @@ class KFW_PT_main(bpy.types.Panel):
         row = layout.row(align=True)
         row.operator("keyframe_worlds.import_result", icon="IMPORT")
         row.operator("keyframe_worlds.open_folder", icon="FILE_FOLDER")
+        row = layout.row(align=True)
+        row.enabled = not running
+        row.operator("keyframe_worlds.export_farm", icon="NETWORK_DRIVE")
         if props.state:
             draw_progress(layout, props)
             if props.message:

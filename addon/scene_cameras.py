@@ -204,20 +204,29 @@ def choose_cameras(scene: bpy.types.Scene, source: str, frames: Sequence[int],
         return [(cam, frames) for cam in cams]
     if source != "MARKERS":
         raise KeyframeWorldsError(f"camera source must be one of {', '.join(CAMERA_SOURCES)}, got {source!r}")
+    shots: dict[str, tuple[bpy.types.Object, list[int]]] = {}
+    for _, camera, shot in marker_shots(scene, frames):
+        shots.setdefault(camera.name, (camera, []))[1].extend(shot)
+    return [(cam, sorted(set(fr))) for cam, fr in shots.values()]
+
+
+def marker_shots(scene: bpy.types.Scene, frames: Sequence[int]) -> list[tuple[bpy.types.TimelineMarker, bpy.types.Object, list[int]]]:
+    """``(marker, camera, frames)`` of every shot the camera-bound timeline markers make, in marker order: the
+    frames from a marker up to the next bound marker (before the first marker Blender shows the first marker's
+    camera); shots with none of ``frames`` are left out."""
     markers = sorted((m for m in scene.timeline_markers if m.camera is not None), key=lambda m: (m.frame, m.name))
     if not markers:
         raise KeyframeWorldsError("no timeline marker is bound to a camera (bind one with Marker > Bind Camera to Markers)")
-    shots: dict[str, tuple[bpy.types.Object, list[int]]] = {}
+    shots = []
     for i, marker in enumerate(markers):
         end = markers[i + 1].frame if i + 1 < len(markers) else None
-        # Before the first marker Blender shows the first marker's camera.
         start = None if i == 0 else marker.frame
         shot = [f for f in frames if (start is None or f >= start) and (end is None or f < end)]
         if shot:
-            shots.setdefault(marker.camera.name, (marker.camera, []))[1].extend(shot)
+            shots.append((marker, marker.camera, shot))
     if not shots:
         raise KeyframeWorldsError("no frame of the range falls into a marker-bound camera's shot")
-    return [(cam, sorted(set(fr))) for cam, fr in shots.values()]
+    return shots
 
 
 def extract_trajectories(scene: bpy.types.Scene, source: str, *, start: int | None = None, end: int | None = None, step: int = 1,

@@ -21,7 +21,8 @@ Job spec v1::
                                                # in the trajectories' world frame (``MAX_SEED_*`` limits)
      "trajectories": [<trajectory JSON, see trajectory.py>, ...],
      "output": {"mesh_every": 8, "mesh_stride": 4, "point_budget": 2000000},
-     "options": {...}}                       # generator-specific settings, checked by the generator
+     "options": {...},                       # generator-specific settings, checked by the generator
+     "execution": {"split_trajectories": false}}  # optional; see ExecutionOptions
 
 Result manifest v1: see ``ResultManifest``; every path in it is relative to
 the bundle folder and must stay inside it.
@@ -170,6 +171,50 @@ def _validate_geometry(geometry: Any, base_dir: Path | None, check_files: bool) 
 
 
 @dataclass(frozen=True)
+class ExecutionOptions:
+    """How the engine schedules a job's trajectories (never what one trajectory's frames are made from).
+
+    split_trajectories: opt-in. The engine service may run each trajectory as its own part on any free device, all
+    from the memory the reference alone gives, and fuse the parts' bundles into one. What it gives up: a trajectory
+    no longer sees what earlier trajectories generated (the default runs them in order, each fusing into the memory
+    the next one renders and retrieves from), so two cameras agree only through the reference's shared memory.
+    trajectories: run only these trajectories (by name, in the spec's order) from the reference's memory; None: all.
+    (The service's parts are this job with one trajectory named.)
+    """
+
+    split_trajectories: bool = False
+    trajectories: tuple[str, ...] | None = None
+
+    def to_json(self) -> dict:
+        doc: dict[str, Any] = {"split_trajectories": self.split_trajectories}
+        if self.trajectories is not None:
+            doc["trajectories"] = list(self.trajectories)
+        return doc
+
+
+def _validate_execution(execution: Any, names: list[str]) -> list[Problem]:
+    problems: list[Problem] = []
+    if not check_object(problems, "execution", execution):
+        return problems
+    check_unknown_keys(problems, "execution", execution, set(ExecutionOptions.__dataclass_fields__))
+    if not isinstance(execution.get("split_trajectories", False), bool):
+        problems.append(Problem("execution.split_trajectories", "must be true or false (true: the service may run each "
+                                "trajectory on its own device from the reference's memory, and fuse them)"))
+    chosen = execution.get("trajectories")
+    if chosen is not None:
+        if not isinstance(chosen, list) or not chosen or not all(isinstance(n, str) for n in chosen):
+            problems.append(Problem("execution.trajectories", "must be a non-empty list of trajectory names (or null: all)"))
+        else:
+            unknown = [n for n in chosen if names and n not in names]
+            if unknown:
+                problems.append(Problem("execution.trajectories", f"no trajectory named {', '.join(map(repr, unknown))} "
+                                        f"(have: {', '.join(names)})"))
+            if len(set(chosen)) != len(chosen):
+                problems.append(Problem("execution.trajectories", "names a trajectory twice"))
+    return problems
+
+
+@dataclass(frozen=True)
 class JobSpec:
     """A validated job. Paths are kept as written; ``resolve`` makes them absolute against a folder."""
 
@@ -183,9 +228,10 @@ class JobSpec:
     options: dict = field(default_factory=dict)
     version: int = JOB_VERSION
     geometry: GeometryOptions = field(default_factory=GeometryOptions)
+    execution: ExecutionOptions = field(default_factory=ExecutionOptions)
 
     def to_json(self) -> dict:
-        return {
+        doc = {
             "version": self.version,
             "name": self.name,
             "generator": self.generator,
@@ -197,6 +243,14 @@ class JobSpec:
             "geometry": self.geometry.to_json(),
             "options": dict(self.options),
         }
+        if self.execution != ExecutionOptions():  # written only when set, so every other spec's JSON stays as it was
+            doc["execution"] = self.execution.to_json()
+        return doc
+
+    def run_trajectories(self) -> tuple[Trajectory, ...]:
+        """The trajectories this run generates (``execution.trajectories``, else all), in the spec's order."""
+        chosen = self.execution.trajectories
+        return self.trajectories if chosen is None else tuple(t for t in self.trajectories if t.name in chosen)
 
     @classmethod
     def from_json(cls, doc: Any, base_dir: str | os.PathLike | None = None, check_files: bool = True) -> "JobSpec":
@@ -218,6 +272,9 @@ class JobSpec:
             options=dict(doc.get("options", {})),
             version=doc["version"],
             geometry=GeometryOptions(**doc.get("geometry", {})),
+            execution=ExecutionOptions(bool(doc.get("execution", {}).get("split_trajectories", False)),
+                                       None if doc.get("execution", {}).get("trajectories") is None
+                                       else tuple(doc["execution"]["trajectories"])),
         )
 
     def resolve(self, base_dir: str | os.PathLike) -> "JobSpec":
@@ -266,7 +323,7 @@ def _validate_job(doc: Any, base_dir, check_files: bool) -> list[Problem]:
     if bad_text:
         return bad_text
     check_unknown_keys(problems, "", doc, {"version", "name", "generator", "prompt", "seed", "reference", "trajectories", "output",
-                                           "geometry", "options"})
+                                           "geometry", "execution", "options"})
     problems = [Problem(p.path.lstrip("."), p.reason) for p in problems]
     version = doc.get("version")
     if "version" not in doc:
@@ -324,6 +381,8 @@ def _validate_job(doc: Any, base_dir, check_files: bool) -> list[Problem]:
                 check_integer(problems, "output.point_budget", out["point_budget"], minimum=1000, maximum=200_000_000)
     if "geometry" in doc:
         problems.extend(_validate_geometry(doc["geometry"], Path(base_dir) if base_dir is not None else None, check_files))
+    if "execution" in doc:
+        problems.extend(_validate_execution(doc["execution"], names))
     if "options" in doc:
         check_object(problems, "options", doc["options"])
     return problems
@@ -679,6 +738,8 @@ class ResultManifest:
 
 
 MANIFEST_FILENAME = "manifest.json"
+#: A job folder's spec (beside its reference files): what ``validate``, ``run`` and the farm tools read in a folder.
+JOB_FILENAME = "job.json"
 
 
 def load_manifest(bundle_dir: str | os.PathLike, check_files: bool = True) -> ResultManifest:

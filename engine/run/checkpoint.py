@@ -159,7 +159,7 @@ def describe(out_dir: str | os.PathLike, spec: JobSpec) -> str | None:
     doc = _read_state(Path(out_dir) / CHECKPOINT_DIRNAME)
     if doc is None or doc.get("spec") != spec_digest(spec):
         return None
-    return f"{int(doc.get('done', 0))} of {sum(len(t) for t in spec.trajectories)} frames done"
+    return f"{int(doc.get('done', 0))} of {sum(len(t) for t in spec.run_trajectories())} frames done"
 
 
 def load(out_dir: str | os.PathLike, spec: JobSpec, memory, history_type, candidate_type, frame_type):

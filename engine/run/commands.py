@@ -26,13 +26,17 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("run", help="run a job offline and write the result bundle",
                               description="Run a job offline. A checkpoint is written after every segment; "
                               "an interrupted run continues with --resume, equal to an uninterrupted one file for file.")
-    p.add_argument("job", help="job spec (job.json); relative paths in it are relative to its folder")
+    p.add_argument("job", help="job spec (job.json), or a job folder holding one; relative paths in it are relative to its folder")
     p.add_argument("--out", required=True, help="bundle folder to write (created; an old manifest in it is removed first)")
     p.add_argument("--resume", action="store_true",
                    help="continue the interrupted run of this job that --out holds, from its last finished segment")
     p.add_argument("--device", default="auto", help="torch device: auto (CUDA when present), cpu, cuda, cuda:1 ...")
     p.add_argument("--depth-model", metavar="DIR",
-                   help="a depth network's local Hugging Face folder, for this job's geometry.depth_model")
+                   help="a depth network's local Hugging Face folder, replacing this job's geometry.depth_model "
+                   "(default: the job's, else $KEYFRAME_WORLDS_DEPTH_MODEL)")
+    p.add_argument("--model-dir", metavar="DIR",
+                   help="this machine's model folder (one folder per WorldStereo variant, and the Wan2.1 I2V folder), "
+                   "replacing the job's options.checkpoint and wan_dir (default: the job's, else $KEYFRAME_WORLDS_WORLDSTEREO_DIR)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(handler=cmd_run)
 
@@ -58,13 +62,13 @@ def job_problems(doc, base_dir: Path, check_files: bool = True) -> list:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from ...bridge.spec import MANIFEST_FILENAME, read_json, validate_manifest
+    from ...bridge.spec import JOB_FILENAME, MANIFEST_FILENAME, read_json, validate_manifest
 
     path = Path(args.path)
     if path.is_dir():
         # A bundle folder holds manifest.json; a job folder (what the add-on writes) holds job.json.
-        path = path / (MANIFEST_FILENAME if (path / MANIFEST_FILENAME).exists() or not (path / "job.json").exists()
-                       else "job.json")
+        path = path / (MANIFEST_FILENAME if (path / MANIFEST_FILENAME).exists() or not (path / JOB_FILENAME).exists()
+                       else JOB_FILENAME)
     doc = read_json(path, "document")
     is_manifest = path.name == MANIFEST_FILENAME or (isinstance(doc, dict) and "job" in doc and "generator_label" in doc)
     if is_manifest:
@@ -84,27 +88,36 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 1 if problems else 0
 
 
-def cmd_run(args: argparse.Namespace) -> int:
+def load_job_here(path: str | Path, machine) -> tuple:
+    """``(spec, notes)``: a job spec file (or a job folder's ``job.json``) with this machine's model folders filled
+    in (``machine.apply_machine``; ``notes`` says what it filled), validated and resolved against its folder. One
+    problem is one line."""
     from ...bridge.errors import KeyframeWorldsError, ValidationError
-    from ...bridge.spec import load_job
-    from ..generators.options import check_options
+    from ...bridge.spec import JOB_FILENAME, JobSpec, read_json
+    from .machine import apply_machine
 
-    from ...bridge.paths import check_output
-
-    check_output(args.out, "--out", folder=True)
+    path = Path(path)
+    if path.is_dir():
+        path = path / JOB_FILENAME
+    doc, notes = apply_machine(read_json(path, "job spec"), machine)
     try:
-        spec = load_job(args.job)
+        return JobSpec.from_json(doc, base_dir=path.parent).resolve(path.parent), notes
     except ValidationError as exc:
         if len(exc.problems) != 1:
-            raise
-        raise KeyframeWorldsError(f"job spec {args.job}: {exc.problems[0]}") from None  # one problem, one line
-    if args.depth_model:
-        from dataclasses import replace
+            raise ValidationError(f"job spec {path}", exc.problems) from None
+        raise KeyframeWorldsError(f"job spec {path}: {exc.problems[0]}") from None  # one problem, one line
 
-        folder = Path(args.depth_model).expanduser().resolve()
-        if not folder.is_dir():
-            raise KeyframeWorldsError(f"--depth-model: folder not found: {folder}")
-        spec = replace(spec, geometry=replace(spec.geometry, depth_model=str(folder)))
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from ...bridge.errors import KeyframeWorldsError, ValidationError
+    from ...bridge.paths import check_output
+    from ..generators.options import check_options
+    from .machine import MachineModels
+
+    check_output(args.out, "--out", folder=True, create_parents=True)  # a farm's output folder may not exist yet
+    spec, notes = load_job_here(args.job, MachineModels.configure(args.model_dir, args.depth_model))
+    for note in notes:  # which of this machine's models the job got: worth a line in any log, quiet or not
+        print(f"keyframe-worlds: this machine's {note}", file=sys.stderr)
     problems = check_options(spec.generator, spec.options)
     if problems:
         raise ValidationError(f"job spec {args.job}", problems)

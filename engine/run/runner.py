@@ -210,7 +210,7 @@ def run_job(
     progress = progress or Progress()
     device = torch.device(device)
     generator = generator or get_generator(spec.generator, spec.options, device)
-    total = sum(len(t) for t in spec.trajectories)
+    total = sum(len(t) for t in spec.run_trajectories())  # execution.trajectories: only these, from the reference's memory
 
     progress.stage("reference", "reading the reference")
     # Distorted cameras become the pinholes keeping their field of view; checkpoints still name the job as given.
@@ -289,7 +289,7 @@ def run_job(
         bundle.resume(saved.finished, saved.finished_meshes)
         progress.log(f"resuming from the checkpoint: {done} of {total} frames were finished")
         progress.frames(done, total, f"resuming after {done} finished frames")
-    for traj_index, traj in enumerate(lens.spec.trajectories):
+    for traj_index, traj in enumerate(lens.spec.run_trajectories()):  # execution.trajectories: only these
         if restored is not None and traj_index < saved.trajectory:
             continue
         output = bundle.trajectory(traj)

@@ -215,6 +215,12 @@ def job_spec_schema() -> dict:
                          "properties": {"depth_model": {"type": ["string", "null"]}, "device": {"type": "string"},
                                         "flow": {"type": "string", "enum": ["dis", "raft", "none"]},
                                         "point_maps": {"type": "boolean"}}},
+            "execution": {"type": "object", "additionalProperties": False,
+                          "properties": {"split_trajectories": {
+                                             "type": "boolean", "description": "run each trajectory on a free worker "
+                                             "from the reference's memory and fuse them (opt-in; README: Render farms)"},
+                                         "trajectories": {"type": ["array", "null"], "minItems": 1,
+                                                          "items": {"type": "string"}}}},
             "options": {"type": "object", "description": "the generator's own settings, checked before queueing"},
         },
     }

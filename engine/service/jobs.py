@@ -20,6 +20,14 @@ run in worker processes (``workers.py``, ``worker.py``), one per device; a
 thread per device here hands each job to its worker, turns the worker's
 progress events into the job's status, forwards a cancel, ends a worker that
 does not stop within ``CANCEL_GRACE_S`` of it, and restarts a worker that died.
+
+A job whose spec opts in with ``execution.split_trajectories`` runs as parts, one per trajectory
+(``engine/run/split.py``): the worker that takes the job runs its first part and queues the others ahead of every
+waiting job, so free workers take them at once; each part runs from the reference's memory into
+``parts/<k>/out``, and the worker that finishes the last one fuses them into ``out/``. ``parts.json`` records
+which worker ran which part, and when. A failed part fails the job (the others are stopped); a part that
+completed is not run again when the job resumes. Once fused, the parts' bundles are removed (their files live on in
+``out/``).
 """
 
 from __future__ import annotations
@@ -45,7 +53,7 @@ from ...bridge.atomic import remove_temporary_files
 from ...bridge.paths import describe_os_error, failure_message, free_bytes
 from ...bridge.errors import KeyframeWorldsError, Problem, ValidationError
 from ...bridge.jobs import FINISHED_STAGE, QUEUED_STAGE, STAGE_WORDS, STARTING_STAGE, JobState, JobStatus, ProgressEvent
-from ...bridge.spec import validate_job, write_json_atomic
+from ...bridge.spec import MANIFEST_FILENAME, JobSpec, validate_job, write_json_atomic
 from ...bridge.trajectory import safe_text, text_problems
 from .workers import WorkerGone, WorkerHandle
 
@@ -56,6 +64,10 @@ STATUS_FILENAME = "status.json"
 LOG_FILENAME = "log.txt"
 INPUTS_DIRNAME = "inputs"
 OUTPUT_DIRNAME = "out"
+#: A split job's record of its parts: trajectory, state, device, worker pid, start and end (Unix seconds).
+PARTS_FILENAME = "parts.json"
+#: The stage word while a split job's parts are fused into its bundle.
+FUSING_STAGE = "fusing the parts"
 JOB_ID_PATTERN = re.compile(r"^j[0-9]{8}-[0-9a-f]{8}$")
 # How often progress alone (no state change) is written to status.json.
 STATUS_WRITE_INTERVAL_S = 0.25
@@ -158,6 +170,26 @@ def _repaired_text(value: Any) -> Any:
 
 
 @dataclass
+class _Part:
+    """One trajectory of a split job, run on its own (``engine/run/split.py``)."""
+
+    index: int
+    trajectory: str
+    folder: Path  # parts/<k>: spec.json, out/
+    frames: int
+    state: str = "pending"  # pending, running, then a worker outcome (worker.OUTCOMES)
+    work: float = 0.0  # frames done (and in flight), for the job's progress
+    device: str | None = None
+    pid: int | None = None
+    started: float | None = None
+    finished: float | None = None
+
+    def to_json(self) -> dict:
+        return {"index": self.index, "trajectory": self.trajectory, "state": self.state, "device": self.device,
+                "pid": self.pid, "started": self.started, "finished": self.finished}
+
+
+@dataclass
 class _Job:
     status: JobStatus
     folder: Path
@@ -168,6 +200,8 @@ class _Job:
     first_report: float | None = None
     first_work: float = 0.0
     budget_error: str | None = None  # set when the disk budget stopped this attempt
+    parts: list[_Part] | None = None  # a split job's parts (this attempt); None: it runs whole
+    part_error: tuple[str, str] | None = None  # (error, traceback) of the first part that failed
 
 
 class JobManager:
@@ -192,6 +226,7 @@ class JobManager:
         self._wake = threading.Condition(self._lock)
         self._jobs: dict[str, _Job] = {}
         self._pending: deque[str] = deque()
+        self._parts: deque[tuple[str, int]] = deque()  # split jobs' parts waiting for a worker: served first
         self._seq = 0
         self._threads: list[threading.Thread] = []
         self.workers = [WorkerHandle(device, str(self.root)) for device in self.devices]
@@ -496,19 +531,25 @@ class JobManager:
 
     # --- workers ------------------------------------------------------------------------
 
-    def _next(self) -> _Job | None:
+    def _next(self) -> tuple[_Job, _Part | None] | None:
+        """The next work for a free worker: a waiting part of a split job, else the next job (None: stopping)."""
         with self._wake:
-            while not self._pending and not self.stopping.is_set():
+            while not self._pending and not self._parts and not self.stopping.is_set():
                 self._wake.wait()
             if self.stopping.is_set():
                 return None
+            if self._parts:
+                job_id, index = self._parts.popleft()
+                job = self._jobs[job_id]
+                return job, job.parts[index]
             job = self._jobs[self._pending.popleft()]
             job.status.state, job.status.stage = JobState.RUNNING, STARTING_STAGE
             job.status.started = job.status.started or time.time()
             job.status.attempts += 1
             job.first_report, job.first_work = None, 0.0
+            job.parts, job.part_error = None, None
             self._write_status(job)
-            return job
+            return job, None
 
     def _work(self, worker: WorkerHandle) -> None:
         """The supervising thread of one worker: jobs in, status out, until the engine stops."""
@@ -517,13 +558,142 @@ class JobManager:
         except WorkerGone as exc:
             log.error("%s", exc)
         while True:
-            job = self._next()
-            if job is None:
+            item = self._next()
+            if item is None:
                 worker.shutdown()
                 return
-            with self._lock:
-                job.status.device = worker.device
-            self._run(job, worker)
+            job, part = item
+            if part is None:
+                part = self._split(job)
+                if part is None and job.parts is not None:
+                    continue  # every part had completed before (a resumed job): it has been fused
+            if part is None:
+                with self._lock:
+                    job.status.device = worker.device
+                self._run(job, worker)
+            else:
+                self._run_part(job, part, worker)
+
+    # --- split jobs -----------------------------------------------------------------------
+
+    def _split(self, job: _Job) -> _Part | None:
+        """For a job that opts in to ``execution.split_trajectories``: make its parts, queue all but the first ahead
+        of every waiting job and return the first (None: the job runs whole, or every part had completed and the job
+        was fused here)."""
+        from ..run.split import PARTS_DIRNAME, part_document, split_problem
+
+        job_id = job.status.id
+        try:
+            spec = JobSpec.from_json(json.loads((job.folder / SPEC_FILENAME).read_text(encoding="utf-8")),
+                                     base_dir=job.folder, check_files=False).resolve(job.folder)
+        except (OSError, ValueError, KeyframeWorldsError):
+            return None  # the worker reads it again and reports what is wrong as the job's failure
+        if not spec.execution.split_trajectories:
+            return None
+        problem = split_problem(spec)
+        if problem:
+            self.log(job_id, f"not split ({problem}): the trajectories run one after another")
+            return None
+        parts = []
+        for k, trajectory in enumerate(spec.run_trajectories()):
+            folder = job.folder / PARTS_DIRNAME / str(k)
+            folder.mkdir(parents=True, exist_ok=True)
+            if not (folder / SPEC_FILENAME).is_file():
+                write_json_atomic(folder / SPEC_FILENAME, part_document(spec.to_json(), trajectory.name))
+            part = _Part(k, trajectory.name, folder, len(trajectory))
+            if (folder / OUTPUT_DIRNAME / MANIFEST_FILENAME).is_file():
+                part.state, part.work = "completed", float(len(trajectory))  # finished before the job was interrupted
+            parts.append(part)
+        waiting = [p for p in parts if p.state == "pending"]
+        with self._wake:
+            job.parts = parts
+            for part in reversed(waiting[1:]):
+                self._parts.appendleft((job_id, part.index))
+            self._wake.notify_all()
+        self._write_parts(job)
+        self.log(job_id, f"split into {len(parts)} parts, one per trajectory, each from the reference's memory "
+                         f"({len(parts) - len(waiting)} completed before)")
+        if not waiting:
+            self._finish_split(job)
+            return None
+        return waiting[0]
+
+    def _write_parts(self, job: _Job) -> None:
+        with self._lock:
+            doc = [p.to_json() for p in job.parts or ()]
+        try:
+            write_json_atomic(job.folder / PARTS_FILENAME, doc)
+        except OSError as exc:
+            log.warning("job %s: cannot write %s: %s", job.status.id, PARTS_FILENAME, exc)
+
+    def _run_part(self, job: _Job, part: _Part, worker: WorkerHandle) -> None:
+        """Run one part of a split job on ``worker``; the last part to end finishes the job."""
+        job_id = job.status.id
+        outcome, error, trace = "failed", None, ""
+        if job.cancel.is_set():
+            outcome = "cancelled"  # cancelled (or a part failed) before this part started
+        else:
+            try:
+                out_dir = part.folder / OUTPUT_DIRNAME
+                out_dir.mkdir(exist_ok=True)
+                remove_temporary_files(part.folder)
+                worker.ensure_started()
+                worker.cancel.clear()
+                worker.stop.clear()
+                with self._lock:
+                    part.state, part.device, part.pid, part.started = "running", worker.device, worker.info().pid, time.time()
+                    job.status.device = ", ".join(p.device for p in job.parts if p.device and p.state == "running")
+                self._write_parts(job)
+                self.log(job_id, f"part {part.index + 1}/{len(job.parts)} ({part.trajectory}) running on the worker "
+                                 f"for {worker.device} (pid {part.pid})")
+                worker.send(("run", job_id, str(part.folder / SPEC_FILENAME), str(out_dir)))
+                worker.set_state("busy")
+                outcome, error, trace = self._supervise(job, worker, part)
+            except WorkerGone as exc:
+                outcome, error = "failed", f"{exc} while running part {part.index + 1} ({part.trajectory})"
+                self._restart(worker)
+            except OSError as exc:
+                outcome, error = "failed", failure_message(exc, part.folder)
+            if worker.alive():
+                worker.set_state("idle")
+        with self._lock:
+            part.state, part.finished = outcome, time.time()
+            if outcome == "failed" and job.part_error is None:
+                job.part_error = (f"part {part.index + 1} ({part.trajectory}): {error}", trace)
+                job.cancel.set()  # the other parts stop: the job has failed
+            last = all(p.state not in ("pending", "running") for p in job.parts)
+        self._write_parts(job)
+        self.log(job_id, f"part {part.index + 1}/{len(job.parts)} ({part.trajectory}) {outcome}")
+        if last:
+            self._finish_split(job)
+
+    def _finish_split(self, job: _Job) -> None:
+        """Every part has ended: fuse them into the job's bundle, or end the job as its parts did."""
+        from ..run.split import fuse_parts
+
+        outcomes = {p.state for p in job.parts}
+        error, trace = job.part_error or (None, "")
+        if outcomes == {"completed"}:
+            self._update(job.status.id, stage=FUSING_STAGE)
+            try:
+                spec = JobSpec.from_json(json.loads((job.folder / SPEC_FILENAME).read_text(encoding="utf-8")),
+                                         base_dir=job.folder, check_files=False).resolve(job.folder)
+                fuse_parts(spec, [p.folder / OUTPUT_DIRNAME for p in job.parts], job.folder / OUTPUT_DIRNAME)
+                self.log(job.status.id, f"fused {len(job.parts)} parts into {OUTPUT_DIRNAME}/")
+                for part in job.parts:  # their files live on in the bundle (hard links, or copies): not twice on disk
+                    shutil.rmtree(part.folder / OUTPUT_DIRNAME, ignore_errors=True)
+                outcome = "completed"
+            except Exception as exc:  # a fusion that fails must fail the job, not the supervising thread
+                import traceback
+
+                outcome, error, trace = "failed", f"fusing the parts failed: {failure_message(exc, job.folder)}", traceback.format_exc()
+        elif "failed" in outcomes:
+            outcome = "failed"
+        elif "interrupted" in outcomes:
+            outcome = "interrupted"
+        else:
+            outcome = "cancelled"
+        self._finish(job, outcome, error, trace)
 
     def _run(self, job: _Job, worker: WorkerHandle) -> None:
         job_id = job.status.id
@@ -551,6 +721,11 @@ class JobManager:
             outcome, error = "failed", failure_message(exc, out_dir)
         if worker.alive():
             worker.set_state("idle")
+        self._finish(job, outcome, error, trace)
+
+    def _finish(self, job: _Job, outcome: str, error: str | None, trace: str) -> None:
+        """End an attempt of a job with a worker outcome: its state, status and log."""
+        job_id = job.status.id
         if outcome == "interrupted":
             # Not a failure: the status stays "running" on disk and the next start resumes the job.
             self.log(job_id, "engine stopping: job interrupted, it resumes at the next start")
@@ -577,9 +752,9 @@ class JobManager:
         with self._usage_lock:
             self._usage = None  # the job's files changed the job root's size: measure it again when asked
 
-    def _supervise(self, job: _Job, worker: WorkerHandle) -> tuple[str, str | None, str]:
-        """Relay the worker's messages for ``job`` until it finishes; end the worker if a cancel or a stop
-        is not honoured in time. Returns (outcome, error, traceback)."""
+    def _supervise(self, job: _Job, worker: WorkerHandle, part: _Part | None = None) -> tuple[str, str | None, str]:
+        """Relay the worker's messages for ``job`` (or one ``part`` of it) until it finishes; end the worker if a
+        cancel or a stop is not honoured in time. Returns (outcome, error, traceback)."""
         job_id = job.status.id
         deadline: float | None = None
         while True:
@@ -611,7 +786,7 @@ class JobManager:
             if kind == "finished" and message[1] == job_id:
                 return message[2], message[3], message[4]
             if kind == "event" and message[1] == job_id:
-                self._progress(job, message[2])
+                self._progress(job, message[2], part)
             elif kind == "log" and message[1] == job_id:
                 self.log(job_id, message[2])
             elif kind == "warning" and message[1] == job_id:
@@ -619,7 +794,7 @@ class JobManager:
                 with self._lock:
                     if message[2] not in job.status.warnings:
                         job.status.warnings = [*job.status.warnings, message[2]]
-            elif kind == "device" and message[1] == job_id:
+            elif kind == "device" and message[1] == job_id and part is None:
                 with self._lock:
                     job.status.device = message[2]
                 self.log(job_id, f"the generator runs on {message[2]}")
@@ -634,12 +809,21 @@ class JobManager:
         except OSError as exc:
             log.error("cannot restart the worker process for %s: %s", worker.device, exc)
 
-    def _progress(self, job: _Job, event: ProgressEvent) -> None:
-        """A progress event from the worker -> the job's status (stage words, frames, step, time left)."""
+    def _progress(self, job: _Job, event: ProgressEvent, part: _Part | None = None) -> None:
+        """A progress event from the worker -> the job's status (stage words, frames, step, time left).
+
+        A part's frames count towards its job's: done and total are summed over the parts."""
         changes: dict[str, Any] = {"stage": STAGE_WORDS.get(event.stage, event.stage)}
         if event.stage == "generate":
             now = time.monotonic()
             work = event.done + max(0.0, event.in_flight)  # in frames; what progress and the rate are measured in
+            if part is not None:
+                with self._lock:
+                    part.work = work
+                    work = sum(p.work for p in job.parts)
+                    total = sum(p.frames for p in job.parts)
+                done = int(work)
+                event = dataclasses.replace(event, done=done, total=total, in_flight=work - done)
             eta = None
             if job.first_report is None:
                 # Work done before this attempt (a resume) does not count towards the rate.

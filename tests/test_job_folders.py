@@ -1,0 +1,128 @@
+"""Self-contained job folders: moved to another place they run unchanged, with this machine's models.
+
+`keyframe-worlds run` as a subprocess on real job folders; the model folder and depth model come from the
+command line or the environment (engine/run/machine.py), never from a path baked into the spec.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+
+import numpy as np
+import pytest
+
+from conftest import VENV_BIN
+
+from keyframe_worlds.bridge import ply
+from keyframe_worlds.bridge.seed import write_seed_ply
+from keyframe_worlds.engine.run.machine import DEPTH_MODEL_ENV, MODEL_DIR_ENV, MachineModels, apply_machine
+from keyframe_worlds.engine.testing.service import tree_digest, write_preview_job
+from keyframe_worlds.engine.testing.tiny_models import write_tiny_depth_model
+
+CLI = str(VENV_BIN / "keyframe-worlds")
+
+
+def run(*args, env=None, timeout=300):
+    environ = {k: v for k, v in os.environ.items() if k not in (DEPTH_MODEL_ENV, MODEL_DIR_ENV)}
+    environ.update(env or {})
+    return subprocess.run([CLI, *map(str, args)], capture_output=True, text=True, timeout=timeout, env=environ)
+
+
+def test_a_job_folder_moved_to_another_directory_runs_unchanged(tmp_path):
+    spec = write_preview_job(tmp_path / "here" / "shot", frames=4, segment_length=2, cameras=2)
+    # A scanned point seed travels with the folder too (reference.points, relative like the image and depth).
+    rng = np.random.default_rng(0)
+    seed_xyz = rng.uniform([-1, -1, 3], [1, 1, 5], (500, 3)).astype(np.float32)
+    write_seed_ply(tmp_path / "here" / "shot" / "seed.ply", seed_xyz, rng.integers(0, 255, (500, 3)).astype(np.uint8))
+    doc = json.loads(spec.read_text())
+    doc["reference"]["points"] = "seed.ply"
+    spec.write_text(json.dumps(doc))
+    first = run("run", tmp_path / "here" / "shot", "--out", tmp_path / "bundle_here", "--quiet")
+    assert first.returncode == 0, first.stderr
+    (tmp_path / "there" / "deeper").mkdir(parents=True)
+    moved = tmp_path / "there" / "deeper" / "renamed"
+    (tmp_path / "here" / "shot").rename(moved)
+    second = run("run", moved / "job.json", "--out", tmp_path / "bundle_there", "--quiet")
+    assert second.returncode == 0, second.stderr
+    here, there = tree_digest(tmp_path / "bundle_here"), tree_digest(tmp_path / "bundle_there")
+    assert len(here) > 20 and here == there  # every file, the manifest included, byte for byte
+    cloud = ply.read_ply(tmp_path / "bundle_there" / "points.ply").positions()
+    assert np.isin(seed_xyz[:, 0], cloud[:, 0]).sum() > 250  # the seed, read from the moved folder, is in the world
+
+
+@pytest.fixture(scope="module")
+def depth_model(tmp_path_factory):
+    return write_tiny_depth_model(tmp_path_factory.mktemp("models") / "tiny-depth")
+
+
+def test_the_depth_model_comes_from_the_machine(tmp_path, depth_model):
+    """A reference without depth: the machine's depth model lifts it (no flat board), from the environment as from
+    --depth-model; --depth-model also replaces a path another machine baked into the spec."""
+    spec = write_preview_job(tmp_path / "job", frames=3, segment_length=3, with_depth=False)
+    from_env = run("run", tmp_path / "job", "--out", tmp_path / "env", env={DEPTH_MODEL_ENV: str(depth_model)})
+    assert from_env.returncode == 0, from_env.stderr
+    assert f"this machine's depth model: {depth_model}" in from_env.stderr
+    manifest = json.loads((tmp_path / "env" / "manifest.json").read_text())
+    assert not any("flat board" in w for w in manifest["warnings"]), manifest["warnings"]
+    none = run("run", tmp_path / "job", "--out", tmp_path / "none", "--quiet")
+    assert any("flat board" in w for w in json.loads((tmp_path / "none" / "manifest.json").read_text())["warnings"])
+
+    doc = json.loads(spec.read_text())
+    doc["geometry"] = {"depth_model": "/models/of/another/machine/depth"}
+    spec.write_text(json.dumps(doc))
+    stale = run("run", tmp_path / "job", "--out", tmp_path / "stale", "--quiet", env={DEPTH_MODEL_ENV: str(depth_model)})
+    # The spec's own choice comes before the environment's default, so a stale one is named, in one line...
+    assert stale.returncode == 2 and "geometry.depth_model: folder not found: /models/of/another" in stale.stderr
+    assert "Traceback" not in stale.stderr
+    # ... and --depth-model replaces it: the same bundle as the environment's run.
+    flag = run("run", tmp_path / "job", "--out", tmp_path / "flag", "--quiet", "--depth-model", depth_model)
+    assert flag.returncode == 0, flag.stderr
+    assert tree_digest(tmp_path / "flag") == tree_digest(tmp_path / "env")
+
+
+def test_a_configured_folder_that_is_missing_is_one_line(tmp_path):
+    write_preview_job(tmp_path / "job", frames=2, segment_length=2)
+    out = run("run", tmp_path / "job", "--out", tmp_path / "b", "--model-dir", tmp_path / "nope")
+    assert out.returncode == 2 and f"--model-dir: folder not found: {tmp_path / 'nope'}" in out.stderr
+    out = run("run", tmp_path / "job", "--out", tmp_path / "b", env={DEPTH_MODEL_ENV: str(tmp_path / "gone")})
+    assert out.returncode == 2 and f"${DEPTH_MODEL_ENV}: folder not found" in out.stderr
+    assert "Traceback" not in out.stderr and not (tmp_path / "b" / "manifest.json").exists()
+
+
+def worldstereo_doc(**options):
+    """A worldstereo job document's model part (apply_machine reads only the generator, options and geometry)."""
+    return {"version": 1, "name": "ws", "generator": "worldstereo", "reference": {"image": "ref.png"},
+            "trajectories": [], "options": dict(options)}
+
+
+def test_the_model_folder_fills_in_checkpoint_and_wan_folder_by_precedence(tmp_path):
+    models = tmp_path / "models"
+    for folder in ("worldstereo-memory", "worldstereo-memory-dmd", "Wan2.1-I2V-14B-480P-Diffusers"):
+        (models / folder).mkdir(parents=True)
+    (models / "Wan2.1-I2V-14B-480P-Diffusers" / "model_index.json").write_text("{}")
+    wan = str(models / "Wan2.1-I2V-14B-480P-Diffusers")
+    from_env = MachineModels.configure(environ={MODEL_DIR_ENV: str(models)})
+    forced = MachineModels.configure(model_dir=str(models), environ={})
+    assert not from_env.model_dir_forced and forced.model_dir_forced
+
+    # A job that names no model: the machine's variant folder and Wan folder, whichever way it was configured.
+    for machine in (from_env, forced):
+        doc, notes = apply_machine(worldstereo_doc(variant="worldstereo-memory"), machine)
+        assert doc["options"] == {"variant": "worldstereo-memory", "checkpoint": str(models / "worldstereo-memory"),
+                                  "wan_dir": wan}
+        assert len(notes) == 2
+    # Paths baked in elsewhere: --model-dir replaces them; the environment keeps the spec's own checkpoint but not a
+    # Wan folder that does not exist here.
+    baked = worldstereo_doc(checkpoint="/elsewhere/worldstereo-memory-dmd", wan_dir="/elsewhere/wan")
+    doc, _ = apply_machine(baked, forced)
+    assert doc["options"] == {"checkpoint": str(models / "worldstereo-memory-dmd"), "wan_dir": wan}
+    doc, _ = apply_machine(baked, from_env)
+    assert doc["options"] == {"checkpoint": "/elsewhere/worldstereo-memory-dmd", "wan_dir": wan}
+    assert baked["options"]["wan_dir"] == "/elsewhere/wan"  # the caller's document is not changed
+    # The preview generator has no model folder: nothing changes.
+    preview = {"generator": "preview", "options": {"segment_length": 4}}
+    assert apply_machine(preview, forced) == (preview, [])
+    # Without any configuration nothing is filled in (the generator's own check then names what is missing).
+    assert apply_machine(worldstereo_doc(), MachineModels.configure(environ={}))[0]["options"] == {}
