@@ -33,6 +33,14 @@ BLENDER_COMMAND = "keyframe_worlds"
 _registered = []
 
 
+
+def _add_generator_arguments(parser: argparse.ArgumentParser) -> None:
+    """--generator, --prompt and --seed, as `generate` and `farm` both take them."""
+    parser.add_argument("--generator", default="preview", choices=GENERATORS,
+                        help="preview: the memory rendered along the cameras, no weights; worldstereo: the diffusion model")
+    parser.add_argument("--prompt", default="", help="what the world looks like (used by worldstereo)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed of the generator")
+
 def _frames(text: str) -> tuple[int, int]:
     try:
         a, b = text.split("-") if "-" in text[1:] else (text, text)
@@ -79,10 +87,7 @@ def add_scene_commands(subparsers: argparse._SubParsersAction) -> None:
     _add_camera_arguments(g)
     g.add_argument("--out", required=True, help="job folder: job.json, reference and the result bundle (bundle/)")
     g.add_argument("--name", default=None, help="job name (default: the folder's name)")
-    g.add_argument("--generator", default="preview", choices=GENERATORS,
-                   help="preview: the memory rendered along the cameras, no weights; worldstereo: the diffusion model")
-    g.add_argument("--prompt", default="", help="what the world looks like (used by worldstereo)")
-    g.add_argument("--seed", type=int, default=0, help="random seed of the generator")
+    _add_generator_arguments(g)
     g.add_argument("--reference", help="reference image file (default: render the first frame from the scene)")
     g.add_argument("--projection", choices=PROJECTIONS, default=PERSPECTIVE,
                    help="what the --reference image is: the camera's view, or a 2:1 equirectangular panorama around it")
@@ -122,9 +127,7 @@ def add_scene_commands(subparsers: argparse._SubParsersAction) -> None:
     f.add_argument("--frames", type=_frames, help="frame range A-B (default: the scene's)")
     f.add_argument("--step", type=int, default=1, help="every Nth frame")
     f.add_argument("--out", required=True, help="folder for the job folders and template.yaml")
-    f.add_argument("--generator", default="preview", choices=GENERATORS)
-    f.add_argument("--prompt", default="")
-    f.add_argument("--seed", type=int, default=0)
+    _add_generator_arguments(f)
     f.add_argument("--depth", choices=("scene", "none"), default="scene", help="depth of each rendered reference from the scene")
     f.add_argument("--samples", type=int, default=16, help="Cycles samples for the reference renders")
     f.add_argument("--mesh-every", type=int, help="a depth mesh in the bundle every N frames of each camera (default 8)")

@@ -44,6 +44,8 @@ NOT_RUN = {
     "make extension": "tests/test_extension.py builds the zip and validates it with Blender's tool",
     ".venv/bin/keyframe-worlds model download ": "needs the network (the Hugging Face Hub) and tens of GB; "
                                                  "tests/test_model_hub.py runs it against a hub on loopback",
+    "deadline bundle submit ": "needs an AWS Deadline Cloud farm and the network; tests/test_farm_openjd.py runs the "
+                               "same template with the Open Job Description runtime",
     "blender ": "needs the Blender application, which this machine lacks; the next block runs the same commands "
                 "through the bpy module (`keyframe-worlds scene`)",
 }
