@@ -151,3 +151,17 @@ def test_run_takes_a_depth_model_on_the_command_line(tmp_path, depth_model):
     refused = subprocess.run([*command, "--out", str(tmp_path / "o3"), "--depth-model", str(pickled)],
                              capture_output=True, text=True, timeout=300)
     assert refused.returncode == 2 and "pickle" in refused.stderr and "Traceback" not in refused.stderr, refused.stderr
+
+
+def test_a_reference_of_another_aspect_than_its_camera_is_stretched_and_said_so(tmp_path):
+    from PIL import Image
+
+    spec, _ = write_job(tmp_path, depth=False, n=2)
+    Image.open(tmp_path / "ref.png").resize((W * 5 // 4, H)).save(tmp_path / "ref.png")  # 1.25x as wide as the camera's aspect
+    progress = Warnings()
+    manifest = run_job(load_job(spec), tmp_path / "out", progress=progress)
+    stretched = [w for w in progress.warnings if "stretched 1.250x" in w]
+    assert len(stretched) == 1 and "camera 'Walk'" in stretched[0], progress.warnings
+    assert stretched[0] in manifest.warnings
+    same, _ = write_job(tmp_path / "same", n=2)  # the camera's own aspect: nothing said
+    assert run_job(load_job(same), tmp_path / "same" / "out").warnings == ()

@@ -85,18 +85,30 @@ def add_backdrop(memory: PointMemory, rgb: torch.Tensor, depth_z_m: torch.Tensor
                            where=empty)
 
 
-def load_reference(spec: JobSpec) -> tuple[Trajectory, int, np.ndarray, np.ndarray | None]:
+#: How far (relative) a perspective reference's aspect may differ from its camera's before its resize is reported.
+STRETCH_TOLERANCE = 0.01
+
+
+def load_reference(spec: JobSpec, warnings: list[str] | None = None) -> tuple[Trajectory, int, np.ndarray, np.ndarray | None]:
     """The reference trajectory, frame index, RGB (H, W, 3) uint8 and depth (H, W) or None.
 
     A perspective reference comes at the trajectory's size (z-depth); an equirectangular one at its own size
-    (depth: distance along the rays). A 2:1 image for a camera of another shape is refused, never squashed.
+    (depth: distance along the rays). A 2:1 image for a camera of another shape is refused, never squashed; any
+    other image whose aspect is not its camera's is stretched to it, and ``warnings`` (when given) gets a line
+    saying so.
     """
     traj, index = spec.reference_view()
     raw_rgb = read_reference_rgb(spec.reference.image)
-    problem = projection_problem(spec.reference.projection, raw_rgb.shape[1], raw_rgb.shape[0], traj, spec.reference.image)
+    raw_h, raw_w = raw_rgb.shape[:2]
+    problem = projection_problem(spec.reference.projection, raw_w, raw_h, traj, spec.reference.image)
     if problem:
         raise KeyframeWorldsError(f"reference.projection: {problem}")
     panorama = spec.reference.projection == EQUIRECTANGULAR
+    stretch = (raw_w / raw_h) / (traj.width / traj.height)
+    if not panorama and abs(stretch - 1.0) > STRETCH_TOLERANCE and warnings is not None:
+        warnings.append(f"reference.image {spec.reference.image} is {raw_w}x{raw_h} px but camera {traj.name!r} is "
+                        f"{traj.width}x{traj.height}: it was stretched {stretch:.3f}x horizontally to fit; give an image "
+                        "of the camera's aspect")
     rgb = raw_rgb if panorama else _resize(raw_rgb, traj.width, traj.height, nearest=False)
     depth = None
     if spec.reference.depth:
@@ -217,7 +229,10 @@ def run_job(
     lens = pinhole_job(spec)
     for line in lens.log:
         progress.log(line)
-    ref_traj, ref_index, ref_rgb_np, ref_depth_np = load_reference(lens.spec)
+    warnings: list[str] = []
+    ref_traj, ref_index, ref_rgb_np, ref_depth_np = load_reference(lens.spec, warnings)
+    for line in warnings:
+        progress.warn(line)
     ref_rgb_np, ref_depth_np, ref_valid = lens.undistort_reference(ref_rgb_np, ref_depth_np)
     ref_c2w, ref_k = _camera(ref_traj, ref_index)
     memory = PointMemory(device=device, max_points=spec.output.point_budget)
@@ -240,7 +255,8 @@ def run_job(
         lifted = panorama_depth(ref_rgb, given_depth, estimator, flat_depth_m)
     else:
         lifted = reference_depth(ref_rgb, given_depth, ref_k, estimator, flat_depth_m)
-    warnings = [lifted.warning] if lifted.warning else []
+    if lifted.warning:
+        warnings.append(lifted.warning)
     progress.log(f"reference depth: {lifted.source}")
     if lifted.focal_px is not None:
         progress.log(f"reference focal: the depth network estimates {lifted.focal_px:.1f} px, the camera has "
