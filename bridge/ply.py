@@ -98,25 +98,7 @@ def read_ply(path: str | os.PathLike) -> PlyData:
         raise KeyframeWorldsError(f"PLY not found: {path}") from None
     except OSError as exc:
         raise KeyframeWorldsError(f"cannot read PLY {path}: {exc}") from None
-    end = data.find(b"end_header")
-    if not data.startswith(b"ply") or end < 0:
-        raise KeyframeWorldsError(f"{path} is not a PLY file (no 'ply' magic or no end_header)")
-    body_start = data.index(b"\n", end) + 1
-    header = data[:end].decode("ascii", errors="replace").splitlines()
-    fmt, elements = None, []
-    for line in header:
-        words = line.split()
-        if not words or words[0] in ("ply", "comment", "obj_info"):
-            continue
-        if words[0] == "format":
-            fmt = words[1]
-        elif words[0] == "element":
-            elements.append({"name": words[1], "count": int(words[2]), "props": []})
-        elif words[0] == "property" and elements:
-            if words[1] == "list":
-                elements[-1]["props"].append((words[4], ("list", _type(words[2], path), _type(words[3], path))))
-            else:
-                elements[-1]["props"].append((words[2], _type(words[1], path)))
+    fmt, elements, body_start = _parse_header(data, path)
     if fmt not in ("binary_little_endian", "binary_big_endian", "ascii"):
         raise KeyframeWorldsError(f"{path}: unsupported PLY format {fmt!r}")
     if fmt == "ascii":
@@ -158,21 +140,10 @@ def ply_vertex_count(path: str | os.PathLike, max_vertices: int | None = None, h
         size = path.stat().st_size
     except OSError as exc:
         raise KeyframeWorldsError(f"cannot read PLY {path}: {exc}") from None
-    end = head.find(b"end_header")
-    if not head.startswith(b"ply") or end < 0:
-        raise KeyframeWorldsError(f"{path} is not a PLY file (no 'ply' magic or no end_header)")
-    body_start = head.find(b"\n", end) + 1
-    fmt, elements = None, []
-    for line in head[:end].decode("ascii", errors="replace").splitlines():
-        words = line.split()
-        if len(words) >= 2 and words[0] == "format":
-            fmt = words[1]
-        elif len(words) == 3 and words[0] == "element":
-            if not words[2].isdigit():
-                raise KeyframeWorldsError(f"{path}: element {words[1]!r} count {words[2]!r} is not a number")
-            elements.append([words[1], int(words[2]), 0])
-        elif len(words) >= 3 and words[0] == "property" and elements:
-            elements[-1][2] = None if words[1] == "list" or elements[-1][2] is None else elements[-1][2] + np.dtype(_type(words[1], path)).itemsize
+    fmt, parsed, body_start = _parse_header(head, path)
+    # [name, count, bytes a row (None where a property is a list)]
+    elements = [[e["name"], e["count"], None if any(isinstance(t, tuple) for _n, t in e["props"])
+                 else sum(np.dtype(t).itemsize for _n, t in e["props"])] for e in parsed]
     vertex = [e for e in elements if e[0] == "vertex"]
     if not vertex:
         raise KeyframeWorldsError(f"{path}: no vertex element")
@@ -184,6 +155,32 @@ def ply_vertex_count(path: str | os.PathLike, max_vertices: int | None = None, h
             raise KeyframeWorldsError(f"{path}: the header declares {needed - body_start} bytes of data but the file holds "
                                       f"{size - body_start} (truncated)")
     return vertex[0][1]
+
+
+def _parse_header(data: bytes, path: Path) -> tuple[str | None, list[dict], int]:
+    """A PLY header from the start of ``data``: its format, its elements (``name``, ``count``, ``props``: (name,
+    numpy type) or (name, ("list", count type, item type))) and where the body starts; one line naming what is wrong."""
+    end = data.find(b"end_header")
+    newline = data.find(b"\n", end) if end >= 0 else -1
+    if not data.startswith(b"ply") or end < 0 or newline < 0:
+        raise KeyframeWorldsError(f"{path} is not a PLY file (no 'ply' magic or no end_header)")
+    fmt, elements = None, []
+    for line in data[:end].decode("ascii", errors="replace").splitlines():
+        words = line.split()
+        if not words or words[0] in ("ply", "comment", "obj_info"):
+            continue
+        if words[0] == "format" and len(words) >= 2:
+            fmt = words[1]
+        elif words[0] == "element" and len(words) == 3:
+            if not words[2].isdigit():
+                raise KeyframeWorldsError(f"{path}: element {words[1]!r} count {words[2]!r} is not a number")
+            elements.append({"name": words[1], "count": int(words[2]), "props": []})
+        elif words[0] == "property" and elements:
+            if words[1:2] == ["list"] and len(words) >= 5:
+                elements[-1]["props"].append((words[4], ("list", _type(words[2], path), _type(words[3], path))))
+            elif len(words) >= 3:
+                elements[-1]["props"].append((words[2], _type(words[1], path)))
+    return fmt, elements, newline + 1
 
 
 def _type(name: str, path: Path) -> str:
