@@ -9,7 +9,7 @@ one Open Job Description job (``jobtemplate-2023-09``, what AWS Deadline Cloud w
   folder; empty: the worker's ``$KEYFRAME_WORLDS_WORLDSTEREO_DIR``), ``OutputDir`` (where the bundles go, one
   sub-folder per shot) and ``JobsDir`` (the folder holding the job folders; Deadline's job attachments upload it);
 - step ``Generate``: one task per job folder (task parameter ``Shot``, the folder's path inside ``JobsDir``), each
-  running ``keyframe-worlds run`` with ``--resume`` (a requeued task continues from its last finished segment);
+  running ``keyframe-worlds run`` with ``--resume`` (a requeued task continues from its last finished segment) and ``--parents`` (the output root may not exist yet);
 - step ``Validate``, after it: ``keyframe-worlds validate`` of each task's bundle.
 
 Stdlib only: the add-on's "Export for farm" writes the template inside Blender.
@@ -130,7 +130,7 @@ def openjd_template(job_dirs: list[str | os.PathLike], template_dir: str | os.Pa
         "parameterSpace": shot_space,
         "script": {"actions": {"onRun": {"command": python, "args": [
             "-m", ENGINE_MODULE, "run", "{{Param.JobsDir}}/{{Task.Param.%s}}" % SHOT_PARAMETER, "--out", bundle,
-            "--model-dir", "{{Param.ModelDir}}", "--resume", "--quiet"]}}},
+            "--model-dir", "{{Param.ModelDir}}", "--resume", "--parents", "--quiet"]}}},
     }
     if gpu:
         generate["hostRequirements"] = {"amounts": [{"name": "amount.worker.gpu", "min": 1}]}

@@ -30,6 +30,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="bundle folder to write (created; an old manifest in it is removed first)")
     p.add_argument("--resume", action="store_true",
                    help="continue the interrupted run of this job that --out holds, from its last finished segment")
+    p.add_argument("--parents", action="store_true",
+                   help="create the missing folders above --out (a farm's output root); without it a missing parent "
+                   "is refused, as a mistyped path usually is")
     p.add_argument("--device", default="auto", help="torch device: auto (CUDA when present), cpu, cuda, cuda:1 ...")
     p.add_argument("--depth-model", metavar="DIR",
                    help="a depth network's local Hugging Face folder, replacing this job's geometry.depth_model "
@@ -114,7 +117,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from ..generators.options import check_options
     from .machine import MachineModels
 
-    check_output(args.out, "--out", folder=True, create_parents=True)  # a farm's output folder may not exist yet
+    check_output(args.out, "--out", folder=True, create_parents=args.parents)
     spec, notes = load_job_here(args.job, MachineModels.configure(args.model_dir, args.depth_model))
     for note in notes:  # which of this machine's models the job got: worth a line in any log, quiet or not
         print(f"keyframe-worlds: this machine's {note}", file=sys.stderr)
