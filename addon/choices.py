@@ -5,3 +5,5 @@ from ..bridge.spec import GENERATORS  # noqa: F401  (the job spec owns the gener
 CAMERA_SOURCES = ("SCENE", "SELECTED", "ALL", "MARKERS")
 REFERENCE_SOURCES = ("RENDER", "FILE")
 DEPTH_SOURCES = ("SCENE", "FILE", "NONE")
+#: The engine's offload modes (``engine/models/offload.OFFLOAD_MODES``; the add-on does not import the engine).
+OFFLOAD_MODES = ("none", "model", "sequential")

@@ -27,19 +27,12 @@ from ..bridge.errors import ERROR_PREFIX, KeyframeWorldsError
 from ..bridge.formats import FORMATS
 from ..bridge.panorama import PERSPECTIVE, PROJECTIONS
 from ..bridge.paths import check_output
-from .choices import CAMERA_SOURCES, GENERATORS
+from .choices import CAMERA_SOURCES, GENERATORS, OFFLOAD_MODES
 
 BLENDER_COMMAND = "keyframe_worlds"
 _registered = []
 
 
-
-def _add_generator_arguments(parser: argparse.ArgumentParser) -> None:
-    """--generator, --prompt and --seed, as `generate` and `farm` both take them."""
-    parser.add_argument("--generator", default="preview", choices=GENERATORS,
-                        help="preview: the memory rendered along the cameras, no weights; worldstereo: the diffusion model")
-    parser.add_argument("--prompt", default="", help="what the world looks like (used by worldstereo)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed of the generator")
 
 def _frames(text: str) -> tuple[int, int]:
     try:
@@ -57,6 +50,24 @@ def _at_least_one(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value} (a bundle without meshes: import with --no-meshes)")
     return value
+
+
+def _add_job_arguments(parser: argparse.ArgumentParser) -> None:
+    """What a job is made with, as `generate` and `farm` both take it: generator, prompt, seed, the reference's
+    depth and render samples, the bundle's meshes, the worldstereo variant and offload."""
+    parser.add_argument("--generator", default="preview", choices=GENERATORS,
+                        help="preview: the memory rendered along the cameras, no weights; worldstereo: the diffusion model")
+    parser.add_argument("--prompt", default="", help="what the world looks like (used by worldstereo)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed of the generator")
+    parser.add_argument("--depth", choices=("scene", "none"), default="scene",
+                        help="depth of the rendered reference from the scene")
+    parser.add_argument("--samples", type=int, default=16, help="Cycles samples for the reference render")
+    parser.add_argument("--mesh-every", type=_at_least_one, metavar="N",
+                        help="a depth mesh in the bundle every N frames of each camera, N >= 1 (default: 8, the spec's)")
+    parser.add_argument("--mesh-stride", type=_at_least_one, metavar="N",
+                        help="a mesh vertex every N pixels (default: 4, the spec's)")
+    parser.add_argument("--variant", default="worldstereo-memory-dmd", help="worldstereo: the model variant")
+    parser.add_argument("--offload", default="none", choices=OFFLOAD_MODES, help="worldstereo: GPU offload mode")
 
 
 def _add_camera_arguments(p: argparse.ArgumentParser) -> None:
@@ -87,21 +98,14 @@ def add_scene_commands(subparsers: argparse._SubParsersAction) -> None:
     _add_camera_arguments(g)
     g.add_argument("--out", required=True, help="job folder: job.json, reference and the result bundle (bundle/)")
     g.add_argument("--name", default=None, help="job name (default: the folder's name)")
-    _add_generator_arguments(g)
+    _add_job_arguments(g)
     g.add_argument("--reference", help="reference image file (default: render the first frame from the scene)")
     g.add_argument("--projection", choices=PROJECTIONS, default=PERSPECTIVE,
                    help="what the --reference image is: the camera's view, or a 2:1 equirectangular panorama around it")
-    g.add_argument("--depth", choices=("scene", "none"), default="scene", help="depth of the rendered reference from the scene")
     g.add_argument("--depth-file", help="reference depth file (.npy z-depth in metres, or .exr)")
     g.add_argument("--seed-object", default="", help="a mesh or point-cloud object whose points seed the memory (reference.points)")
-    g.add_argument("--samples", type=int, default=16, help="Cycles samples for the reference render")
-    g.add_argument("--mesh-every", type=_at_least_one, metavar="N",
-                   help="a depth mesh in the bundle every N frames of each camera, N >= 1 (default: 8, the spec's)")
-    g.add_argument("--mesh-stride", type=_at_least_one, metavar="N", help="a mesh vertex every N pixels (default: 4, the spec's)")
     g.add_argument("--engine-python", help="the engine's Python (default: $KEYFRAME_WORLDS_ENGINE_PYTHON, else this Python)")
     g.add_argument("--model-dir", help="worldstereo: folder with one folder per variant (and the Wan2.1 I2V folder)")
-    g.add_argument("--variant", default="worldstereo-memory-dmd", help="worldstereo: the model variant")
-    g.add_argument("--offload", default="none", choices=("none", "model", "sequential"), help="worldstereo: GPU offload mode")
     g.add_argument("--device", default="auto", help="engine device: auto (every CUDA GPU, else cpu), cpu, cuda:0 ...")
     g.add_argument("--import", dest="import_result", action="store_true", help="import the result and save the file")
     g.set_defaults(scene_handler=cmd_generate)
@@ -127,13 +131,7 @@ def add_scene_commands(subparsers: argparse._SubParsersAction) -> None:
     f.add_argument("--frames", type=_frames, help="frame range A-B (default: the scene's)")
     f.add_argument("--step", type=int, default=1, help="every Nth frame")
     f.add_argument("--out", required=True, help="folder for the job folders and template.yaml")
-    _add_generator_arguments(f)
-    f.add_argument("--depth", choices=("scene", "none"), default="scene", help="depth of each rendered reference from the scene")
-    f.add_argument("--samples", type=int, default=16, help="Cycles samples for the reference renders")
-    f.add_argument("--mesh-every", type=int, help="a depth mesh in the bundle every N frames of each camera (default 8)")
-    f.add_argument("--mesh-stride", type=int, help="a mesh vertex every N pixels (default 4)")
-    f.add_argument("--variant", default="worldstereo-memory-dmd", help="worldstereo: the model variant")
-    f.add_argument("--offload", default="none", choices=("none", "model", "sequential"), help="worldstereo: GPU offload mode")
+    _add_job_arguments(f)
     f.add_argument("--engine-python", help="the template's default EnginePython (the farm worker's engine Python)")
     f.add_argument("--output-dir", help="the template's default OutputDir (where the farm writes the bundles)")
     f.set_defaults(scene_handler=cmd_farm)

@@ -16,6 +16,7 @@ from ..bridge import spec
 from ..bridge.errors import KeyframeWorldsError
 from ..bridge.jobs import JobState
 from ..bridge.panorama import PERSPECTIVE
+from ..bridge.paths import wan_folder_in
 from .choices import DEPTH_SOURCES, REFERENCE_SOURCES
 from .reference import check_reference_camera, render_reference
 from .scene_cameras import choose_cameras, extract_trajectory, frame_range
@@ -220,9 +221,9 @@ def worldstereo_options(model_dir: str | None, variant: str, offload: str = "non
             raise KeyframeWorldsError(f"options.checkpoint: {root / variant} is not a WorldStereo variant folder (no "
                                       f"config.json); the model folder {root} holds one folder per variant")
         options["checkpoint"] = str(root / variant)
-        wan = sorted(p for p in root.iterdir() if p.is_dir() and "wan2.1" in p.name.lower() and (p / "model_index.json").is_file())
-        if wan:
-            options["wan_dir"] = str(wan[0])
+        wan = wan_folder_in(root)
+        if wan is not None:
+            options["wan_dir"] = str(wan)
     return options
 
 

@@ -45,6 +45,15 @@ def check_output(path: str | os.PathLike, what: str, folder: bool | None, create
     return path
 
 
+def wan_folder_in(model_dir: str | os.PathLike) -> Path | None:
+    """The Wan2.1 image-to-video diffusers folder inside a model folder: the first sub-folder (by name) whose name
+    contains ``Wan2.1`` and that holds ``model_index.json`` (the layout the README gives the model folder). The one
+    rule the add-on and the engine's machine configuration both follow."""
+    found = sorted(p for p in Path(model_dir).iterdir()
+                   if p.is_dir() and "wan2.1" in p.name.lower() and (p / "model_index.json").is_file())
+    return found[0] if found else None
+
+
 def describe_os_error(exc: OSError, where: str | os.PathLike | None = None) -> str:
     """One line for an OSError: the file and the system's words; a full disk says so. With ``where`` (the
     folder being written, e.g. a job's bundle), the line names it."""

@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 from ...bridge.errors import KeyframeWorldsError
+from .offload import OFFLOAD_MODES
 
 #: Input names starting with this are metadata (raw cameras etc.), not forward inputs.
 AUX_PREFIX = "aux."
@@ -48,7 +49,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     check.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda if available)")
     check.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
                        help="auto: bfloat16 on CUDA, float32 on CPU")
-    check.add_argument("--offload", default="none", choices=("none", "model", "sequential"),
+    check.add_argument("--offload", default="none", choices=OFFLOAD_MODES,
                        help="GPU offload mode the memory check assumes (sequential streams blocks)")
     check.add_argument("--variant", default=None,
                        help="fail unless the folder holds this variant (worldstereo-camera, -memory, -memory-dmd)")

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Mapping
 
 from ...bridge.errors import KeyframeWorldsError
+from ...bridge.paths import wan_folder_in
 from ..generators.options import CHECKPOINT_ROOT_ENV, DEFAULT_VARIANT
 
 #: This machine's model folder (one folder per WorldStereo variant): the generator's own variable, one name for it.
@@ -59,13 +60,6 @@ class MachineModels:
                 raise KeyframeWorldsError(f"{source}: folder not found: {folder}")
             found[key], found[f"{key}_forced"] = folder, bool(flag)
         return cls(**found)
-
-
-def wan_folder_in(model_dir: Path) -> Path | None:
-    """The Wan2.1 image-to-video diffusers folder inside a model folder: the first sub-folder (by name) whose name
-    contains ``Wan2.1`` and that holds ``model_index.json`` (the layout the README and the add-on's model folder use)."""
-    found = sorted(p for p in model_dir.iterdir() if p.is_dir() and "wan2.1" in p.name.lower() and (p / "model_index.json").is_file())
-    return found[0] if found else None
 
 
 def apply_machine(doc: dict, machine: MachineModels) -> tuple[dict, list[str]]:
