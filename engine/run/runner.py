@@ -255,17 +255,17 @@ def run_job(
         lifted = panorama_depth(ref_rgb, given_depth, estimator, flat_depth_m)
     else:
         lifted = reference_depth(ref_rgb, given_depth, ref_k, estimator, flat_depth_m)
-    if lifted.warning:
-        warnings.append(lifted.warning)
     progress.log(f"reference depth: {lifted.source}")
     if lifted.focal_px is not None:
         progress.log(f"reference focal: the depth network estimates {lifted.focal_px:.1f} px, the camera has "
                      f"{float(ref_k[0]):.1f} px")
     if lifted.warning:
+        warnings.append(lifted.warning)
         progress.warn(lifted.warning)
     ref_depth = lifted.depth_z_m.to(device)
-    if ref_valid is not None:  # pinhole pixels the distorted plate does not reach hold nothing
-        ref_depth = torch.where(torch.from_numpy(ref_valid).to(device), ref_depth, torch.zeros_like(ref_depth))
+    valid = None if ref_valid is None else torch.from_numpy(ref_valid).to(device)
+    if valid is not None:  # pinhole pixels the distorted plate does not reach hold nothing
+        ref_depth = torch.where(valid, ref_depth, torch.zeros_like(ref_depth))
     if panorama:
         history = _History([], [])
         lift_panorama_reference(memory, ref_rgb, ref_depth, lifted.confidence, ref_c2w, ref_traj,
@@ -275,7 +275,7 @@ def run_job(
             memory.fuse(ref_rgb, ref_depth, ref_c2w, ref_k, frame_index=0, confidence=lifted.confidence)
         else:
             memory.add_rgbd(ref_rgb, ref_depth, ref_c2w, ref_k, frame_index=0, confidence=lifted.confidence)
-        add_backdrop(memory, ref_rgb, ref_depth, ref_c2w, ref_k, where=None if ref_valid is None else torch.from_numpy(ref_valid))
+        add_backdrop(memory, ref_rgb, ref_depth, ref_c2w, ref_k, where=valid)
         cand, frame = _candidate((ref_traj.name, int(ref_traj.frames[ref_index])), ref_rgb, ref_depth, ref_c2w, ref_k, ref_traj.width, ref_traj.height)
         history = _History([cand], [frame])
     if spec.reference.views:
