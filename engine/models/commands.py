@@ -158,7 +158,7 @@ def run_download(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
     from ...bridge.paths import check_output
-    from .hub import download, folder_bytes, format_bytes, hub_cache_dir, resolve_names
+    from .hub import download, format_bytes, hub_cache_dir, model_files_bytes, resolve_names
 
     try:
         models = resolve_names(args.names)
@@ -176,7 +176,7 @@ def run_download(args: argparse.Namespace) -> int:
                       + f" into {args.model_dir if args.model_dir is not None else hub_cache_dir()}", flush=True)
             callback = (lambda p: _json_line("progress", **asdict(p), text=p.describe())) if args.json else None
             folder = download(model, args.model_dir, revision=args.revision, progress=callback)
-            size = folder_bytes(folder)
+            size = model_files_bytes(folder)
             if args.json:
                 _json_line("done", name=model.name, path=str(folder), size_bytes=size)
             else:

@@ -218,7 +218,7 @@ def check_copy(folder: Path, kind: str) -> list[str]:
     return _model_folder_problems(folder, weights_needed=True)
 
 
-def folder_bytes(folder: Path) -> int:
+def model_files_bytes(folder: Path) -> int:
     """Bytes of the files under ``folder``, links followed, each file counted once (hub snapshots link to blobs)."""
     seen: set[tuple[int, int]] = set()
     total = 0
@@ -267,7 +267,7 @@ class ModelEntry:
 
 def _copy(source: str, folder: Path, kind: str, revision: str | None = None) -> LocalCopy:
     problems = check_copy(folder, kind)
-    return LocalCopy(source, str(folder), folder_bytes(folder), not problems, problems, revision)
+    return LocalCopy(source, str(folder), model_files_bytes(folder), not problems, problems, revision)
 
 
 def _kind_of_folder(folder: Path) -> str | None:
