@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..bridge.errors import KeyframeWorldsError
+from ..bridge.errors import ERROR_PREFIX, KeyframeWorldsError
 
 POLL_INTERVAL_S = 0.25
 #: Longest a ``model list`` may take before it is given up (``--keys`` imports torch and reads every header).
@@ -119,9 +119,9 @@ class _Task:
     def error_line(self) -> str:
         """The engine's one-line error (``keyframe-worlds: error: ...``), else its last stderr line."""
         lines = [l for l in self.stderr.splitlines() if l.strip()]
-        errors = [l for l in lines if l.startswith("keyframe-worlds: error:")]
+        errors = [l for l in lines if l.startswith(ERROR_PREFIX)]
         line = (errors or lines or [f"exited with status {self.process.returncode}"])[-1]
-        return line.removeprefix("keyframe-worlds: error: ")
+        return line.removeprefix(ERROR_PREFIX).lstrip()
 
 
 _task: dict[str, _Task | None] = {"current": None}

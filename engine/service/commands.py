@@ -99,7 +99,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_jobs(args: argparse.Namespace) -> int:
     from ...bridge.client import EngineClient
-    from ...bridge.errors import KeyframeWorldsError
+    from ...bridge.errors import ERROR_PREFIX, KeyframeWorldsError
     from .server import read_token
 
     failed = 0
@@ -112,7 +112,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
             try:
                 freed = client.delete(job_id)
             except KeyframeWorldsError as exc:  # one job's refusal does not stop the others
-                print(f"keyframe-worlds: error: {job_id}: {exc}", file=sys.stderr)
+                print(f"{ERROR_PREFIX} {job_id}: {exc}", file=sys.stderr)
                 failed += 1
                 continue
             print(f"deleted {job_id} ({freed / 1e6:.1f} MB freed)")
