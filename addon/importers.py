@@ -86,14 +86,13 @@ def import_bundle(scene: bpy.types.Scene, bundle_dir: str | os.PathLike, options
     manifest = load_manifest(bundle)
     result = ImportResult(job_collection(scene, manifest.job_name), warnings=list(manifest.warnings))
     for rt in manifest.trajectories:
-        cam = _camera_for(scene, rt.trajectory, result.collection)
+        # A camera given with lens distortion is the plate's camera (its intrinsics, its lens kept on the camera
+        # data); the pinhole the frames were generated for is the engine's.
+        cam = _camera_for(scene, rt.trajectory if rt.source is None else rt.source, result.collection)
         result.cameras.append(cam)
         remove_bundle_backgrounds(cam)
         if options.video:
-            result.warnings += attach_video(scene, cam, rt.trajectory, [bundle / f.image for f in rt.frames],
-                                            None if rt.video is None else bundle / rt.video)
-            if rt.source is not None:
-                result.warnings += set_clip_lens(cam, rt.source)
+            result.warnings += _attach_result_video(scene, cam, bundle, rt)
         for wanted, key, what in ((options.point_maps, "point_map", "point maps"), (options.dynamic_masks, "dynamic_mask", "dynamic mask")):
             if not wanted:
                 continue
@@ -164,19 +163,48 @@ def attach_video(scene, camera: bpy.types.Object, trajectory: Trajectory, frame_
     return warnings
 
 
+def _attach_result_video(scene, camera: bpy.types.Object, bundle: Path, rt) -> list[str]:
+    """The bundle trajectory ``rt``'s frames and video on ``camera``; returns warnings.
+
+    A camera the job gave with lens distortion gets them in its own lens (the frames' ``source_image``, the
+    ``source_video``): they lie on the plate pixel for pixel. The clip's tracking camera gets the plate's lens
+    (``set_clip_lens``) and the clip is shown undistorted, so the viewport, the camera (the plate's intrinsics)
+    and the imported geometry line up as in Blender's own camera tracking set-up; Blender's Movie Distortion node
+    takes renders to the plate's lens with the same clip.
+    """
+    if rt.source is None:
+        return attach_video(scene, camera, rt.trajectory, [bundle / f.image for f in rt.frames],
+                            None if rt.video is None else bundle / rt.video)
+    if rt.source_video is None or any(f.source_image is None for f in rt.frames):
+        # A bundle from before the engine wrote frames in the job's lens: the pinhole frames are all there is.
+        warnings = attach_video(scene, camera, rt.trajectory, [bundle / f.image for f in rt.frames],
+                                None if rt.video is None else bundle / rt.video)
+        return warnings + [f"{rt.trajectory.name}: the bundle has the frames of the pinhole only (made before the engine "
+                           "wrote them in the camera's own lens); they do not line up with the plate or this camera"]
+    warnings = attach_video(scene, camera, rt.source, [bundle / f.source_image for f in rt.frames], bundle / rt.source_video)
+    clip_shown = any(bg.source == "MOVIE_CLIP" for bg in camera.data.background_images)
+    warnings += set_clip_lens(camera, rt.source)
+    if not clip_shown:
+        warnings.append(f"{rt.trajectory.name}: the image sequence shown is in the camera's own lens: it lies on the plate "
+                        "as filmed, and on the 3D view only once undistorted")
+    return warnings
+
+
 def set_clip_lens(camera: bpy.types.Object, source: Trajectory) -> list[str]:
     """Give the camera's movie clip the lens of the plate the job was made for (the manifest's ``source_lens``).
 
-    The clip holds the generated video, made for the pinhole the plate was undistorted to; its tracking camera
-    gets the plate's lens (``lens.set_tracking_lens``), so Blender's Movie Distortion node (Distort) and the clip
-    editor take the video to the plate's lens. Returns warnings: a lens Blender cannot hold (it is named; the
-    clip keeps no distortion), a lens that changes.
+    The clip holds the generated video in that lens (the bundle's ``source_video``); its tracking camera gets the
+    plate's lens (``lens.set_tracking_lens``) and the camera shows the clip undistorted, which lines it up with the
+    camera's pinhole view. Returns warnings: a lens Blender cannot hold (it is named; the clip keeps no
+    distortion and is shown as it is), a lens that changes.
     """
     from .lens import set_tracking_lens
 
-    clips = [bg.clip for bg in camera.data.background_images
-             if bg.source == "MOVIE_CLIP" and bg.clip is not None and bg.clip.name.startswith(COLLECTION_PREFIX)]
-    return set_tracking_lens(clips, source)
+    backgrounds = [bg for bg in camera.data.background_images
+                   if bg.source == "MOVIE_CLIP" and bg.clip is not None and bg.clip.name.startswith(COLLECTION_PREFIX)]
+    for bg in backgrounds:
+        bg.clip_user.use_render_undistorted = True  # with a lens Blender cannot hold, the clip has none: shown as it is
+    return set_tracking_lens([bg.clip for bg in backgrounds], source)
 
 
 def remove_bundle_backgrounds(camera: bpy.types.Object) -> None:

@@ -590,8 +590,12 @@ def distortion_to_blender_tracking(distortion: Distortion | None) -> tuple[str, 
 
     Blender's models are libmv's: ``POLYNOMIAL`` (radial ``k1 k2 k3`` on r^2, r^4, r^6) and ``BROWN``
     (radial ``brown_k1..k4`` up to r^8, tangential ``brown_p1, brown_p2``) distort ideal normalised
-    coordinates as COLMAP's pinhole-family models do, but libmv's ``p1`` multiplies ``r^2 + 2 x^2``
-    (OpenCV's and COLMAP's ``p2``) and its ``p2`` multiplies ``2 x y`` (their ``p1``), so the two swap.
+    coordinates as COLMAP's pinhole-family models do, with two differences in the tangential terms. libmv's
+    ``p1`` multiplies ``r^2 + 2 x^2`` (OpenCV's and COLMAP's ``p2``) and its ``p2`` multiplies ``2 x y`` (their
+    ``p1``), so the two swap. And Blender applies the lens with y up (images bottom row first, the principal
+    point measured from the bottom), where OpenCV's y points down: the terms odd in y change sign, so
+    ``brown_p2`` is minus OpenCV's ``p1`` while ``brown_p1`` is OpenCV's ``p2``. (Radial terms are even in y.
+    Checked by Blender's own Movie Distortion node in ``tests/test_blender_plate_lineup.py``.)
     ``DIVISION`` and ``NUKE`` model undistortion instead and no COLMAP model maps onto them. A radial-only
     lens becomes ``POLYNOMIAL``; one with tangential terms ``BROWN``. Raises ``KeyframeWorldsError`` for a
     lens Blender's models cannot hold: the fisheyes (no fisheye model) and FULL_OPENCV with its rational
@@ -608,4 +612,4 @@ def distortion_to_blender_tracking(distortion: Distortion | None) -> tuple[str, 
                                   "Blender's tracking camera cannot hold")
     if not (p1 or p2):
         return "POLYNOMIAL", {"k1": k1, "k2": k2, "k3": k3}
-    return "BROWN", {"brown_k1": k1, "brown_k2": k2, "brown_k3": k3, "brown_k4": 0.0, "brown_p1": p2, "brown_p2": p1}
+    return "BROWN", {"brown_k1": k1, "brown_k2": k2, "brown_k3": k3, "brown_k4": 0.0, "brown_p1": p2, "brown_p2": -p1}

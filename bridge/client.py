@@ -222,8 +222,7 @@ def manifest_paths(manifest: dict) -> set[str]:
     """Every bundle-relative file a (validated) result manifest names."""
     paths: set[str] = set()
     for traj in manifest.get("trajectories", []):
-        if traj.get("video"):
-            paths.add(traj["video"])
+        paths.update(traj[key] for key in ("video", "source_video") if traj.get(key))
         for f in traj.get("files", []):
             paths.update(v for k, v in f.items() if k != "frame" and v)
     for mesh in manifest.get("meshes", []):

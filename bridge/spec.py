@@ -625,15 +625,20 @@ class ResultFrame:
     flow_rigid: str | None = None
     scene_flow: str | None = None
     dynamic_mask: str | None = None
+    #: The frame as the job's own lens sees it (PNG, the trajectory's ``source_lens``): the pinhole frame
+    #: distorted back onto the plate's pixels. Only for a camera with lens distortion (JSON: absent otherwise).
+    source_image: str | None = None
 
     def to_json(self) -> dict:
         return {"frame": self.frame, "image": self.image, "depth_npy": self.depth_npy, "depth_exr": self.depth_exr,
-                **{key: getattr(self, key) for key in FOUR_D_KEYS}}
+                **{key: getattr(self, key) for key in FOUR_D_KEYS},
+                **({} if self.source_image is None else {"source_image": self.source_image})}
 
     @classmethod
     def from_json(cls, doc: dict) -> "ResultFrame":
         """From a (validated) ``files`` entry; the 4D keys may be missing (bundles written before them)."""
-        return cls(doc["frame"], doc["image"], doc["depth_npy"], doc.get("depth_exr"), **{key: doc.get(key) for key in FOUR_D_KEYS})
+        return cls(doc["frame"], doc["image"], doc["depth_npy"], doc.get("depth_exr"), **{key: doc.get(key) for key in FOUR_D_KEYS},
+                   source_image=doc.get("source_image"))
 
 
 @dataclass(frozen=True)
@@ -647,6 +652,9 @@ class ResultTrajectory:
     #: to (the cameras the frames were made for); None: the job's camera was a pinhole. JSON: ``source_lens``, per
     #: frame ``{"fx", "fy", "cx", "cy", "distortion"}`` (poses, size and images are ``trajectory``'s).
     source: Trajectory | None = None
+    #: The video in the job's own lens (MP4 of the frames' ``source_image``), lining up with the plate; None where
+    #: ``source`` is None. JSON: ``source_video``, absent when None.
+    source_video: str | None = None
 
     def source_lens_json(self) -> list[dict] | None:
         if self.source is None:
@@ -654,6 +662,8 @@ class ResultTrajectory:
         return [{key: frame.get(key) for key in SOURCE_LENS_KEYS} for frame in self.source.to_json()["frames"]]
 
 
+#: What a manifest trajectory holds beside the trajectory's own keys.
+RESULT_TRAJECTORY_KEYS = ("video", "files", "source_lens", "source_video")
 #: The keys of a ``source_lens`` entry: what undistortion changes in a frame.
 SOURCE_LENS_KEYS = ("fx", "fy", "cx", "cy", "distortion")
 
@@ -701,6 +711,7 @@ class ResultManifest:
                     "video": rt.video,
                     "files": [f.to_json() for f in rt.frames],
                     **({} if rt.source is None else {"source_lens": rt.source_lens_json()}),
+                    **({} if rt.source_video is None else {"source_video": rt.source_video}),
                 }
                 for rt in self.trajectories
             ],
@@ -716,12 +727,13 @@ class ResultManifest:
             raise ValidationError("result manifest", problems)
         trajs = []
         for i, t in enumerate(doc["trajectories"]):
-            traj_doc = {k: v for k, v in t.items() if k not in ("video", "files", "source_lens")}
+            traj_doc = {k: v for k, v in t.items() if k not in RESULT_TRAJECTORY_KEYS}
             files = tuple(ResultFrame.from_json(f) for f in t["files"])
             source = None
             if t.get("source_lens") is not None:
                 source = Trajectory.from_json(_source_trajectory_json(traj_doc, t["source_lens"]), f"trajectories[{i}].source_lens")
-            trajs.append(ResultTrajectory(Trajectory.from_json(traj_doc, f"trajectories[{i}]"), files, t.get("video"), source))
+            trajs.append(ResultTrajectory(Trajectory.from_json(traj_doc, f"trajectories[{i}]"), files, t.get("video"), source,
+                                          t.get("source_video")))
         pc = doc.get("point_cloud")
         return cls(
             job_name=doc["job"]["name"],
@@ -800,14 +812,20 @@ def _validate_manifest(doc: Any, bundle_dir) -> list[Problem]:
             tpath = f"trajectories[{i}]"
             if not check_object(problems, tpath, t):
                 continue
-            traj_doc = {k: v for k, v in t.items() if k not in ("video", "files", "source_lens")}
+            traj_doc = {k: v for k, v in t.items() if k not in RESULT_TRAJECTORY_KEYS}
             traj_problems = validate_trajectory_json(traj_doc, tpath)
             problems.extend(traj_problems)
             lens = t.get("source_lens")
             if lens is not None and not traj_problems:
                 problems.extend(_source_lens_problems(traj_doc, lens, tpath))
             check_bundle_path(problems, f"{tpath}.video", t.get("video"), bundle_dir, optional=True)
+            check_bundle_path(problems, f"{tpath}.source_video", t.get("source_video"), bundle_dir, optional=True)
             files = t.get("files")
+            in_source_lens = t.get("source_video") is not None or (isinstance(files, list) and any(
+                isinstance(f, dict) and f.get("source_image") is not None for f in files))
+            if lens is None and in_source_lens:
+                problems.append(Problem(f"{tpath}.source_lens", "is missing, but the camera has files in its source lens "
+                                        "(source_video, source_image)"))
             frames = t.get("frames") if isinstance(t.get("frames"), list) else []
             numbers = [f.get("frame") for f in frames if isinstance(f, dict)]
             if isinstance(t.get("name"), str):
@@ -826,7 +844,7 @@ def _validate_manifest(doc: Any, bundle_dir) -> list[Problem]:
                 check_bundle_path(problems, f"{fp}.image", f.get("image"), bundle_dir)
                 check_bundle_path(problems, f"{fp}.depth_npy", f.get("depth_npy"), bundle_dir)
                 check_bundle_path(problems, f"{fp}.depth_exr", f.get("depth_exr"), bundle_dir, optional=True)
-                for key in FOUR_D_KEYS:  # optional: manifests written before the 4D outputs have none of them
+                for key in (*FOUR_D_KEYS, "source_image"):  # optional: manifests written before them have none
                     check_bundle_path(problems, f"{fp}.{key}", f.get(key), bundle_dir, optional=True)
                 if len(problems) > 500:
                     return problems

@@ -247,8 +247,8 @@ def test_the_active_clip_gets_the_lens_on_request(blank_blend, tmp_path):
     tracking = clip.tracking.camera
     k1, k2, p1, p2 = LENSES["OPENCV"]
     assert tracking.distortion_model == "BROWN"
-    # libmv's p1, p2 are OpenCV's p2, p1; Blender keeps them in float32.
-    np.testing.assert_allclose([tracking.brown_k1, tracking.brown_k2, tracking.brown_p1, tracking.brown_p2], [k1, k2, p2, p1], rtol=1e-6)
+    # libmv's p1, p2 are OpenCV's p2, -p1 (swapped, and y up); Blender keeps them in float32.
+    np.testing.assert_allclose([tracking.brown_k1, tracking.brown_k2, tracking.brown_p1, tracking.brown_p2], [k1, k2, p2, -p1], rtol=1e-6)
     np.testing.assert_allclose(tracking.focal_length_pixels, traj.fx[0], rtol=1e-6)
 
 

@@ -22,7 +22,8 @@ from keyframe_worlds.engine.io.images import read_rgb, write_png
 from keyframe_worlds.engine.run.lens import pinhole_job
 from keyframe_worlds.engine.run.runner import load_reference, run_job
 from keyframe_worlds.engine.testing.synthetic import demo_scene, look_at_c2w_opencv, raycast
-from keyframe_worlds.engine.world.undistort import pinhole_keeping_fov, undistort_maps
+from keyframe_worlds.engine.io.video import read_mp4
+from keyframe_worlds.engine.world.undistort import distort_maps, pinhole_keeping_fov, undistort_maps
 
 # One realistic lens per model (every parameter non-zero, so a dropped or swapped one shows).
 LENSES = {
@@ -73,6 +74,38 @@ def test_the_maps_send_each_pinhole_pixel_where_opencv_undistorts_its_source(mod
     xy = np.stack([(pinhole_px[:, 0] - pinhole.cx) / pinhole.fx, (pinhole_px[:, 1] - pinhole.cy) / pinhole.fy], -1)
     ours = conv.distort_normalized(xy, distortion) * [intr.fx, intr.fy] + [intr.cx, intr.cy]
     np.testing.assert_allclose(source_px, ours, atol=2e-3)  # the maps are float32
+
+
+@pytest.mark.parametrize("model", sorted(LENSES))
+def test_the_way_back_sends_each_plate_pixel_where_opencv_undistorts_it(model):
+    intr, distortion = lens_camera(model), Distortion(model, LENSES[model])
+    pinhole = pinhole_keeping_fov(intr, distortion)
+    back = distort_maps(pinhole, distortion, intr)
+    # The pinhole keeps the field of view: every plate pixel's ray is inside it.
+    assert back.valid.all()
+    rows, cols = np.mgrid[1:H:5, 2:W:7]
+    plate_px = np.stack([cols.ravel() + 0.5, rows.ravel() + 0.5], -1)
+    pinhole_px = np.stack([back.source_x[rows, cols].ravel(), back.source_y[rows, cols].ravel()], -1).astype(np.float64) + 0.5
+    np.testing.assert_allclose(pinhole_px, opencv_undistort(plate_px, intr, distortion, pinhole), atol=1e-3)
+    # Undistorting then distorting back gives the plate again (a smooth image: only the two resamplings differ).
+    yy, xx = np.mgrid[0:H, 0:W]
+    plate = np.stack([127 + 120 * np.sin(xx / 9.0), 127 + 120 * np.cos(yy / 7.0), 127 + 100 * np.sin((xx + yy) / 11.0)], -1)
+    plate = plate.round().astype(np.uint8)
+    again = back.remap(undistort_maps(intr, distortion, pinhole).remap(plate))
+    inner = np.zeros((H, W), bool)
+    inner[3:-3, 3:-3] = True
+    assert mean_abs(again, plate, inner) < 1.5
+    # Without the way back (the pinhole frame taken as it is) the plate is far off.
+    assert mean_abs(undistort_maps(intr, distortion, pinhole).remap(plate), plate, inner) > 5 * mean_abs(again, plate, inner)
+
+
+def test_a_fisheye_wider_than_a_pinhole_leaves_its_widest_plate_pixels_empty():
+    intr = Intrinsics(40.0, 40.0, 80.0, 60.0, W, H)  # about 150 degrees across: more than a pinhole holds
+    distortion = Distortion("OPENCV_FISHEYE", LENSES["OPENCV_FISHEYE"])
+    back = distort_maps(pinhole_keeping_fov(intr, distortion), distortion, intr)
+    assert back.valid[H // 2, W // 2] and not back.valid[0, 0]
+    out = back.remap(np.full((H, W, 3), 200, np.uint8))
+    assert np.all(out[~back.valid] == 0) and np.all(out[back.valid & (np.arange(W)[None] > 60) & (np.arange(W)[None] < 100)] == 200)
 
 
 @pytest.mark.parametrize("model", sorted(LENSES))
@@ -235,6 +268,39 @@ def test_a_distorted_job_runs_on_pinhole_cameras_and_keeps_the_plate_lens(plate_
     assert mean_abs(first, truth, centre) < 0.5 * mean_abs(_plate, truth, centre)
 
 
+def test_the_frames_in_the_plate_lens_lie_on_the_plate(plate_job, plate_bundle):
+    _path, intr, _c2w, plate = plate_job
+    out, _manifest, _log = plate_bundle
+    rt = load_manifest(out).trajectories[0]
+    assert [f.source_image for f in rt.frames] == [f"source/Plate/{n:06d}.png" for n in (1, 2, 3)]
+    assert rt.source_video == "source/Plate.mp4"
+    # The reference camera's frame, in the plate's lens, is the plate as it was filmed: each of its pixels shows what
+    # the plate's pixel shows (up to the memory's splats), where the pinhole frame taken as it is does not.
+    first_pinhole = read_rgb(out / rt.frames[0].image)
+    first_plate = read_rgb(out / rt.frames[0].source_image)
+    assert first_plate.shape == plate.shape
+    inner = np.zeros((H, W), bool)
+    inner[4:-4, 4:-4] = True
+    covered = inner & (plate.max(-1) > 0)  # the scene's sky is black
+    assert (first_plate[covered].max(-1) > 0).mean() > 0.95
+    assert mean_abs(first_plate, plate, covered) < 0.5 * mean_abs(first_pinhole, plate, covered)
+    # Straight edges of the scene bend as the plate's do: the edge map of the frame lies on the plate's.
+    edges = [cv2.Canny(cv2.cvtColor(x, cv2.COLOR_RGB2GRAY), 60, 140) > 0 for x in (plate, first_plate, first_pinhole)]
+    near = cv2.dilate(edges[0].astype(np.uint8), np.ones((3, 3), np.uint8)) > 0
+    on_plate = [float(near[e & inner].mean()) for e in edges[1:]]
+    assert on_plate[0] > 0.6 and on_plate[0] > on_plate[1] + 0.2
+    # A client downloading the bundle fetches all of them.
+    from keyframe_worlds.bridge.client import manifest_paths
+
+    on_disk = {p.relative_to(out).as_posix() for p in (out / "source").rglob("*") if p.is_file()}
+    listed = manifest_paths(json.loads((out / "manifest.json").read_text()))
+    assert len(on_disk) == 4 and on_disk == {p for p in listed if p.startswith("source/")}
+    # The video is those frames.
+    video, info = read_mp4(out / rt.source_video)
+    assert video.shape == (3, H, W, 3)
+    assert mean_abs(video[0], first_plate, inner) < 4.0
+
+
 def test_old_manifests_without_source_lens_still_read_and_a_bad_one_is_named(plate_bundle):
     out = plate_bundle[0]
     doc = json.loads((out / "manifest.json").read_text())
@@ -243,7 +309,13 @@ def test_old_manifests_without_source_lens_still_read_and_a_bad_one_is_named(pla
     assert validate_manifest(doc, out) == []
     old = json.loads(json.dumps(doc))
     del old["trajectories"][0]["source_lens"]
+    # Files in a lens the manifest does not give are named.
+    assert [p.path for p in validate_manifest(old)] == ["trajectories[0].source_lens"]
+    del old["trajectories"][0]["source_video"]
+    for f in old["trajectories"][0]["files"]:
+        del f["source_image"]
     assert ResultManifest.from_json(old).trajectories[0].source is None
+    assert ResultManifest.from_json(old).trajectories[0].source_video is None
     doc["trajectories"][0]["source_lens"][1]["distortion"] = {"model": "OPENCV", "params": [1, 2]}
     assert [p.path for p in validate_manifest(doc)] == ["trajectories[0].source_lens[1].distortion.params"]
     doc["trajectories"][0]["source_lens"] = doc["trajectories"][0]["source_lens"][:2]
@@ -276,7 +348,9 @@ def test_the_blender_lens_distorts_as_the_plate_lens(model):
     blender_model, values = distortion_to_blender_tracking(lens)
     assert blender_model == ("BROWN" if model in ("OPENCV", "FULL_OPENCV") else "POLYNOMIAL")
     xy = np.random.default_rng(0).uniform(-0.6, 0.6, (200, 2))
-    np.testing.assert_allclose(libmv_distort(blender_model, values, xy), conv.distort_normalized(xy, lens), atol=1e-12)
+    # Blender applies the lens with y up (images bottom row first): our (x, y) is its (x, -y).
+    y_up = np.array([1.0, -1.0])
+    np.testing.assert_allclose(libmv_distort(blender_model, values, xy * y_up) * y_up, conv.distort_normalized(xy, lens), atol=1e-12)
 
 
 @pytest.mark.parametrize("model", ["OPENCV_FISHEYE", "SIMPLE_RADIAL_FISHEYE", "FULL_OPENCV"])
@@ -315,9 +389,18 @@ def test_importing_a_distorted_job_sets_the_clip_lens(blank_blend, tmp_path, mod
     bundle = small_distorted_job(tmp_path, lens)
     result = import_bundle(bpy.context.scene, bundle)
     camera = result.cameras[0]
-    (clip,) = [bg.clip for bg in camera.data.background_images if bg.source == "MOVIE_CLIP"]
-    tracking = clip.tracking.camera
-    source = load_manifest(bundle).trajectories[0].source
+    (background,) = [bg for bg in camera.data.background_images if bg.source == "MOVIE_CLIP"]
+    clip, tracking = background.clip, background.clip.tracking.camera
+    rt = load_manifest(bundle).trajectories[0]
+    source = rt.source
+    # The clip is the video in the plate's lens, and the camera is the plate's (its focal length, its lens kept).
+    assert Path(bpy.path.abspath(clip.filepath)).resolve() == (bundle / rt.source_video).resolve()
+    assert background.clip_user.use_render_undistorted
+    assert camera.data.lens * 64 / camera.data.sensor_width == pytest.approx(source.fx[0], rel=1e-5)
+    assert camera.data["kfw_lens_model"] == model
+    (sequence,) = [bg for bg in camera.data.background_images if bg.source == "IMAGE"]
+    assert Path(bpy.path.abspath(sequence.image.filepath)).name == Path(rt.frames[0].source_image).name
+    assert "/source/" in Path(bpy.path.abspath(sequence.image.filepath)).as_posix()
     if model == "OPENCV_FISHEYE":
         # Blender has no fisheye model: said, and the clip is left a pinhole.
         assert any("keeps no lens distortion" in w and "OPENCV_FISHEYE is a fisheye" in w for w in result.warnings)
@@ -331,7 +414,61 @@ def test_importing_a_distorted_job_sets_the_clip_lens(blank_blend, tmp_path, mod
     if model == "OPENCV":
         k1, k2, p1, p2 = LENSES["OPENCV"]
         assert tracking.distortion_model == "BROWN"
-        assert (tracking.brown_k1, tracking.brown_k2, tracking.brown_p1, tracking.brown_p2) == pytest.approx((k1, k2, p2, p1), rel=1e-6)
+        assert (tracking.brown_k1, tracking.brown_k2, tracking.brown_p1, tracking.brown_p2) == pytest.approx((k1, k2, p2, -p1), rel=1e-6)
     else:
         assert tracking.distortion_model == "POLYNOMIAL"
         assert (tracking.k1, tracking.k2, tracking.k3) == pytest.approx((*LENSES["RADIAL"], 0.0), rel=1e-6)
+
+
+def test_a_distorted_job_killed_and_resumed_writes_the_same_bundle_as_one_run(tmp_path):
+    """kill -9 after the first camera finished and inside the second: the resumed bundle, frames in the plate's
+    lens and their videos included, is the uninterrupted one file for file (the finished camera keeps its
+    source_video through the checkpoint, and its trajectory stays the pinhole)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from keyframe_worlds.engine.testing import faults
+    from keyframe_worlds.engine.testing.service import tree_digest
+
+    path, *_ = write_distorted_job(tmp_path)
+    doc = json.loads(path.read_text())
+    camera = doc["trajectories"][0]
+    frames = [{**camera["frames"][i % 3], "frame": 1 + i} for i in range(6)]
+    for i, frame in enumerate(frames):
+        frame.pop("image")
+        frame["c2w_opencv"] = look_at_c2w_opencv((CAMERA_EYE[0] + 0.04 * i, *CAMERA_EYE[1:]), CAMERA_TARGET).tolist()
+    doc["trajectories"] = [{**camera, "frames": frames}, {**camera, "name": "Second", "frames": frames}]
+    doc["options"] = {"segment_length": 2}
+    path.write_text(json.dumps(doc))
+    command = [sys.executable, "-m", "keyframe_worlds.cli", "run", str(path), "--quiet"]
+    env = {**os.environ, faults.KILL_AFTER_CHECKPOINTS_ENV: "4"}
+    killed = subprocess.run([*command, "--out", str(tmp_path / "resumed")], env=env, capture_output=True, text=True, timeout=120)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    resumed = subprocess.run([*command, "--out", str(tmp_path / "resumed"), "--resume"], capture_output=True, text=True, timeout=120)
+    assert resumed.returncode == 0, resumed.stderr
+    whole = subprocess.run([*command, "--out", str(tmp_path / "whole")], capture_output=True, text=True, timeout=120)
+    assert whole.returncode == 0, whole.stderr
+    a, b = tree_digest(tmp_path / "resumed"), tree_digest(tmp_path / "whole")
+    assert "source/Plate.mp4" in a and "source/Second/000006.png" in a and a == b
+    manifest = load_manifest(tmp_path / "resumed")
+    assert [rt.source_video for rt in manifest.trajectories] == ["source/Plate.mp4", "source/Second.mp4"]
+    assert all(not rt.trajectory.has_distortion and rt.source.has_distortion for rt in manifest.trajectories)
+
+
+def test_a_bundle_without_frames_in_the_plate_lens_imports_its_pinhole_frames_and_says_so(blank_blend, tmp_path):
+    bpy = blank_blend
+    from keyframe_worlds.addon.importers import import_bundle
+
+    bundle = small_distorted_job(tmp_path, Distortion("RADIAL", LENSES["RADIAL"]))
+    doc = json.loads((bundle / "manifest.json").read_text())
+    del doc["trajectories"][0]["source_video"]
+    for f in doc["trajectories"][0]["files"]:
+        del f["source_image"]
+    (bundle / "manifest.json").write_text(json.dumps(doc))
+    result = import_bundle(bpy.context.scene, bundle)
+    assert any("frames of the pinhole only" in w and "do not line up with the plate" in w for w in result.warnings)
+    (clip,) = [bg.clip for bg in result.cameras[0].data.background_images if bg.source == "MOVIE_CLIP"]
+    assert Path(bpy.path.abspath(clip.filepath)).name == "Plate.mp4" and "/video/" in bpy.path.abspath(clip.filepath)
+    assert clip.tracking.camera.k1 == 0  # a pinhole video is given no lens

@@ -12,6 +12,8 @@ Layout (every path in the manifest is relative to the bundle folder)::
     sceneflow/<camera>/<frame:06d>.exr  world motion to the next frame, X Y Z in metres (NaN: unknown)
     dynamic/<camera>/<frame:06d>.png    dynamic / inconsistency mask: 0 static, 128 unchecked, 255 dynamic
     video/<camera>.mp4                  H.264, at the trajectory's fps
+    source/<camera>/<frame:06d>.png     a camera with lens distortion: each frame in the job's own lens (the plate's)
+    source/<camera>.mp4                 its video, H.264
     cameras/<camera>.json               the trajectory in the keyframe-worlds format
     meshes/<camera>_<frame:06d>.ply     depth-textured mesh of a keyframe (UVs ``s t``), texture = its PNG
     points.ply                          the fused world point cloud: colours, confidence, source frame, consistency
@@ -28,6 +30,7 @@ import re
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -43,11 +46,16 @@ from ..io.images import read_rgb, write_npy, write_png
 from ..io.video import Mp4Writer
 from ..world import flow as flow4d
 
+if TYPE_CHECKING:
+    from .lens import SourceLens
+
 #: OpenEXR compression of the 4D files. None: on 832x480 frames ZIP (zlib level 1, as the depth EXR) shrinks the
 #: observed flow by 6 %, the scene flow by 27 %, the rigid flow by 36 % and the point map by half, for 50-80 ms a file
 #: (about 5 ms uncompressed) on the thread that also computes them (bench/geometry.py), more than the preview
 #: generator spends on a frame.
 FOUR_D_COMPRESSION = "none"
+#: The folder of the frames (and videos) in the job's own lens, of cameras given with distortion.
+SOURCE_DIRNAME = "source"
 
 
 def _ascii(text: str) -> str:
@@ -134,7 +142,8 @@ class TrajectoryOutput:
     """Writes one camera's frames into the bundle; ``close`` returns its manifest entry.
 
     first_global_index: the memory's frame index (``PointMemory.frame_index``) of this camera's first frame; the
-    reference is 0 and generated frames count on in trajectory order.
+    reference is 0 and generated frames count on in trajectory order. source: the way back to the job's lens of a
+    camera given with distortion (``lens.SourceLens``): each frame is also written in that lens, with its video.
     """
 
     bundle: "BundleWriter"
@@ -145,6 +154,8 @@ class TrajectoryOutput:
     frames: list[ResultFrame] = field(default_factory=list)
     meshes: list[ResultMesh] = field(default_factory=list)
     video: Mp4Writer | None = None
+    source: "SourceLens | None" = None
+    source_video: Mp4Writer | None = None
     _pool: ThreadPoolExecutor | None = None
     _geometry_pool: ThreadPoolExecutor | None = None
     _pending: list[list[Future]] = field(default_factory=list)  # per frame
@@ -172,6 +183,13 @@ class TrajectoryOutput:
             (root / sub / self.stem).mkdir(parents=True, exist_ok=True)
         self.video = Mp4Writer(root / "video" / f"{self.stem}.mp4", self.trajectory.width, self.trajectory.height,
                                self.trajectory.fps, comment=self.bundle.label)
+        if self.source is not None:
+            (root / SOURCE_DIRNAME / self.stem).mkdir(parents=True, exist_ok=True)
+            self.source_video = Mp4Writer(root / self._source_video_path(), self.trajectory.width, self.trajectory.height,
+                                          self.trajectory.fps, comment=self.bundle.label)
+
+    def _source_video_path(self) -> str:
+        return f"{SOURCE_DIRNAME}/{self.stem}.mp4"
 
     def _camera(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         traj = self.trajectory
@@ -189,6 +207,7 @@ class TrajectoryOutput:
             flow_rigid=f"rigidflow/{name}.exr" if has_flow else None,
             scene_flow=f"sceneflow/{name}.exr" if has_flow else None,
             dynamic_mask=f"dynamic/{name}.png" if has_flow else None,
+            source_image=f"{SOURCE_DIRNAME}/{name}.png" if self.source is not None else None,
         )
 
     def write_frame(self, index: int, rgb: np.ndarray, depth_z_m: np.ndarray) -> None:
@@ -203,18 +222,25 @@ class TrajectoryOutput:
         rgb = np.array(rgb, dtype=np.uint8)
         current = _Waiting(index, rgb, depth32)
         previous, self._waiting = self._waiting, (current if self._estimator is not None else None)
+        # A remap (a few ms): here, so the source video gets its frames in order.
+        source_rgb = None if self.source is None else self.source.frame(index, rgb)
 
         self._wait(self.MAX_PENDING - 1)
-        futures = [self._pool.submit(self._write_frame_files, entry, current)]
+        futures = [self._pool.submit(self._write_frame_files, entry, current, source_rgb)]
         if self._geometry_pool is not None:
             futures.append(self._geometry_pool.submit(self._write_geometry, entry, current, previous))
         self._pending.append(futures)
         self.video.write(rgb)
+        if source_rgb is not None:
+            self.source_video.write(source_rgb)
         self.frames.append(entry)
 
-    def _write_frame_files(self, entry: ResultFrame, frame: _Waiting) -> None:
+    def _write_frame_files(self, entry: ResultFrame, frame: _Waiting, source_rgb: np.ndarray | None = None) -> None:
         root = self.bundle.root
         write_png(root / entry.image, frame.rgb, text={"Software": "Keyframe Worlds", "Comment": self.bundle.label})
+        if source_rgb is not None:
+            write_png(root / entry.source_image, source_rgb,
+                      text={"Software": "Keyframe Worlds", "Comment": f"{self.bundle.label}; in the job's own lens"})
         write_npy(root / entry.depth_npy, frame.depth)
         if entry.depth_exr:
             write_depth_exr(root / entry.depth_exr, frame.depth)
@@ -258,6 +284,8 @@ class TrajectoryOutput:
         for f in frames:
             rgb = np.ascontiguousarray(read_rgb(self.bundle.root / f.image))
             self.video.write(rgb)
+            if self.source_video is not None:
+                self.source_video.write(np.ascontiguousarray(read_rgb(self.bundle.root / f.source_image)))
         self.frames = list(frames)
         if frames and self._estimator is not None and frames[-1].flow_observed is not None:
             depth = np.load(self.bundle.root / frames[-1].depth_npy, allow_pickle=False).astype(np.float32)
@@ -298,17 +326,22 @@ class TrajectoryOutput:
         self._waiting = None  # the camera's last frame: no next frame, no flow files (its entries say null)
         self._point_maps.clear()
         self.video.close()
+        if self.source_video is not None:
+            self.source_video.close()
         camera_file = self.bundle.root / "cameras" / f"{self.stem}.json"
         camera_file.parent.mkdir(parents=True, exist_ok=True)
         write_trajectories([self.trajectory], camera_file, "keyframe-worlds")
-        return ResultTrajectory(self.trajectory, tuple(self.frames), f"video/{self.stem}.mp4")
+        return ResultTrajectory(self.trajectory, tuple(self.frames), f"video/{self.stem}.mp4",
+                                source=None if self.source is None else self.source.source,
+                                source_video=None if self.source is None else self._source_video_path())
 
     def abort(self) -> None:
         for pool in (self._pool, self._geometry_pool):
             if pool is not None:
                 pool.shutdown(wait=True, cancel_futures=True)
-        if self.video is not None:
-            self.video.abort()
+        for video in (self.video, self.source_video):
+            if video is not None:
+                video.abort()
 
 
 class BundleWriter:
@@ -344,9 +377,9 @@ class BundleWriter:
         """An observed-flow estimator for one camera's writer thread (DIS keeps per-call buffers; RAFT is shared)."""
         return self._raft if self.flow == "raft" else flow4d.flow_estimator(self.flow)
 
-    def trajectory(self, trajectory: Trajectory, write_exr: bool = True) -> TrajectoryOutput:
+    def trajectory(self, trajectory: Trajectory, write_exr: bool = True, source: "SourceLens | None" = None) -> TrajectoryOutput:
         output = TrajectoryOutput(self, trajectory, safe_name(trajectory.name, self._taken), write_exr,
-                                  first_global_index=1 + self._frames_before)
+                                  first_global_index=1 + self._frames_before, source=source)
         self._frames_before += len(trajectory)
         return output
 

@@ -111,7 +111,8 @@ def save(out_dir: str | os.PathLike, spec: JobSpec, state: RunState, memory, his
         "global_index": state.global_index,
         "memory_generation": memory.stamp[1],
         "candidates": candidates,
-        "finished": [{"trajectory": rt.trajectory.name, "video": rt.video, "frames": _frames_json(rt.frames)} for rt in state.finished],
+        "finished": [{"trajectory": rt.trajectory.name, "video": rt.video, "source_video": rt.source_video,
+                      "frames": _frames_json(rt.frames)} for rt in state.finished],
         "frames": _frames_json(state.frames),
         "meshes": _meshes_json(state.meshes),
         "finished_meshes": _meshes_json(state.finished_meshes),
@@ -162,10 +163,12 @@ def describe(out_dir: str | os.PathLike, spec: JobSpec) -> str | None:
     return f"{int(doc.get('done', 0))} of {sum(len(t) for t in spec.run_trajectories())} frames done"
 
 
-def load(out_dir: str | os.PathLike, spec: JobSpec, memory, history_type, candidate_type, frame_type):
+def load(out_dir: str | os.PathLike, spec: JobSpec, memory, history_type, candidate_type, frame_type,
+         trajectories: tuple | None = None):
     """The saved run of this spec in ``out_dir``, or None when there is none (or it belongs to another spec).
 
-    Restores into ``memory`` (a fresh PointMemory) and returns (RunState, history).
+    Restores into ``memory`` (a fresh PointMemory) and returns (RunState, history). trajectories: the cameras the
+    frames were generated for, by name (default ``spec``'s; a job with distorted cameras generates for pinholes).
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -186,8 +189,10 @@ def load(out_dir: str | os.PathLike, spec: JobSpec, memory, history_type, candid
                                          int(c["width"]), int(c["height"]), tensors[f"candidate.{i}.depth"]))
         frames.append(frame_type(tuple(c["frame_key"]), tensors[f"frame.{i}.rgb"], tensors[f"frame.{i}.depth"],
                                  tensors[f"frame.{i}.c2w"], tensors[f"frame.{i}.intrinsics"]))
-    by_name = {t.name: t for t in spec.trajectories}
-    finished = [ResultTrajectory(by_name[f["trajectory"]], tuple(_frames_from(f["frames"])), f["video"]) for f in doc["finished"]]
+    by_name = {t.name: t for t in (spec.trajectories if trajectories is None else trajectories)}
+    # The trajectories as generated; the runner gives each its source lens again when it finishes.
+    finished = [ResultTrajectory(by_name[f["trajectory"]], tuple(_frames_from(f["frames"])), f["video"],
+                                 source_video=f.get("source_video")) for f in doc["finished"]]
     state = RunState(
         trajectory=int(doc["trajectory"]), next_start=int(doc["next_start"]), done=int(doc["done"]),
         global_index=int(doc["global_index"]), finished=finished, frames=_frames_from(doc["frames"]),

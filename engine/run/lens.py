@@ -5,7 +5,9 @@ The engine renders and generates pinhole views only. A trajectory whose frames c
 (``world/undistort.py``, OpenCV); frames sharing a lens (model, parameters, intrinsics) share that pinhole, so
 a camera's video has one focal length wherever its lens has one. The reference image (and its depth) is
 undistorted to its frame's pinhole. The result manifest keeps both: each trajectory as generated (pinhole) and
-its ``source_lens`` (the job's intrinsics and distortion), which the add-on sets on the movie clip.
+its ``source_lens`` (the job's intrinsics and distortion). Every generated frame is also written back in the job's
+lens (``SourceLens``: the pinhole frame distorted onto the plate's pixels), so it lies on the plate as it was
+filmed; that video is the add-on's movie clip, with the plate's lens on its tracking camera.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import numpy as np
 from ...bridge.cameras import Intrinsics
 from ...bridge.spec import JobSpec
 from ...bridge.trajectory import Trajectory
-from ..world.undistort import pinhole_keeping_fov, undistort_maps
+from ..world.undistort import LensMaps, distort_maps, pinhole_keeping_fov, undistort_maps
 
 
 @dataclass
@@ -49,6 +51,42 @@ class PinholeJob:
         if depth_z_m is not None:
             depth_z_m = maps.remap(depth_z_m.astype(np.float32), nearest=True)
         return rgb, depth_z_m, maps.valid
+
+
+    def source_lens(self, name: str) -> "SourceLens | None":
+        """The way back to the job's lens of trajectory ``name``; None when the job gave it as a pinhole."""
+        source = self.sources.get(name)
+        if source is None:
+            return None
+        return SourceLens(next(t for t in self.spec.trajectories if t.name == name), source)
+
+
+@dataclass
+class SourceLens:
+    """One trajectory's generated (pinhole) frames as its job's lens sees them.
+
+    pinhole: the trajectory the frames were generated for; source: the job's own (same poses, frames and size, the
+    plate's intrinsics and distortion). Frames sharing a lens share one set of maps (each costs about a second at
+    832x480: every plate pixel undistorted to convergence).
+    """
+
+    pinhole: Trajectory
+    source: Trajectory
+    _maps: dict[tuple, LensMaps] = field(default_factory=dict)
+
+    def frame(self, index: int, rgb: np.ndarray) -> np.ndarray:
+        """Frame ``index`` (H, W, 3) uint8 of the pinhole -> (H, W, 3) uint8 on the plate's pixels; a plate pixel whose
+        ray the pinhole does not hold (a fisheye's widest) is 0. A frame the job gave without distortion is returned
+        as it is (its pinhole is its own camera)."""
+        lens = self.source.distortion[index]
+        if lens is None or lens.is_pinhole:
+            return rgb
+        intr, pinhole = self.source.intrinsics(index), self.pinhole.intrinsics(index)
+        key = (lens, intr, pinhole)
+        maps = self._maps.get(key)
+        if maps is None:
+            maps = self._maps[key] = distort_maps(pinhole, lens, intr)
+        return maps.remap(rgb)
 
 
 def pinhole_job(spec: JobSpec) -> PinholeJob:

@@ -298,7 +298,8 @@ def run_job(
             progress.log(f"removed {removed} temporary file(s) an interrupted run left")
     if resume:
         resumed_memory = PointMemory(device=device, max_points=spec.output.point_budget)
-        restored = checkpoint.load(out_dir, spec, resumed_memory, _History, CandidateView, ReferenceFrame)
+        restored = checkpoint.load(out_dir, spec, resumed_memory, _History, CandidateView, ReferenceFrame,
+                                   trajectories=lens.spec.trajectories)
     if restored is not None:
         saved, history = restored
         memory, done, global_index = resumed_memory, saved.done, saved.global_index
@@ -308,7 +309,7 @@ def run_job(
     for traj_index, traj in enumerate(lens.spec.run_trajectories()):  # execution.trajectories: only these
         if restored is not None and traj_index < saved.trajectory:
             continue
-        output = bundle.trajectory(traj)
+        output = bundle.trajectory(traj, source=lens.source_lens(traj.name))
         estimator.reset()  # alignment history is per trajectory
         first = 0
         if restored is not None and traj_index == saved.trajectory:
