@@ -24,7 +24,7 @@ import re
 from pathlib import Path, PurePosixPath
 
 from .errors import KeyframeWorldsError, Problem, ValidationError
-from .spec import JOB_FILENAME, read_json, validate_job, write_json_atomic
+from .spec import JOB_FILENAME, read_json, validate_job, view_images, write_json_atomic
 
 OPENJD_SPECIFICATION = "jobtemplate-2023-09"
 #: The task parameter naming a job folder inside ``JobsDir`` (also the bundle's folder inside ``OutputDir``).
@@ -74,6 +74,19 @@ def portability_problems(doc: dict) -> list[Problem]:
     return problems
 
 
+def _views_outside(folder: Path, doc: dict) -> list[Problem]:
+    """``reference.views`` images (of a valid spec) that lie outside the job folder, links followed."""
+    views = doc.get("reference", {}).get("views")
+    if not isinstance(views, str) or portability_problems({"reference": {"views": views}}):
+        return []
+    root = folder.resolve()
+    outside = [path for _traj, _i, path in view_images(folder / views) if not path.resolve().is_relative_to(root)]
+    if not outside:
+        return []
+    return [Problem("reference.views", f"{len(outside)} of its images lie outside the job folder (the first: "
+                    f"{outside[0]}): copy them into it")]
+
+
 def check_job_folder(folder: str | os.PathLike) -> dict:
     """The job spec of a self-contained job folder, checked (valid, files present, nothing outside the folder);
     raises :class:`ValidationError` naming the folder and every problem."""
@@ -84,7 +97,7 @@ def check_job_folder(folder: str | os.PathLike) -> dict:
     doc = read_json(path, "job spec")
     problems = validate_job(doc, base_dir=folder, check_files=True)
     if not problems:
-        problems = portability_problems(doc)
+        problems = portability_problems(doc) + _views_outside(folder, doc)
     if problems:
         raise ValidationError(f"job folder {folder}", problems)
     return doc

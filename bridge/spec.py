@@ -504,22 +504,29 @@ def _projection_problems(ref: dict, target: Any, base_dir, check_files: bool, im
     return problems
 
 
-def views_problem(path: Path) -> str | None:
-    """What is wrong with a ``reference.views`` trajectory file or folder (read, images checked by header), or None."""
+def view_images(path: str | os.PathLike) -> list[tuple[Trajectory, int, Path]]:
+    """The views of a ``reference.views`` trajectory file or folder: (camera, frame index, image path) for every frame
+    with an image, the path as the file names it, from the folder that holds the file (or the folder itself).
+    Raises ``KeyframeWorldsError`` for a file that does not read as a trajectory format."""
     from .formats import read_trajectory_set  # formats reads its JSON with this module's read_json
 
+    path = Path(path)
+    base = path if path.is_dir() else path.parent
+    return [(t, i, base / image) for t in read_trajectory_set(path).trajectories for i, image in enumerate(t.images)
+            if image is not None]
+
+
+def views_problem(path: Path) -> str | None:
+    """What is wrong with a ``reference.views`` trajectory file or folder (read, images checked by header), or None."""
     if not path.exists():
         return f"trajectory file or folder not found: {path}"
     try:
-        trajectories = read_trajectory_set(path).trajectories
+        images = view_images(path)
     except KeyframeWorldsError as exc:
         return str(exc)
-    base = path if path.is_dir() else path.parent
-    images = [(t, i, image) for t in trajectories for i, image in enumerate(t.images) if image is not None]
     if not images:
         return f"{path} has no frame with an image"
-    for traj, i, image in images:
-        full = base / image
+    for traj, i, full in images:
         if not full.suffix.lower() in IMAGE_SUFFIXES:
             problem = f"{full} must be one of {', '.join(IMAGE_SUFFIXES)} files"
         else:

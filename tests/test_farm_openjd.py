@@ -8,8 +8,10 @@ run a template) running the engine's own Python, and each bundle validated.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -166,3 +168,26 @@ def test_farm_openjd_refuses_what_ties_a_job_to_this_machine(tmp_path):
     assert out.returncode == 2 and "not a job folder (no job.json)" in out.stderr and "Traceback" not in out.stderr
     out = run("farm", "openjd", tmp_path / "abs", "--out", tmp_path / "t.txt")
     assert out.returncode == 2 and ".yaml, .yml or .json" in out.stderr
+
+
+def test_farm_openjd_refuses_reference_views_whose_images_leave_the_folder(tmp_path):
+    from keyframe_worlds.bridge.formats import write_trajectories
+    from keyframe_worlds.bridge.trajectory import Trajectory
+
+    spec = write_preview_job(tmp_path / "job", frames=3, segment_length=3)
+    doc = json.loads(spec.read_text())
+    ref = doc["trajectories"][0]
+    frame = ref["frames"][0]
+    view = Trajectory("Views", np.array([1]), np.array([frame["c2w_opencv"]]), *(np.array([frame[k]]) for k in ("fx", "fy", "cx", "cy")),
+                      ref["width"], ref["height"], images=("../../outside.png",))
+    (tmp_path / "outside.png").write_bytes((tmp_path / "job" / doc["reference"]["image"]).read_bytes())
+    write_trajectories([view], tmp_path / "job" / "views" / "views.json", "keyframe-worlds")
+    doc["reference"]["views"] = "views/views.json"
+    spec.write_text(json.dumps(doc))
+    out = run("farm", "openjd", tmp_path / "job", "--out", tmp_path / "t.yaml")
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "reference.views: 1 of its images lie outside the job folder" in out.stderr, out.stderr
+    # Inside the folder, the same views are fine.
+    shutil.copy(tmp_path / "outside.png", tmp_path / "job" / "views" / "inside.png")
+    write_trajectories([replace(view, images=("inside.png",))], tmp_path / "job" / "views" / "views.json", "keyframe-worlds")
+    assert run("farm", "openjd", tmp_path / "job", "--out", tmp_path / "t.yaml").returncode == 0

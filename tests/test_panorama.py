@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 
@@ -339,9 +340,30 @@ def test_the_service_reads_reference_views_only_inside_the_allowed_folders(tmp_p
                                          headers={"Authorization": f"Bearer {engine.token}"})
         refused = post(local(outside / "pano_bank"))
         assert refused.status_code == 403 and [p["path"] for p in refused.json()["problems"]] == ["reference.views"]
+        # A bank inside the allowed folders whose image is a link to one outside is refused too.
+        (allowed / "linked").mkdir()
+        shutil.copytree(allowed / "pano_bank", allowed / "linked" / "pano_bank")
+        (allowed / "linked" / "pano_bank" / "images" / "0002.png").unlink()
+        (allowed / "linked" / "pano_bank" / "images" / "0002.png").symlink_to(outside / "pano_bank" / "images" / "0002.png")
+        refused = post(local(allowed / "linked" / "pano_bank"))
+        assert refused.status_code == 403 and [p["path"] for p in refused.json()["problems"]] == ["reference.views"]
+        # Views cannot be uploaded: said in one line naming the field.
+        doc = local(allowed / "pano_bank")
+        image = (allowed / "pano_bank" / "images" / "0000.png").read_bytes()
+        uploaded = requests.post(f"{engine.url}/v1/jobs", timeout=30, headers={"Authorization": f"Bearer {engine.token}"},
+                                 files=[("spec", (None, json.dumps({**doc, "reference": {"image": "a.png", "views": "pano_bank"}}))),
+                                        ("image", ("a.png", image))])
+        assert uploaded.status_code == 400 and [p["path"] for p in uploaded.json()["problems"]] == ["reference.views"]
         accepted = post(local(allowed / "pano_bank"))
         assert accepted.status_code == 201, accepted.text
-        done = client.wait(accepted.json()["id"], timeout=120)
+        job_id = accepted.json()["id"]
+        # The views are the job's own copy: the bank may go once the job is accepted.
+        spec = json.loads((tmp_path / "jobs" / job_id / "spec.json").read_text())
+        assert spec["reference"]["views"] == "inputs/reference_views.json"
+        assert sorted(p.name for p in (tmp_path / "jobs" / job_id / "inputs" / "reference_views").rglob("*.png")) == [
+            f"{k:06d}.png" for k in range(4)]
+        shutil.rmtree(allowed / "pano_bank")
+        done = client.wait(job_id, timeout=120)
         assert done.state == "completed", client.log(done.id)
         bundle = client.download_bundle(done.id, tmp_path / "bundle")
         check_bank_view_colours(load_manifest(bundle), bundle)

@@ -472,3 +472,50 @@ def test_a_bundle_without_frames_in_the_plate_lens_imports_its_pinhole_frames_an
     (clip,) = [bg.clip for bg in result.cameras[0].data.background_images if bg.source == "MOVIE_CLIP"]
     assert Path(bpy.path.abspath(clip.filepath)).name == "Plate.mp4" and "/video/" in bpy.path.abspath(clip.filepath)
     assert clip.tracking.camera.k1 == 0  # a pinhole video is given no lens
+
+
+def test_distorted_reference_views_are_fused_as_their_pinholes(tmp_path):
+    """``reference.views`` from a COLMAP model whose camera has lens distortion (its images the distorted plates):
+    each view is undistorted before it is fused, so the memory shows the scene where a pinhole sees it. The same
+    images declared pinhole (the lens ignored, as before) put it visibly elsewhere."""
+    from keyframe_worlds.bridge.formats import write_trajectories
+    from keyframe_worlds.bridge.trajectory import Trajectory
+
+    intr = lens_camera("OPENCV")
+    # The views look at the left wall, which the reference (looking at the back wall) hardly sees.
+    target = (-5.0, 0.0, 1.0)
+    poses = [look_at_c2w_opencv((0.0, y, 1.5), target) for y in (-1.0, -0.5)]
+    (tmp_path / "model").mkdir()
+    for i, c2w in enumerate(poses):  # the images beside the model: a views folder's names are relative to it
+        rgb, _z = distorted_plate(demo_scene(), c2w, intr, PLATE_LENS)
+        write_png(tmp_path / "model" / f"{i}.png", rgb)
+
+    def views(lens) -> Trajectory:
+        return Trajectory("Scan", np.arange(1, 3), np.stack([np.asarray(p) for p in poses]),
+                          *(np.full(2, v) for v in (intr.fx, intr.fy, intr.cx, intr.cy)), W, H, distortion=lens,
+                          images=("0.png", "1.png"))
+
+    path, *_ = write_distorted_job(tmp_path, None)  # a pinhole reference of the back wall
+    doc = json.loads(path.read_text())
+    pinhole = pinhole_keeping_fov(intr, PLATE_LENS)
+    camera_c2w = look_at_c2w_opencv((0.0, -0.75, 1.5), (-5.0, 0.2, 1.0))
+    camera = {"frame": 1, "c2w_opencv": camera_c2w.tolist(), "fx": pinhole.fx, "fy": pinhole.fy, "cx": pinhole.cx,
+              "cy": pinhole.cy}
+    reference = doc["trajectories"][0]
+    doc["trajectories"] = [{**reference, "frames": reference["frames"][:1]}, {**reference, "name": "Look", "frames": [camera]}]
+    doc["reference"]["views"] = "model"
+    truth, _z = (x.numpy() for x in raycast(demo_scene(), camera_c2w,
+                                            torch.tensor([pinhole.fx, pinhole.fy, pinhole.cx, pinhole.cy], dtype=torch.float64), W, H))
+    errors = {}
+    for label, lens in (("undistorted", PLATE_LENS), ("lens ignored", None)):
+        write_trajectories([views(lens)], tmp_path / "model", "colmap")
+        path.write_text(json.dumps(doc))
+        log = Log()
+        manifest = run_job(load_job(path), tmp_path / label, log)
+        frame = read_rgb(tmp_path / label / manifest.trajectories[1].frames[0].image)
+        inner = np.zeros((H, W), bool)
+        inner[4:-4, 4:-4] = True  # the lens moves the frame's outer parts most
+        errors[label] = mean_abs(frame, truth, inner)
+        if lens is not None:
+            assert any(line.startswith("reference views lens: camera 'Scan' OPENCV") for line in log.lines), log.lines
+    assert errors["undistorted"] < 0.6 * errors["lens ignored"], errors

@@ -89,32 +89,48 @@ class SourceLens:
         return maps.remap(rgb)
 
 
+def pinhole_trajectory(traj: Trajectory, log: list[str] | None = None) -> Trajectory:
+    """``traj`` with every distorted frame's intrinsics replaced by the pinhole keeping its lens's field of view (one
+    pinhole per distinct lens and intrinsics) and no distortion; one line per distinct lens appended to ``log``."""
+    if not traj.has_distortion:
+        return traj if all(d is None for d in traj.distortion) else replace(traj, distortion=None)
+    chosen: dict[tuple, Intrinsics] = {}
+    fx, fy, cx, cy = (np.array(getattr(traj, k)) for k in ("fx", "fy", "cx", "cy"))
+    for i, lens in enumerate(traj.distortion):
+        if lens is None or lens.is_pinhole:
+            continue
+        intr = traj.intrinsics(i)
+        key = (lens, intr.fx, intr.fy, intr.cx, intr.cy)
+        if key not in chosen:
+            chosen[key] = new = pinhole_keeping_fov(intr, lens)
+            if log is not None:
+                log.append(f"lens: camera {traj.name!r} {lens.describe()} undistorted (OpenCV) to a pinhole keeping its field of "
+                           f"view: focal {intr.fx:.2f} x {intr.fy:.2f} px -> {new.fx:.2f} x {new.fy:.2f} px, principal point "
+                           f"({intr.cx:.2f}, {intr.cy:.2f}) -> ({new.cx:.2f}, {new.cy:.2f})")
+        new = chosen[key]
+        fx[i], fy[i], cx[i], cy[i] = new.fx, new.fy, new.cx, new.cy
+    return replace(traj, fx=fx, fy=fy, cx=cx, cy=cy, distortion=None)
+
+
+def undistort_view(source: Trajectory, pinhole: Trajectory, index: int, rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """Frame ``index``'s image (H, W, 3) uint8 of the camera ``source`` as ``pinhole`` (its ``pinhole_trajectory``)
+    sees it, and the (H, W) bool mask of the pixels the image reaches (None: the frame is a pinhole already)."""
+    lens = source.distortion[index]
+    if lens is None or lens.is_pinhole:
+        return rgb, None
+    maps = undistort_maps(source.intrinsics(index), lens, pinhole.intrinsics(index))
+    return maps.remap(rgb), maps.valid
+
+
 def pinhole_job(spec: JobSpec) -> PinholeJob:
     """``spec`` with its distorted trajectories replaced by pinhole ones keeping each lens's field of view."""
     result = PinholeJob(spec)
     trajectories = []
     for traj in spec.trajectories:
-        if not traj.has_distortion:
-            trajectories.append(traj if all(d is None for d in traj.distortion) else replace(traj, distortion=None))
-            continue
-        chosen: dict[tuple, Intrinsics] = {}
-        fx, fy, cx, cy = (np.array(getattr(traj, k)) for k in ("fx", "fy", "cx", "cy"))
-        for i, lens in enumerate(traj.distortion):
-            if lens is None or lens.is_pinhole:
-                continue
-            intr = traj.intrinsics(i)
-            key = (lens, intr.fx, intr.fy, intr.cx, intr.cy)
-            if key not in chosen:
-                chosen[key] = pinhole_keeping_fov(intr, lens)
-                new = chosen[key]
-                result.log.append(
-                    f"lens: camera {traj.name!r} {lens.describe()} undistorted (OpenCV) to a pinhole keeping its field of "
-                    f"view: focal {intr.fx:.2f} x {intr.fy:.2f} px -> {new.fx:.2f} x {new.fy:.2f} px, principal point "
-                    f"({intr.cx:.2f}, {intr.cy:.2f}) -> ({new.cx:.2f}, {new.cy:.2f})")
-            new = chosen[key]
-            fx[i], fy[i], cx[i], cy[i] = new.fx, new.fy, new.cx, new.cy
-        trajectories.append(replace(traj, fx=fx, fy=fy, cx=cx, cy=cy, distortion=None))
-        result.sources[traj.name] = traj
+        pinhole = pinhole_trajectory(traj, result.log)
+        trajectories.append(pinhole)
+        if traj.has_distortion:
+            result.sources[traj.name] = traj
     if result.sources:
         result.spec = replace(spec, trajectories=tuple(trajectories))
     return result

@@ -29,7 +29,7 @@ from ...bridge.atomic import remove_temporary_files
 from ...bridge.errors import KeyframeWorldsError
 from ...bridge.jobs import Progress
 from ...bridge.panorama import EQUIRECTANGULAR
-from ...bridge.spec import JobSpec, ResultManifest, projection_problem
+from ...bridge.spec import JobSpec, ResultManifest, projection_problem, view_images
 from ...bridge.trajectory import Trajectory
 from .bundle import BundleWriter
 from ..generators import Generator, ReferenceFrame, SegmentRequest, get_generator
@@ -41,7 +41,7 @@ from ..world.memory import PointMemory
 from ..world.retrieval import CandidateView, retrieve, target_samples
 from . import checkpoint
 from .geometry import DEFAULT_REFERENCE_DEPTH_M, build_depth_estimator, panorama_depth, reference_depth
-from .lens import pinhole_job
+from .lens import pinhole_job, pinhole_trajectory, undistort_view
 from .seed import read_seed_points, seed_depth_at, seed_memory
 
 RETRIEVAL_SCALE = 0.125  # candidate depth maps and target samples at 1/8 of the frame size
@@ -147,29 +147,34 @@ def lift_reference_views(spec: JobSpec, memory: PointMemory, estimator: DepthEst
     """``reference.views``: every frame with an image in that trajectory file (a ``pano_bank``, ...) is fused into
     the first memory with its own camera, its depth estimated against what the memory already holds (a learned
     network aligned to it, else the memory's completion). Returns how many views."""
-    from ...bridge.formats import read_trajectory_set
-
     folder = Path(spec.reference.views)
-    base = folder if folder.is_dir() else folder.parent
     count = 0
-    for traj in read_trajectory_set(folder).trajectories:
-        estimator.reset()
-        for i, image in enumerate(traj.images):
-            if image is None:
-                continue
-            raw = read_reference_rgb(base / image, what=f"reference.views {traj.name!r} frame {int(traj.frames[i])}")
-            if raw.shape[:2] != (traj.height, traj.width):
-                raise KeyframeWorldsError(f"reference.views: {base / image} is {raw.shape[1]}x{raw.shape[0]} px but its camera "
-                                          f"{traj.name!r} is {traj.width}x{traj.height}")
-            rgb = torch.from_numpy(raw).to(device)
-            c2w, k = _camera(traj, i)
-            rendered = memory.render(c2w[None], k[None], traj.width, traj.height)
-            depth = estimator.estimate(rgb[None], rendered, point_confidence=memory.confidence, intrinsics=k[None])
-            memory.fuse(rgb, depth.depth_z_m[0], c2w, k, frame_index=0, confidence=depth.confidence[0])
-            cand, frame = _candidate((traj.name, int(traj.frames[i])), rgb, depth.depth_z_m[0], c2w, k, traj.width, traj.height)
-            history.candidates.append(cand)
-            history.frames.append(frame)
-            count += 1
+    pinholes: dict[str, Trajectory] = {}  # camera name -> the pinhole keeping its lens's field of view
+    for source, i, path in view_images(folder):
+        if source.name not in pinholes:  # a new camera: its own alignment history
+            estimator.reset()
+            lines: list[str] = []
+            pinholes[source.name] = pinhole_trajectory(source, lines)
+            for line in lines:
+                progress.log(f"reference views {line}")
+        traj = pinholes[source.name]
+        raw = read_reference_rgb(path, what=f"reference.views {traj.name!r} frame {int(traj.frames[i])}")
+        if raw.shape[:2] != (traj.height, traj.width):
+            raise KeyframeWorldsError(f"reference.views: {path} is {raw.shape[1]}x{raw.shape[0]} px but its camera "
+                                      f"{traj.name!r} is {traj.width}x{traj.height}")
+        raw, valid = undistort_view(source, traj, i, raw)
+        rgb = torch.from_numpy(raw).to(device)
+        c2w, k = _camera(traj, i)
+        rendered = memory.render(c2w[None], k[None], traj.width, traj.height)
+        depth = estimator.estimate(rgb[None], rendered, point_confidence=memory.confidence, intrinsics=k[None])
+        depth_z_m = depth.depth_z_m[0]
+        if valid is not None:  # pinhole pixels the distorted view does not reach hold nothing
+            depth_z_m = torch.where(torch.from_numpy(valid).to(device), depth_z_m, torch.zeros_like(depth_z_m))
+        memory.fuse(rgb, depth_z_m, c2w, k, frame_index=0, confidence=depth.confidence[0])
+        cand, frame = _candidate((traj.name, int(traj.frames[i])), rgb, depth_z_m, c2w, k, traj.width, traj.height)
+        history.candidates.append(cand)
+        history.frames.append(frame)
+        count += 1
     if count == 0:
         raise KeyframeWorldsError(f"reference.views: {folder} has no frame with an image")
     progress.log(f"reference views: {count} from {folder}, {len(memory)} points")

@@ -43,7 +43,7 @@ from ... import __version__
 from ...bridge.errors import KeyframeWorldsError, Problem, ValidationError
 from ...bridge.jobs import CANCELLING_STAGE, STATUS_FIELD_DOCS, JobState, JobStatus
 from ...bridge.panorama import PROJECTIONS
-from ...bridge.spec import MANIFEST_FILENAME, validate_job
+from ...bridge.spec import MANIFEST_FILENAME, validate_job, view_images
 from ...bridge.trajectory import safe_text
 from .jobs import (
     JOB_ID_PATTERN,
@@ -519,13 +519,19 @@ def create_app(manager: JobManager, settings: AppSettings) -> FastAPI:
                     for key in ("image", "depth", "points") if doc["reference"].get(key)}
         views = doc["reference"].get("views")
         if isinstance(views, str):
-            # Read in place by the job (a folder of views is not copied): the spec keeps the resolved path.
             doc["reference"]["views"] = str(allowed_file(base / views, "reference.views", settings.allowed_paths))
         model = (doc.get("geometry") or {}).get("depth_model")
         if isinstance(model, str) and Path(model).is_absolute():
             allowed_file(Path(model), "geometry.depth_model", settings.allowed_paths)
         check_spec(doc, base_dir=base, check_files=True)
         inputs = {key: copier(path) for key, path in readable.items()}
+        if isinstance(views, str):
+            # Copied into the job like the other reference files (the job folder is then whole, and a views folder
+            # changed after the submission changes nothing): every image a view names must be readable here too.
+            images = [(traj, i, allowed_file(path, "reference.views", settings.allowed_paths))
+                      for traj, i, path in view_images(doc["reference"]["views"])]
+            inputs["views"] = views_copier(images)
+            doc["reference"]["views"] = VIEWS_FILENAME
         if "points" in readable and readable["points"].is_dir():
             # A COLMAP model folder is copied as the PLY of its points3D, the one form a job folder carries.
             inputs["points"] = seed_copier(readable["points"])
@@ -553,6 +559,9 @@ def create_app(manager: JobManager, settings: AppSettings) -> FastAPI:
         doc = parse_json(raw, "spec part")
         check_spec(doc, base_dir=None, check_files=False)
         inputs = {}
+        if doc["reference"].get("views") is not None:
+            raise ApiError(400, "request is invalid", [Problem("reference.views", "cannot be uploaded (a folder of views): "
+                                                       "submit the spec with local paths from this machine instead")])
         for key in ("image", "depth", "points"):
             named = doc["reference"].get(key)
             part = form.get(key)
@@ -721,6 +730,34 @@ def copier(source: Path) -> Callable[[Path], None]:
                 os.close(dst)
         finally:
             os.close(src)
+
+    return write
+
+
+#: What a copied ``reference.views`` is called in the spec before the job renames it (its suffix is kept).
+VIEWS_FILENAME = "views.json"
+
+
+def views_copier(views: list[tuple]) -> Callable[[Path], None]:
+    """Write ``reference.views`` into the job: the cameras as a keyframe-worlds trajectory file at the target (lossless:
+    lenses and all), each view's image (``(camera, frame index, resolved path)``, as ``bridge.spec.view_images``
+    gives them) copied beside it as ``<target stem>/<camera number>/<frame:06d><suffix>``, the names the file holds."""
+    def write(target: Path) -> None:
+        from dataclasses import replace
+
+        from ...bridge.formats import write_trajectories
+
+        cameras: dict[str, Any] = {}
+        names: dict[str, dict[int, str]] = {}
+        for traj, i, source in views:
+            number = list(cameras).index(traj.name) if traj.name in cameras else len(cameras)
+            cameras.setdefault(traj.name, traj)
+            name = f"{target.stem}/{number}/{int(traj.frames[i]):06d}{source.suffix.lower()}"
+            (target.parent / name).parent.mkdir(parents=True, exist_ok=True)
+            copier(source)(target.parent / name)
+            names.setdefault(traj.name, {})[i] = name
+        write_trajectories([replace(t, images=tuple(names[n].get(i) for i in range(len(t.frames))))
+                            for n, t in cameras.items()], target, "keyframe-worlds")
 
     return write
 
