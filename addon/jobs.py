@@ -119,17 +119,23 @@ class JobPreparation:
         first = self.trajectories[0]
         self.reference = {"trajectory": first.name, "frame": int(first.frames[0])}
 
+    def _reference_lens(self) -> tuple:
+        """The reference frame's intrinsics and lens distortion (None: a pinhole), for ``render_reference``."""
+        first = self.trajectories[0]
+        return first.intrinsics(0), first.distortion[0]
+
     def _render_image(self) -> None:
         first = self.trajectories[0]
         ref = render_reference(self.scene, self.scene.objects[first.name], int(first.frames[0]), self.out, with_depth=False,
-                               samples=self.settings.samples)
+                               samples=self.settings.samples, lens=self._reference_lens())
         self.reference["image"] = ref.image.name
         if ref.projection != PERSPECTIVE:  # a panoramic reference camera rendered the panorama
             self.reference["projection"] = ref.projection
 
     def _render_depth(self) -> None:
         first = self.trajectories[0]
-        ref = render_reference(self.scene, self.scene.objects[first.name], int(first.frames[0]), self.out, with_image=False)
+        ref = render_reference(self.scene, self.scene.objects[first.name], int(first.frames[0]), self.out, with_image=False,
+                               lens=self._reference_lens())
         self.reference["depth"] = ref.depth.name
 
     def _write(self) -> None:

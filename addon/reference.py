@@ -12,6 +12,12 @@ A camera set to panoramic (Cycles' equirectangular type) renders the reference a
 Depth pass for panoramic cameras: the distance along each pixel's ray, which is what a panorama's depth is;
 the render says so in ``projection``.
 
+A camera with lens distortion (kept on its data by a trajectory import, ``lens.py``) cannot render its own lens:
+Blender cameras are pinholes. Its reference is rendered through the pinhole that keeps the lens's field of view
+(``bridge.cameras.pinhole_keeping_fov``; a stand-in camera at the same pose) and then distorted into the lens,
+each plate pixel taking the pinhole pixel its ray goes through, so the image and depth are what the job
+declares them to be: the camera's view through its lens. The engine undistorts them back to that pinhole.
+
 Every scene setting touched here is restored afterwards.
 """
 
@@ -27,7 +33,8 @@ import bpy
 import numpy as np
 
 from ..bridge.atomic import atomic_write
-from ..bridge.cameras import render_resolution
+from ..bridge.cameras import (Distortion, Intrinsics, blender_lens_and_shift, pinhole_keeping_fov, render_resolution,
+                              undistort_normalized)
 from ..bridge.errors import KeyframeWorldsError
 from ..bridge.panorama import EQUIRECTANGULAR, PERSPECTIVE
 from ..bridge.trajectory import MAX_SIZE_PX
@@ -177,13 +184,16 @@ def render_reference(
     with_image: bool = True,
     samples: int = 16,
     name: str = "reference",
+    lens: tuple[Intrinsics, Distortion | None] | None = None,
 ) -> ReferenceRender:
     """Render ``camera`` at ``frame`` into ``out_dir/<name>.png`` and, with depth, ``<name>_depth.npy``.
 
     A perspective camera renders at the output resolution (z-depth); an equirectangular panoramic one renders the
     full sphere at ``panorama_size`` (depth: distance along the rays), see the module docstring. Without
     ``with_image`` only the depth is rendered (the UI renders the two as stages of their own); ``image`` then names
-    the file the image render writes.
+    the file the image render writes. lens: the frame's intrinsics (as extracted, the camera's own) and its lens
+    distortion; with a distortion the render goes through the pinhole keeping its field of view and is then
+    distorted into it (module docstring).
     """
     panorama = check_reference_camera(camera)
     out = Path(out_dir)
@@ -193,15 +203,117 @@ def render_reference(
     width, height = render_resolution(scene.render.resolution_x, scene.render.resolution_y, scene.render.resolution_percentage)
     if panorama:
         width, height = panorama_size(width)
+    distorted = lens is not None and lens[1] is not None and not lens[1].is_pinhole and not panorama
     with contextlib.ExitStack() as stack:
         stack.enter_context(_render_setup(scene, camera, frame, samples))
         if panorama:
             stack.enter_context(_panorama_setup(scene, camera, width, height))
+        if distorted:
+            wide = pinhole_keeping_fov(*lens)
+            stack.enter_context(_pinhole_stand_in(scene, camera, wide))
         if with_image:
             _render_png(scene, image_path)
         if depth_path is not None:
             _render_depth(scene, depth_path)
+    if distorted:
+        sample = _lens_sampling(wide, *lens)
+        if with_image:
+            _distort_png(image_path, sample)
+        if depth_path is not None:
+            depth = np.load(depth_path)
+            with atomic_write(depth_path) as tmp:
+                np.save(tmp, sample.nearest(depth).astype(np.float32))
     return ReferenceRender(image_path, depth_path, int(frame), width, height, EQUIRECTANGULAR if panorama else PERSPECTIVE)
+
+
+@contextlib.contextmanager
+def _pinhole_stand_in(scene: bpy.types.Scene, camera: bpy.types.Object, pinhole: Intrinsics):
+    """A camera at ``camera``'s pose of the current frame (scale removed, as extraction does) projecting with the
+    intrinsics ``pinhole`` on the current output, made the scene camera; removed on exit."""
+    from mathutils import Matrix, Vector
+
+    data = bpy.data.cameras.new(f"{camera.name} pinhole stand-in")
+    stand_in = bpy.data.objects.new(data.name, data)
+    scene.collection.objects.link(stand_in)
+    try:
+        location, rotation, _scale = camera.matrix_world.decompose()
+        stand_in.matrix_world = Matrix.LocRotScale(location, rotation, Vector((1.0, 1.0, 1.0)))
+        data.clip_start, data.clip_end = camera.data.clip_start, camera.data.clip_end
+        data.sensor_fit = "HORIZONTAL"
+        render = scene.render
+        ycor = render.pixel_aspect_y / render.pixel_aspect_x
+        data.lens, data.shift_x, data.shift_y = blender_lens_and_shift(pinhole.fx, pinhole.cx, pinhole.cy, pinhole.width,
+                                                                       pinhole.height, data.sensor_width, ycor)
+        scene.camera = stand_in
+        yield stand_in
+    finally:
+        bpy.data.objects.remove(stand_in)
+        bpy.data.cameras.remove(data)
+
+
+@dataclass(frozen=True)
+class _LensSampling:
+    """Where each pixel of a distorted camera samples the pinhole image that keeps its field of view: ``(H, W)``
+    float64 source positions in array index units (pixel centres on integers) and where they are inside it.
+
+    Written with numpy because Blender's Python has no OpenCV (the engine's ``cv2.remap`` does the same)."""
+
+    x: np.ndarray
+    y: np.ndarray
+    valid: np.ndarray
+
+    def bilinear(self, image: np.ndarray) -> np.ndarray:
+        """``image`` (H, W, C) of the pinhole -> (H, W, C) float64 of the distorted camera; 0 outside."""
+        h, w = image.shape[:2]
+        x = np.clip(np.nan_to_num(self.x), 0.0, w - 1.0)
+        y = np.clip(np.nan_to_num(self.y), 0.0, h - 1.0)
+        x0, y0 = np.minimum(np.floor(x).astype(int), w - 2), np.minimum(np.floor(y).astype(int), h - 2)
+        fx, fy = (x - x0)[..., None], (y - y0)[..., None]
+        img = image.astype(np.float64)
+        top = img[y0, x0] * (1 - fx) + img[y0, x0 + 1] * fx
+        bottom = img[y0 + 1, x0] * (1 - fx) + img[y0 + 1, x0 + 1] * fx
+        return np.where(self.valid[..., None], top * (1 - fy) + bottom * fy, 0.0)
+
+    def nearest(self, image: np.ndarray) -> np.ndarray:
+        """``image`` (H, W) of the pinhole -> (H, W) of the distorted camera, each value one source pixel's; 0 outside."""
+        h, w = image.shape[:2]
+        x = np.clip(np.rint(np.nan_to_num(self.x)).astype(int), 0, w - 1)
+        y = np.clip(np.rint(np.nan_to_num(self.y)).astype(int), 0, h - 1)
+        return np.where(self.valid, image[y, x], 0)
+
+
+def _lens_sampling(pinhole: Intrinsics, intr: Intrinsics, distortion: Distortion) -> _LensSampling:
+    cols, rows = np.meshgrid(np.arange(intr.width) + 0.5, np.arange(intr.height) + 0.5)
+    xy = undistort_normalized(np.stack([(cols - intr.cx) / intr.fx, (rows - intr.cy) / intr.fy], -1), distortion)
+    x = pinhole.fx * xy[..., 0] + pinhole.cx - 0.5
+    y = pinhole.fy * xy[..., 1] + pinhole.cy - 0.5
+    with np.errstate(invalid="ignore"):
+        valid = (x > -0.5) & (x < pinhole.width - 0.5) & (y > -0.5) & (y < pinhole.height - 0.5)
+    return _LensSampling(x, y, valid)
+
+
+def _distort_png(path: Path, sample: _LensSampling) -> None:
+    """Rewrite the 8-bit PNG ``path`` (the pinhole render) as the distorted camera sees it, through Blender's images
+    (byte images round-trip exactly)."""
+    image = bpy.data.images.load(str(path), check_existing=False)
+    try:
+        w, h = image.size
+        pixels = np.empty(w * h * 4, dtype=np.float32)
+        image.pixels.foreach_get(pixels)
+    finally:
+        bpy.data.images.remove(image)
+    rgb = pixels.reshape(h, w, 4)[::-1, :, :3]  # Blender stores rows bottom-up
+    out = np.round(sample.bilinear(rgb * 255.0)) / 255.0
+    rgba = np.concatenate([out, np.ones((h, w, 1))], -1)[::-1].astype(np.float32)
+    result = bpy.data.images.new("KeyframeWorlds distorted reference", w, h, alpha=False)
+    try:
+        result.pixels.foreach_set(rgba.ravel())
+        with atomic_write(path) as tmp:
+            result.filepath_raw = str(tmp)
+            result.file_format = "PNG"
+            result.save()
+    finally:
+        bpy.data.images.remove(result)
 
 
 def render_still(scene: bpy.types.Scene, camera: bpy.types.Object, frame: int, path: str | os.PathLike, samples: int = 16) -> Path:

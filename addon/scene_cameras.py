@@ -160,10 +160,8 @@ def create_camera_from_trajectory(scene: bpy.types.Scene, trajectory: Trajectory
         obj.matrix_world = _to_blender_matrix(c2w_blender[i])
         obj.keyframe_insert("location", frame=frame)
         obj.keyframe_insert("rotation_quaternion", frame=frame)
-        # Inverse of bridge.cameras.intrinsics_from_blender for a horizontal fit.
-        data.lens = float(trajectory.fx[i]) * sensor / w
-        data.shift_x = (w / 2.0 - float(trajectory.cx[i])) / w
-        data.shift_y = (float(trajectory.cy[i]) - h / 2.0) * ycor / w
+        data.lens, data.shift_x, data.shift_y = conv.blender_lens_and_shift(trajectory.fx[i], trajectory.cx[i], trajectory.cy[i],
+                                                                            w, h, sensor, ycor)
         data.keyframe_insert("lens", frame=frame)
         data.keyframe_insert("shift_x", frame=frame)
         data.keyframe_insert("shift_y", frame=frame)

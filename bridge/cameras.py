@@ -245,6 +245,14 @@ def intrinsics_from_blender(
     return Intrinsics(float(fx), float(fy), float(cx), float(cy), int(width), int(height))
 
 
+def blender_lens_and_shift(fx: float, cx: float, cy: float, width: int, height: int, sensor_width_mm: float,
+                           ycor: float = 1.0) -> tuple[float, float, float]:
+    """``(lens_mm, shift_x, shift_y)`` of a Blender camera with HORIZONTAL sensor fit that projects with pixel
+    intrinsics ``fx, cx, cy`` on a ``width`` x ``height`` output (``fy = fx / ycor``, the render's pixel aspect):
+    the inverse of ``intrinsics_from_blender`` for that fit."""
+    return (float(fx) * sensor_width_mm / width, (width / 2.0 - float(cx)) / width, (float(cy) - height / 2.0) * ycor / width)
+
+
 # --- projection -------------------------------------------------------------
 
 
@@ -506,6 +514,38 @@ def undistort_normalized(xy_distorted: np.ndarray, distortion: Distortion | None
             out = np.stack([x, y], -1)
     out[~ok] = np.nan
     return out
+
+
+#: Samples per side of the plate's outline whose undistortion bounds the pinhole frame (``pinhole_keeping_fov``).
+OUTLINE_SAMPLES = 65
+#: A pinhole sees at most this far off axis (tan of the half angle, 80 degrees): a fisheye's wider rays are cropped.
+MAX_PINHOLE_TAN = float(np.tan(np.radians(80.0)))
+
+
+def pinhole_keeping_fov(intr: Intrinsics, distortion: Distortion, undistort=None) -> Intrinsics:
+    """The pinhole, at the same size and pixel aspect, whose frame holds every pixel of the distorted image ``intr``.
+
+    The plate's outline (``OUTLINE_SAMPLES`` points a side, continuous pixels) is undistorted to ideal normalised
+    coordinates by ``undistort`` (``(N, 2)`` pixels -> ``(N, 2)``; default this module's Newton inverse, the engine
+    passes OpenCV's); one scale of ``fx, fy`` and a principal point fit its bounding box into the frame, centred.
+    Rays past ``MAX_PINHOLE_TAN`` (a fisheye's widest) are cropped, and an outline point without an inverse counts
+    as the centre. The engine undistorts its jobs to this pinhole; the add-on renders a distorted camera's reference
+    through it.
+    """
+    if undistort is None:
+        def undistort(px):
+            return undistort_normalized(np.stack([(px[:, 0] - intr.cx) / intr.fx, (px[:, 1] - intr.cy) / intr.fy], -1), distortion)
+    t = np.linspace(0.0, 1.0, OUTLINE_SAMPLES)
+    w, h = float(intr.width), float(intr.height)
+    outline = np.concatenate([np.stack([t * w, np.zeros_like(t)], -1), np.stack([t * w, np.full_like(t, h)], -1),
+                              np.stack([np.zeros_like(t), t * h], -1), np.stack([np.full_like(t, w), t * h], -1)])
+    xy = np.asarray(undistort(outline), dtype=np.float64)
+    xy = np.clip(np.nan_to_num(xy, nan=0.0, posinf=MAX_PINHOLE_TAN, neginf=-MAX_PINHOLE_TAN), -MAX_PINHOLE_TAN, MAX_PINHOLE_TAN)
+    lo, hi = xy.min(0), xy.max(0)
+    scale = min(w / (intr.fx * (hi[0] - lo[0])), h / (intr.fy * (hi[1] - lo[1])))
+    fx, fy = intr.fx * scale, intr.fy * scale
+    return Intrinsics(float(fx), float(fy), float(w / 2 - fx * (hi[0] + lo[0]) / 2), float(h / 2 - fy * (hi[1] + lo[1]) / 2),
+                      intr.width, intr.height)
 
 
 def distort_pixels(uv: np.ndarray, k: np.ndarray, distortion: Distortion | None) -> np.ndarray:

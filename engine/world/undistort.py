@@ -22,7 +22,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from ...bridge.cameras import Distortion, Intrinsics
+from ...bridge import cameras
+from ...bridge.cameras import MAX_PINHOLE_TAN, Distortion, Intrinsics
 
 def _k_opencv(intr: Intrinsics) -> np.ndarray:
     """Our intrinsics -> OpenCV's 3x3 K (principal point moved by half a pixel: OpenCV's pixel centres are integers)."""
@@ -51,31 +52,14 @@ def undistort_points_normalized(points_px: np.ndarray, intr: Intrinsics, distort
 
 
 UNDISTORT_CRITERIA = (cv2.TERM_CRITERIA_COUNT | cv2.TERM_CRITERIA_EPS, 200, 1e-14)
-#: Samples per side of the plate's outline whose undistortion bounds the pinhole frame.
-OUTLINE_SAMPLES = 65
-#: A pinhole sees at most this far off axis (tan of the half angle, 80 degrees): a fisheye's wider rays are cropped.
-MAX_PINHOLE_TAN = float(np.tan(np.radians(80.0)))
 
 
 def pinhole_keeping_fov(intr: Intrinsics, distortion: Distortion) -> Intrinsics:
-    """The pinhole, at the same size and pixel aspect, whose frame holds every pixel of the distorted image ``intr``.
-
-    The plate's outline (``OUTLINE_SAMPLES`` points a side) is undistorted; one scale of ``fx, fy`` and a principal
-    point fit its bounding box into the frame, centred. (What ``cv2.getOptimalNewCameraMatrix`` does with alpha 1,
-    but with the outline undistorted to convergence and the pixel aspect kept; OpenCV's own is a few pixels short on
-    strong lenses.)
-    """
-    t = np.linspace(0.0, 1.0, OUTLINE_SAMPLES)
-    w, h = float(intr.width), float(intr.height)
-    outline = np.concatenate([np.stack([t * w, np.zeros_like(t)], -1), np.stack([t * w, np.full_like(t, h)], -1),
-                              np.stack([np.zeros_like(t), t * h], -1), np.stack([np.full_like(t, w), t * h], -1)])
-    xy = undistort_points_normalized(outline, intr, distortion)
-    xy = np.clip(np.nan_to_num(xy, nan=0.0, posinf=MAX_PINHOLE_TAN, neginf=-MAX_PINHOLE_TAN), -MAX_PINHOLE_TAN, MAX_PINHOLE_TAN)
-    lo, hi = xy.min(0), xy.max(0)
-    scale = min(w / (intr.fx * (hi[0] - lo[0])), h / (intr.fy * (hi[1] - lo[1])))
-    fx, fy = intr.fx * scale, intr.fy * scale
-    return Intrinsics(float(fx), float(fy), float(w / 2 - fx * (hi[0] + lo[0]) / 2), float(h / 2 - fy * (hi[1] + lo[1]) / 2),
-                      intr.width, intr.height)
+    """The pinhole, at the same size and pixel aspect, whose frame holds every pixel of the distorted image ``intr``
+    (``bridge.cameras.pinhole_keeping_fov``), the plate's outline undistorted by OpenCV to convergence.
+    (``cv2.getOptimalNewCameraMatrix`` with alpha 1 does the same with a few-iteration undistortion, a few
+    pixels short on strong lenses.)"""
+    return cameras.pinhole_keeping_fov(intr, distortion, undistort=lambda px: undistort_points_normalized(px, intr, distortion))
 
 
 @dataclass(frozen=True)
