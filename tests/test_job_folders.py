@@ -126,3 +126,34 @@ def test_the_model_folder_fills_in_checkpoint_and_wan_folder_by_precedence(tmp_p
     assert apply_machine(preview, forced) == (preview, [])
     # Without any configuration nothing is filled in (the generator's own check then names what is missing).
     assert apply_machine(worldstereo_doc(), MachineModels.configure(environ={}))[0]["options"] == {}
+
+
+def test_serve_gives_submitted_jobs_this_machines_depth_model(tmp_path, depth_model):
+    """`serve --depth-model` (as `run --depth-model`): a submitted spec that names no depth model gets the machine's,
+    its log says so, and the bundle equals `run`'s with the same flag; a stale path in a spec is replaced."""
+    from keyframe_worlds.bridge.spec import load_manifest
+    from keyframe_worlds.engine.testing.service import Engine
+
+    spec = write_preview_job(tmp_path / "job", frames=3, segment_length=3, with_depth=False)
+    offline = run("run", tmp_path / "job", "--out", tmp_path / "offline", "--quiet", "--depth-model", depth_model)
+    assert offline.returncode == 0, offline.stderr
+    import requests
+
+    with Engine(tmp_path / "jobs", extra_args=("--device", "cpu", "--depth-model", str(depth_model),
+                                               "--allow-path", str(tmp_path / "job"))) as engine:
+        client = engine.start()
+        plain = client.submit(json.loads(spec.read_text()), base_dir=tmp_path / "job")  # uploaded
+        # With local paths, and a depth model of another machine baked in: replaced, as `run --depth-model` does.
+        doc = json.loads(spec.read_text())
+        doc["geometry"] = {"depth_model": "/models/of/another/machine/depth"}
+        response = requests.post(f"{engine.url}/v1/jobs", params={"base_dir": str(tmp_path / "job")}, json=doc, timeout=30,
+                                 headers={"Authorization": f"Bearer {engine.token}"})
+        assert response.status_code == 201, response.text
+        for name, job_id in (("plain", plain.id), ("stale", response.json()["id"])):
+            done = client.wait(job_id, timeout=120)
+            assert done.state == "completed", client.log(done.id)
+            assert f"this machine's depth model: {depth_model}" in client.log(done.id)
+            bundle = client.download_bundle(done.id, tmp_path / name)
+            assert not any("flat board" in w for w in load_manifest(bundle).warnings)
+            downloaded, offline_files = tree_digest(bundle), tree_digest(tmp_path / "offline")
+            assert len(downloaded) > 10 and downloaded == {k: offline_files.get(k) for k in downloaded}

@@ -16,6 +16,17 @@ import sys
 from pathlib import Path
 
 
+def add_machine_arguments(p: argparse.ArgumentParser, whose: str, default: str) -> None:
+    """``--depth-model`` and ``--model-dir``: this machine's models (``machine.MachineModels``), for ``run`` and ``serve``.
+    whose / default: how the help names the spec they replace ("this job's", "the job's")."""
+    p.add_argument("--depth-model", metavar="DIR",
+                   help=f"a depth network's local Hugging Face folder, replacing {whose} geometry.depth_model "
+                   f"(default: {default}, else $KEYFRAME_WORLDS_DEPTH_MODEL)")
+    p.add_argument("--model-dir", metavar="DIR",
+                   help="this machine's model folder (one folder per WorldStereo variant, and the Wan2.1 I2V folder), "
+                   f"replacing {whose} options.checkpoint and wan_dir (default: {default}, else $KEYFRAME_WORLDS_WORLDSTEREO_DIR)")
+
+
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("validate", help="check a job spec (or result manifest) and print every problem")
     p.add_argument("path", help="job.json or a job folder holding one, or a result bundle folder / manifest.json")
@@ -34,12 +45,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
                    help="create the missing folders above --out (a farm's output root); without it a missing parent "
                    "is refused, as a mistyped path usually is")
     p.add_argument("--device", default="auto", help="torch device: auto (CUDA when present), cpu, cuda, cuda:1 ...")
-    p.add_argument("--depth-model", metavar="DIR",
-                   help="a depth network's local Hugging Face folder, replacing this job's geometry.depth_model "
-                   "(default: the job's, else $KEYFRAME_WORLDS_DEPTH_MODEL)")
-    p.add_argument("--model-dir", metavar="DIR",
-                   help="this machine's model folder (one folder per WorldStereo variant, and the Wan2.1 I2V folder), "
-                   "replacing the job's options.checkpoint and wan_dir (default: the job's, else $KEYFRAME_WORLDS_WORLDSTEREO_DIR)")
+    add_machine_arguments(p, "this job's", "the job's")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(handler=cmd_run)
 

@@ -265,6 +265,9 @@ class AppSettings:
     check_options: Callable[[str, dict], list[Problem]] = lambda generator, options: []
     # The only folders local-path submissions may read from (serve --allow-path), as real paths; none: no local paths.
     allowed_paths: tuple[Path, ...] = ()
+    # This machine's models (serve --model-dir, --depth-model, their variables; run.machine.MachineModels), filled
+    # into every submitted spec as `run` fills them, before the generator's checks. None: nothing filled.
+    machine: Any = None
 
 
 class BodyLimitMiddleware:
@@ -471,9 +474,9 @@ def create_app(manager: JobManager, settings: AppSettings) -> FastAPI:
     async def submit(request: Request) -> JSONResponse:
         content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if content_type == "application/json":
-            doc, inputs = await _json_submission(request)
+            doc, inputs, notes = await _json_submission(request)
         elif content_type == "multipart/form-data":
-            doc, inputs = await _multipart_submission(request, settings.max_body_bytes)
+            doc, inputs, notes = await _multipart_submission(request, settings.max_body_bytes)
         else:
             raise ApiError(415, f"unsupported content type {content_type!r}: send multipart/form-data (spec, image, depth, points) "
                                 "or application/json (a spec with local paths)")
@@ -485,7 +488,7 @@ def create_app(manager: JobManager, settings: AppSettings) -> FastAPI:
         if problems:
             raise ApiError(400, f"job spec is invalid ({len(problems)} problem(s))", problems)
         try:
-            status = await run_in_threadpool(manager.submit, doc, inputs)
+            status = await run_in_threadpool(manager.submit, doc, inputs, tuple(notes))
         except ValidationError as exc:
             raise ApiError(400, f"{exc.what} is invalid ({len(exc.problems)} problem(s))", exc.problems) from None
         except QueueFull as exc:
@@ -500,10 +503,19 @@ def create_app(manager: JobManager, settings: AppSettings) -> FastAPI:
             raise ApiError(400, str(exc)) from None
         return JSONResponse(manager.get(status.id).to_json(), status_code=201, headers={"Location": f"{API_PREFIX}/jobs/{status.id}"})
 
-    async def _json_submission(request: Request) -> tuple[dict, dict]:
+    def _with_machine(doc: Any) -> tuple[Any, list[str]]:
+        """The submitted document with this machine's models filled in (``run.machine.apply_machine``), before it is
+        checked, as `run` does; and the lines saying what was filled."""
+        if settings.machine is None:
+            return doc, []
+        from ..run.machine import apply_machine
+
+        return apply_machine(doc, settings.machine)
+
+    async def _json_submission(request: Request) -> tuple[dict, dict, list[str]]:
         if not is_loopback_client(request):
             raise ApiError(403, "a spec with local paths is accepted from this machine only; upload the files (multipart) instead")
-        doc = parse_json(await request.body(), "request body")
+        doc, notes = _with_machine(parse_json(await request.body(), "request body"))
         base_dir = request.query_params.get("base_dir")
         if base_dir is not None and not Path(base_dir).is_absolute():
             raise ApiError(400, "request is invalid", [Problem("base_dir", f"must be an absolute folder, got {base_dir!r}")])
@@ -521,7 +533,8 @@ def create_app(manager: JobManager, settings: AppSettings) -> FastAPI:
         if isinstance(views, str):
             doc["reference"]["views"] = str(allowed_file(base / views, "reference.views", settings.allowed_paths))
         model = (doc.get("geometry") or {}).get("depth_model")
-        if isinstance(model, str) and Path(model).is_absolute():
+        machine_model = settings.machine is not None and model is not None and model == str(settings.machine.depth_model)
+        if isinstance(model, str) and Path(model).is_absolute() and not machine_model:  # this machine's own is no request's
             allowed_file(Path(model), "geometry.depth_model", settings.allowed_paths)
         check_spec(doc, base_dir=base, check_files=True)
         inputs = {key: copier(path) for key, path in readable.items()}
@@ -536,9 +549,9 @@ def create_app(manager: JobManager, settings: AppSettings) -> FastAPI:
             # A COLMAP model folder is copied as the PLY of its points3D, the one form a job folder carries.
             inputs["points"] = seed_copier(readable["points"])
             doc["reference"]["points"] = f"{readable['points'].name or 'points'}.ply"
-        return doc, inputs
+        return doc, inputs, notes
 
-    async def _multipart_submission(request: Request, limit: int) -> tuple[dict, dict]:
+    async def _multipart_submission(request: Request, limit: int) -> tuple[dict, dict, list[str]]:
         try:
             form = await request.form(max_files=4, max_fields=8, max_part_size=limit)
         except BodyTooLarge:
@@ -556,7 +569,7 @@ def create_app(manager: JobManager, settings: AppSettings) -> FastAPI:
             raise ApiError(400, "request is invalid", [Problem("spec", "is required: the job spec as JSON")])
         if not isinstance(raw, str):
             raw = await raw.read()
-        doc = parse_json(raw, "spec part")
+        doc, notes = _with_machine(parse_json(raw, "spec part"))
         check_spec(doc, base_dir=None, check_files=False)
         inputs = {}
         if doc["reference"].get("views") is not None:
@@ -574,7 +587,7 @@ def create_app(manager: JobManager, settings: AppSettings) -> FastAPI:
             if isinstance(part, str):
                 raise ApiError(400, "request is invalid", [Problem(key, "must be a file upload, not a text field")])
             inputs[key] = upload_writer(part.file)
-        return doc, inputs
+        return doc, inputs, notes
 
     # --- read and cancel ---------------------------------------------------------------
 

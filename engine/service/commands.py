@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..run.commands import add_machine_arguments
+
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
@@ -34,6 +36,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--allow-path", action="append", default=[], metavar="DIR",
                    help="a folder whose files local-path submissions (JSON from loopback) may read, symlinks resolved "
                         "(repeatable); without it the engine reads uploads only")
+    add_machine_arguments(p, "a submitted job's", "the job's")
     p.add_argument("--parent-pid", type=int, help="exit within seconds when this process has gone (the process manager passes Blender's)")
     p.set_defaults(handler=cmd_serve)
 
@@ -56,9 +59,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from ...bridge.errors import KeyframeWorldsError
+    from ...bridge.paths import check_output
+    from ..run.machine import MachineModels
     from .server import ServiceConfig, read_token, serve
 
-    from ...bridge.paths import check_output
 
     check_output(args.job_root, "--job-root", folder=True, create_parents=True)
     if not 0 <= args.port <= 65535:
@@ -93,6 +97,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_connections=args.max_connections,
         disk_budget_bytes=None if args.disk_budget_gb is None else int(args.disk_budget_gb * 1e9),
         allowed_paths=tuple(allowed),
+        machine=MachineModels.configure(args.model_dir, args.depth_model),
     )
     return serve(config)
 

@@ -290,14 +290,15 @@ class JobManager:
 
     # --- the HTTP side ----------------------------------------------------------
 
-    def submit(self, spec_doc: dict, inputs: dict[str, Callable[[Path], None]]) -> JobStatus:
+    def submit(self, spec_doc: dict, inputs: dict[str, Callable[[Path], None]], notes: tuple[str, ...] = ()) -> JobStatus:
         """Create and queue a job.
 
         ``spec_doc`` must already be valid apart from its reference files;
         ``inputs`` maps a spec key ("image", "depth") to a function that writes
         that file to the path given. The reference paths are rewritten to
         ``inputs/reference_<key><suffix>`` and the spec is validated again with
-        the files in place. Raises QueueFull, DiskFull or ValidationError.
+        the files in place. notes: lines for the job's log (which of this machine's models it got). Raises
+        QueueFull, DiskFull or ValidationError.
         """
         with self._lock:
             if self.stopping.is_set():
@@ -356,6 +357,8 @@ class JobManager:
             shutil.rmtree(incoming, ignore_errors=True)
             raise
         self.log(job_id, f"submitted: {snapshot.name!r}, generator {snapshot.generator}, {frames_total} frames")
+        for note in notes:
+            self.log(job_id, f"this machine's {note}")
         return snapshot
 
     def get(self, job_id: str) -> JobStatus:

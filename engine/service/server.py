@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ...bridge.errors import KeyframeWorldsError
+from ..run.machine import MachineModels
 
 log = logging.getLogger("keyframe_worlds.service")
 
@@ -41,6 +42,7 @@ class ServiceConfig:
     max_connections: int = 256  # beyond it a new connection closes the longest-idle one
     disk_budget_bytes: int | None = None  # the most the job root may hold; None: no budget
     allowed_paths: tuple[Path, ...] = ()  # folders local-path submissions may read (resolved); none: uploads only
+    machine: MachineModels | None = None  # this machine's models (--model-dir, --depth-model, their variables)
 
 
 def is_loopback_host(host: str) -> bool:
@@ -136,7 +138,7 @@ def serve(config: ServiceConfig) -> int:
 
     settings = AppSettings(token=config.token, max_body_bytes=config.max_body_bytes,
                            generators=available_generators(), gpu_memory=manager.gpu_memory,
-                           check_options=check_options, allowed_paths=config.allowed_paths)
+                           check_options=check_options, allowed_paths=config.allowed_paths, machine=config.machine)
     app = create_app(manager, settings)
     port = sock.getsockname()[1]
 
