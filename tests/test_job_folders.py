@@ -157,3 +157,37 @@ def test_serve_gives_submitted_jobs_this_machines_depth_model(tmp_path, depth_mo
             assert not any("flat board" in w for w in load_manifest(bundle).warnings)
             downloaded, offline_files = tree_digest(bundle), tree_digest(tmp_path / "offline")
             assert len(downloaded) > 10 and downloaded == {k: offline_files.get(k) for k in downloaded}
+
+
+def test_a_job_killed_then_moved_resumes_from_its_checkpoint(tmp_path):
+    """kill -9 mid-job, then the job folder moves (another farm worker mounting it elsewhere): `run --resume` from
+    the new place continues from the checkpoint and writes the uninterrupted run's bundle. A reference replaced by
+    another file is another job: its run starts over."""
+    import signal
+
+    from keyframe_worlds.engine.testing import faults
+
+    write_preview_job(tmp_path / "a" / "shot", frames=12, segment_length=2)
+    killed = run("run", tmp_path / "a" / "shot", "--out", tmp_path / "out", "--quiet",
+                 env={faults.KILL_AFTER_CHECKPOINTS_ENV: "3"})
+    assert killed.returncode == -signal.SIGKILL
+    (tmp_path / "b").mkdir()
+    (tmp_path / "a" / "shot").rename(tmp_path / "b" / "moved")
+    # The checkpoint is still this job's: without --resume the run says so and stops.
+    told = run("run", tmp_path / "b" / "moved", "--out", tmp_path / "out", "--quiet")
+    assert told.returncode == 2 and "6 of 12 frames done" in told.stderr and "--resume" in told.stderr, told.stderr
+    resumed = run("run", tmp_path / "b" / "moved", "--out", tmp_path / "out", "--resume", "--quiet")
+    assert resumed.returncode == 0, resumed.stderr
+    whole = run("run", tmp_path / "b" / "moved", "--out", tmp_path / "whole", "--quiet")
+    assert whole.returncode == 0, whole.stderr
+    assert tree_digest(tmp_path / "out") == tree_digest(tmp_path / "whole")
+
+    killed = run("run", tmp_path / "b" / "moved", "--out", tmp_path / "again", "--quiet",
+                 env={faults.KILL_AFTER_CHECKPOINTS_ENV: "3"})
+    assert killed.returncode == -signal.SIGKILL
+    doc = json.loads((tmp_path / "b" / "moved" / "job.json").read_text())
+    reference = tmp_path / "b" / "moved" / doc["reference"]["image"]
+    reference.write_bytes(reference.read_bytes() + b"\0")  # another file: one byte longer
+    # No longer this job's checkpoint: the run starts over without being told to resume.
+    fresh = run("run", tmp_path / "b" / "moved", "--out", tmp_path / "again", "--quiet")
+    assert fresh.returncode == 0, fresh.stderr

@@ -35,8 +35,32 @@ CHECKPOINT_VERSION = 2
 
 
 def spec_digest(spec: JobSpec) -> str:
-    """Identifies the job a checkpoint belongs to (a changed spec must start over)."""
-    return hashlib.sha256(json.dumps(spec.to_json(), sort_keys=True).encode()).hexdigest()
+    """Identifies the job a checkpoint belongs to (a changed spec must start over).
+
+    Paths count by what they name, not where: each reference file by its name and size, each folder (reference
+    views, the machine's model folders) by its name. So a job folder moved, or run on another farm worker that
+    mounts it elsewhere or keeps its models elsewhere, resumes; a different reference file starts over (a file
+    rewritten in place to the very same size is not told apart).
+    """
+    doc = spec.to_json()
+    reference = doc.get("reference", {})
+    for key in ("image", "depth", "points", "views"):
+        if isinstance(reference.get(key), str):
+            reference[key] = _path_identity(reference[key])
+    for section, key in (("options", "checkpoint"), ("options", "wan_dir"), ("geometry", "depth_model")):
+        values = doc.get(section)
+        if isinstance(values, dict) and isinstance(values.get(key), str):
+            values[key] = _path_identity(values[key])
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+
+
+def _path_identity(path: str) -> list:
+    """``[name, size in bytes]`` of a file, ``[name]`` of a folder or of what cannot be read."""
+    target = Path(path)
+    try:
+        return [target.name, target.stat().st_size] if target.is_file() else [target.name]
+    except OSError:
+        return [target.name]
 
 
 @dataclass
