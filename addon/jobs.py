@@ -83,6 +83,7 @@ class JobPreparation:
                 raise KeyframeWorldsError(f"{name} must be at least 1, got {value}")
         self.scene, self.settings = scene, settings
         self.out = Path(bpy.path.abspath(str(job_dir)))
+        self.made_folder = False  # whether the first stage created ``out``
         frames = frame_range(scene, settings.frame_start, settings.frame_end, settings.frame_step)
         self.shots = choose_cameras(scene, settings.cameras, frames, selected)
         first_camera = self.shots[0][0]
@@ -113,7 +114,18 @@ class JobPreparation:
             function()
         return self.prepared
 
+    def discard(self) -> bool:
+        """Remove the job folder this preparation made (a cancelled job sent nothing: its half-made folder is no
+        result); a folder that was there before is kept. Returns whether one was removed."""
+        if not self.made_folder or not self.out.is_dir():
+            return False
+        import shutil
+
+        shutil.rmtree(self.out, ignore_errors=True)
+        return not self.out.exists()
+
     def _extract(self) -> None:
+        self.made_folder = not self.out.exists()
         self.out.mkdir(parents=True, exist_ok=True)
         self.trajectories = [extract_trajectory(self.scene, cam, frames, self.warnings) for cam, frames in self.shots]
         first = self.trajectories[0]

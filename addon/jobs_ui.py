@@ -145,6 +145,9 @@ def _prepare_step(scene, job: ActiveJob) -> None:
         _active.pop(scene.name, None)
         props.state, props.stage = JobState.CANCELLED.value, FINISHED_STAGE[JobState.CANCELLED]
         props.message = f"cancelled before {job.stages[0][0]}; nothing was sent to the engine"
+        if job.preparation is not None and job.preparation.discard():
+            props.message += " (its half-made job folder was removed)"
+            props.last_job_dir = ""
         return
     stage, function = job.stages.pop(0)
     try:

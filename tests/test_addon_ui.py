@@ -128,3 +128,18 @@ def test_progress_shows_the_denoising_step_of_the_segment_in_flight(addon_scene)
                                   "stage": "generating frames", "progress": 0.5, "frames_done": 10, "frames_total": 24,
                                   "step": 2, "steps": 40, "eta_s": 3.0, "error": None, "unknown_field": 1})
     assert format_status(status).endswith(" 50% generating frames, 10/24 frames, step 2/40, 0:03 left")
+
+
+def test_cancel_while_preparing_sends_nothing_and_leaves_no_folder(addon_scene, tmp_path):
+    bpy, props = addon_scene
+    from keyframe_worlds.addon import jobs_ui
+
+    assert bpy.ops.keyframe_worlds.generate() == {"FINISHED"}
+    jobs_ui._poll()  # the first stage: the cameras read, the job folder made
+    (folder,) = (tmp_path / "jobs").iterdir()
+    assert props.last_job_dir == str(folder)
+    assert bpy.ops.keyframe_worlds.cancel() == {"FINISHED"}
+    poll_until(props, ("cancelled", "completed", "failed"), timeout=30)
+    assert props.state == "cancelled" and "nothing was sent to the engine" in props.message, props.message
+    assert "half-made job folder was removed" in props.message
+    assert not folder.exists() and list((tmp_path / "jobs").iterdir()) == [] and props.last_job_dir == ""
