@@ -149,7 +149,8 @@ def _render_to(scene: bpy.types.Scene, path: Path) -> None:
 
 
 def _load_float_image(path: Path) -> np.ndarray:
-    """A float image file as ``(H, W, 4)`` float32, top row first."""
+    """An image file as ``(H, W, 4)`` float32 through Blender's images, top row first (a byte image's values are
+    its bytes / 255)."""
     image = bpy.data.images.load(str(path), check_existing=False)
     try:
         w, h = image.size
@@ -295,14 +296,8 @@ def _lens_sampling(pinhole: Intrinsics, intr: Intrinsics, distortion: Distortion
 def _distort_png(path: Path, sample: _LensSampling) -> None:
     """Rewrite the 8-bit PNG ``path`` (the pinhole render) as the distorted camera sees it, through Blender's images
     (byte images round-trip exactly)."""
-    image = bpy.data.images.load(str(path), check_existing=False)
-    try:
-        w, h = image.size
-        pixels = np.empty(w * h * 4, dtype=np.float32)
-        image.pixels.foreach_get(pixels)
-    finally:
-        bpy.data.images.remove(image)
-    rgb = pixels.reshape(h, w, 4)[::-1, :, :3]  # Blender stores rows bottom-up
+    rgb = _load_float_image(path)[..., :3]
+    h, w = rgb.shape[:2]
     out = np.round(sample.bilinear(rgb * 255.0)) / 255.0
     rgba = np.concatenate([out, np.ones((h, w, 1))], -1)[::-1].astype(np.float32)
     result = bpy.data.images.new("KeyframeWorlds distorted reference", w, h, alpha=False)

@@ -15,17 +15,17 @@ translation (searched), never a fraction of a pixel, a scale or a bend.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 
+from test_undistort_jobs import run_lens_job
+
 from keyframe_worlds.bridge.cameras import Distortion
-from keyframe_worlds.bridge.spec import load_job, load_manifest
-from keyframe_worlds.engine.io.images import read_rgb, write_png
-from keyframe_worlds.engine.run.runner import run_job
+from keyframe_worlds.bridge.spec import load_manifest
+from keyframe_worlds.engine.io.images import read_rgb
 from keyframe_worlds.engine.testing.synthetic import look_at_c2w_opencv
 
 W, H = 128, 96
@@ -49,17 +49,8 @@ def _texture() -> np.ndarray:
 
 def _distorted_job(folder: Path, lens: Distortion) -> Path:
     """A two-frame job of a camera with ``lens`` looking at a textured reference 3 m away (the plate)."""
-    write_png(folder / "ref.png", _texture())
-    np.save(folder / "ref_depth.npy", np.full((H, W), 3.0, np.float32))
-    frames = [{"frame": 1 + i, "c2w_opencv": look_at_c2w_opencv((0.05 * i, -3.0, 1.0), (0.05 * i, 0.0, 1.0)).tolist(),
-               "fx": FX, "fy": FY, "cx": CX, "cy": CY, "distortion": {"model": lens.model, "params": list(lens.params)}}
-              for i in range(2)]
-    doc = {"version": 1, "name": "lineup", "generator": "preview", "reference": {"image": "ref.png", "depth": "ref_depth.npy"},
-           "trajectories": [{"name": "Plate", "fps": 24.0, "width": W, "height": H, "frames": frames}],
-           "output": {"mesh_every": 8, "mesh_stride": 8}, "geometry": {"flow": "none", "point_maps": False}}
-    (folder / "job.json").write_text(json.dumps(doc))
-    run_job(load_job(folder / "job.json"), folder / "out")
-    return folder / "out"
+    poses = [look_at_c2w_opencv((0.05 * i, -3.0, 1.0), (0.05 * i, 0.0, 1.0)) for i in range(2)]
+    return run_lens_job(folder, lens, _texture(), (FX, FY, CX, CY), poses)
 
 
 def _undistorted_by_blender(bpy, scene, clip, out: Path) -> np.ndarray:

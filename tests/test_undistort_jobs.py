@@ -366,12 +366,20 @@ def small_distorted_job(folder, lens: Distortion) -> Path:
     """A 2-frame 64x48 job of the given lens (the reference a gradient at 3 m): cheap, for the import."""
     w, h = 64, 48
     yy, xx = np.mgrid[0:h, 0:w]
-    write_png(folder / "ref.png", np.stack([xx * 4, yy * 5, (xx + yy) * 2], -1).astype(np.uint8))
-    np.save(folder / "ref_depth.npy", np.full((h, w), 3.0, np.float32))
     fx, fy = (52.0, 52.0) if lens.lens.single_focal else (52.0, 49.0)
-    frames = [{"frame": 1 + i, "c2w_opencv": look_at_c2w_opencv((0.1 * i, -3.0, 1.0), (0.0, 0.0, 1.0)).tolist(),
-               "fx": fx, "fy": fy, "cx": 31.0, "cy": 25.5, "distortion": {"model": lens.model, "params": list(lens.params)}}
-              for i in range(2)]
+    poses = [look_at_c2w_opencv((0.1 * i, -3.0, 1.0), (0.0, 0.0, 1.0)) for i in range(2)]
+    return run_lens_job(folder, lens, np.stack([xx * 4, yy * 5, (xx + yy) * 2], -1).astype(np.uint8), (fx, fy, 31.0, 25.5), poses)
+
+
+def run_lens_job(folder, lens: Distortion, reference_rgb: np.ndarray, fx_fy_cx_cy: tuple, poses: list) -> Path:
+    """Run a preview job of camera "Plate" with ``lens`` at ``poses`` whose reference (frame 1) is ``reference_rgb``
+    (H, W, 3) uint8 on a wall 3 m away; returns its bundle folder."""
+    h, w = reference_rgb.shape[:2]
+    write_png(folder / "ref.png", reference_rgb)
+    np.save(folder / "ref_depth.npy", np.full((h, w), 3.0, np.float32))
+    fx, fy, cx, cy = fx_fy_cx_cy
+    frames = [{"frame": 1 + i, "c2w_opencv": c2w.tolist(), "fx": fx, "fy": fy, "cx": cx, "cy": cy,
+               "distortion": {"model": lens.model, "params": list(lens.params)}} for i, c2w in enumerate(poses)]
     doc = {"version": 1, "name": "lens", "generator": "preview", "reference": {"image": "ref.png", "depth": "ref_depth.npy"},
            "trajectories": [{"name": "Plate", "fps": 24.0, "width": w, "height": h, "frames": frames}],
            "output": {"mesh_every": 8, "mesh_stride": 8}, "geometry": {"flow": "none", "point_maps": False}}

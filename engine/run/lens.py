@@ -52,7 +52,6 @@ class PinholeJob:
             depth_z_m = maps.remap(depth_z_m.astype(np.float32), nearest=True)
         return rgb, depth_z_m, maps.valid
 
-
     def source_lens(self, name: str) -> "SourceLens | None":
         """The way back to the job's lens of trajectory ``name``; None when the job gave it as a pinhole."""
         source = self.sources.get(name)

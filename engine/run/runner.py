@@ -252,7 +252,8 @@ def run_job(
     if estimator.learned:
         progress.log(f"depth: {getattr(getattr(estimator, 'predictor', None), 'info', estimator.name)}")
     progress.stage("memory", "lifting the reference")
-    ref_rgb = torch.from_numpy(ref_rgb_np).to(device)
+    # A read-only array (a decoded image's buffer) would become a tensor torch may not write to.
+    ref_rgb = torch.from_numpy(ref_rgb_np if ref_rgb_np.flags.writeable else ref_rgb_np.copy()).to(device)
     panorama = spec.reference.projection == EQUIRECTANGULAR
     flat_depth_m = float(spec.options.get("reference_depth_m", DEFAULT_REFERENCE_DEPTH_M))
     given_depth = None if ref_depth_np is None else torch.from_numpy(ref_depth_np).to(device)
