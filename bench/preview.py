@@ -8,7 +8,9 @@ bundle into a temporary folder; fps = frames / wall time of run_job (median
 of the repeats), with the job's default ``geometry`` (every 4D output: point
 maps, DIS flow, rigid and scene flow, dynamic masks). Alternating with it, the
 same job with ``"geometry": {"flow": "none", "point_maps": false}`` shows what
-the 4D outputs cost. Beside them, the same frames through the stages one at a
+the 4D outputs cost, and the same job with an OPENCV lens on its camera what a
+distorted camera costs (the reference undistorted, every frame also written in
+the lens: ``source/`` PNGs and MP4). Beside them, the same frames through the stages one at a
 time (memory render only, render + fill without writing files) show where the
 time goes. Target: 10 fps or more on 2 CPU cores.
 """
@@ -43,13 +45,18 @@ W, H = 832, 480
 NO_4D = {"flow": "none", "point_maps": False}
 
 
-def write_job(folder: Path, frames: int, geometry: dict | None = None, name: str = "job.json") -> Path:
+#: The lens of the distorted alternative: a typical wide-angle barrel.
+LENS = {"model": "OPENCV", "params": [-0.24, 0.071, 0.0012, -0.0017]}
+
+
+def write_job(folder: Path, frames: int, geometry: dict | None = None, name: str = "job.json", lens: dict | None = None) -> Path:
     k = intrinsics_for_fov(W, H, 70.0)
     cams = []
     for i in range(frames):
         s = i / max(frames - 1, 1)
         c2w = look_at_c2w_opencv((-0.8 + 1.6 * s, -4.2 + 1.0 * s, 1.6), (0.4 * np.sin(3 * s), 2.0, 0.8))
-        cams.append({"frame": i + 1, "c2w_opencv": c2w.tolist(), "fx": float(k[0]), "fy": float(k[1]), "cx": float(k[2]), "cy": float(k[3])})
+        cams.append({"frame": i + 1, "c2w_opencv": c2w.tolist(), "fx": float(k[0]), "fy": float(k[1]), "cx": float(k[2]), "cy": float(k[3]),
+                     **({} if lens is None else {"distortion": lens})})
     rgb, depth = raycast(demo_scene(), torch.tensor(cams[0]["c2w_opencv"], dtype=torch.float64), k, W, H)
     write_png(folder / "ref.png", rgb.numpy())
     np.save(folder / "ref_depth.npy", depth.numpy())
@@ -77,9 +84,11 @@ def main() -> None:
         tmp = Path(tmp)
         spec = load_job(write_job(tmp, args.frames))
         spec_no_4d = load_job(write_job(tmp, args.frames, NO_4D, "job_no_4d.json"))
-        walls, walls_no_4d = [], []
+        spec_lens = load_job(write_job(tmp, args.frames, None, "job_lens.json", LENS))
+        walls, walls_no_4d, walls_lens = [], [], []
         for r in range(args.repeat):
-            for label, job, times in (("4D outputs on ", spec, walls), ("4D outputs off", spec_no_4d, walls_no_4d)):
+            for label, job, times in (("4D outputs on ", spec, walls), ("4D outputs off", spec_no_4d, walls_no_4d),
+                                      ("OPENCV lens, 4D on", spec_lens, walls_lens)):
                 out = tmp / f"out{r}-{label.split()[-1]}"
                 t0 = time.perf_counter()
                 manifest = run_job(job, out)
@@ -91,6 +100,7 @@ def main() -> None:
         wall = statistics.median(walls)
         fps = args.frames / wall
         fps_no_4d = args.frames / statistics.median(walls_no_4d)
+        fps_lens = args.frames / statistics.median(walls_lens)
 
         # Stage by stage, same frames, no files.
         traj = spec.trajectories[0]
@@ -112,9 +122,10 @@ def main() -> None:
     print(f"memory render alone: {render_ms:.1f} ms/frame ({len(memory):,} points); preview fill of the render: "
           f"{fill_ms:.1f} ms/frame ({100 * holes:.1f}% of pixels are holes)")
     print(f"end to end (render, fill, depth, fuse, PNG+EXR+npy+MP4+meshes, 4D outputs): median {wall:.2f} s for {args.frames} "
-          f"frames = {fps:.1f} fps; without the 4D outputs {fps_no_4d:.1f} fps (ratio {fps / fps_no_4d:.2f})")
-    print(f"RESULT fps={fps:.1f} fps_no_4d={fps_no_4d:.1f} ratio_4d={fps / fps_no_4d:.3f} frames={args.frames} width={W} height={H} "
-          f"render_ms={render_ms:.1f} fill_ms={fill_ms:.1f}")
+          f"frames = {fps:.1f} fps; without the 4D outputs {fps_no_4d:.1f} fps (ratio {fps / fps_no_4d:.2f}); with an OPENCV "
+          f"lens {fps_lens:.1f} fps (ratio {fps_lens / fps:.2f})")
+    print(f"RESULT fps={fps:.1f} fps_no_4d={fps_no_4d:.1f} ratio_4d={fps / fps_no_4d:.3f} fps_lens={fps_lens:.1f} "
+          f"ratio_lens={fps_lens / fps:.3f} frames={args.frames} width={W} height={H} render_ms={render_ms:.1f} fill_ms={fill_ms:.1f}")
 
 
 if __name__ == "__main__":
