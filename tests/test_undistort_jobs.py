@@ -14,27 +14,22 @@ import numpy as np
 import pytest
 import torch
 
+from test_bridge_distortion import LENSES as FORMAT_LENSES
+
 from keyframe_worlds.bridge import cameras as conv
 from keyframe_worlds.bridge.cameras import Distortion, Intrinsics
 from keyframe_worlds.bridge.jobs import Progress
 from keyframe_worlds.bridge.spec import load_job, load_manifest, validate_job
 from keyframe_worlds.engine.io.images import read_rgb, write_png
+from keyframe_worlds.engine.io.video import read_mp4
 from keyframe_worlds.engine.run.lens import pinhole_job
 from keyframe_worlds.engine.run.runner import load_reference, run_job
 from keyframe_worlds.engine.testing.synthetic import demo_scene, look_at_c2w_opencv, raycast
-from keyframe_worlds.engine.io.video import read_mp4
 from keyframe_worlds.engine.world.undistort import distort_maps, pinhole_keeping_fov, undistort_maps
 
-# One realistic lens per model (every parameter non-zero, so a dropped or swapped one shows).
-LENSES = {
-    "SIMPLE_RADIAL": (-0.12,),
-    "RADIAL": (-0.11, 0.021),
-    "OPENCV": (-0.24, 0.071, 0.0012, -0.0017),
-    "FULL_OPENCV": (-0.31, 0.11, 0.0011, -0.0009, -0.021, 0.052, 0.011, 0.0023),
-    "OPENCV_FISHEYE": (0.052, -0.011, 0.0021, -0.00047),
-    "SIMPLE_RADIAL_FISHEYE": (0.047,),
-    "RADIAL_FISHEYE": (0.051, -0.0093),
-}
+# One realistic lens per distorted model (every parameter non-zero, so a dropped or swapped one shows): the
+# format tests' table, without the pinholes.
+LENSES = {model: params for model, params in FORMAT_LENSES.items() if params}
 SINGLE_FOCAL = {"SIMPLE_RADIAL", "RADIAL", "SIMPLE_RADIAL_FISHEYE", "RADIAL_FISHEYE"}
 W, H = 160, 120
 CRITERIA = (cv2.TERM_CRITERIA_COUNT | cv2.TERM_CRITERIA_EPS, 200, 1e-14)
