@@ -44,9 +44,9 @@ class PinholeJob:
         """
         traj, index = self.spec.reference_view()
         source = self.sources.get(traj.name)
-        if source is None or source.distortion[index] is None or source.distortion[index].is_pinhole:
+        maps = None if source is None else _undistortion(source, traj, index)
+        if maps is None:
             return rgb, depth_z_m, None
-        maps = undistort_maps(source.intrinsics(index), source.distortion[index], traj.intrinsics(index))
         rgb = maps.remap(rgb)
         if depth_z_m is not None:
             depth_z_m = maps.remap(depth_z_m.astype(np.float32), nearest=True)
@@ -114,11 +114,16 @@ def pinhole_trajectory(traj: Trajectory, log: list[str] | None = None) -> Trajec
 def undistort_view(source: Trajectory, pinhole: Trajectory, index: int, rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
     """Frame ``index``'s image (H, W, 3) uint8 of the camera ``source`` as ``pinhole`` (its ``pinhole_trajectory``)
     sees it, and the (H, W) bool mask of the pixels the image reaches (None: the frame is a pinhole already)."""
+    maps = _undistortion(source, pinhole, index)
+    return (rgb, None) if maps is None else (maps.remap(rgb), maps.valid)
+
+
+def _undistortion(source: Trajectory, pinhole: Trajectory, index: int) -> LensMaps | None:
+    """The maps taking frame ``index`` of ``source`` to ``pinhole``'s; None where that frame has no distortion."""
     lens = source.distortion[index]
     if lens is None or lens.is_pinhole:
-        return rgb, None
-    maps = undistort_maps(source.intrinsics(index), lens, pinhole.intrinsics(index))
-    return maps.remap(rgb), maps.valid
+        return None
+    return undistort_maps(source.intrinsics(index), lens, pinhole.intrinsics(index))
 
 
 def pinhole_job(spec: JobSpec) -> PinholeJob:
